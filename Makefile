@@ -1,0 +1,24 @@
+# Set-up and the two jobs a new user runs. Only Python >= 3.10 is needed beforehand.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23"
+	$(BIN)/python -m pip install --quiet -e ".[test,tensorboard]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)  ## train CL-ILR and its single-model baseline on the built-in digits, export, reload
+	$(BIN)/collabsurgery demo
+
+test: $(STAMP)  ## the whole test suite (CPU only)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs/demo-* .pytest_cache

@@ -1,0 +1,17 @@
+"""collabsurgery: collaborative learning on any timm or torchvision backbone.
+
+>>> import collabsurgery as cs
+>>> cs.splits("resnet50")[:3]                     # clean split points, in execution order
+>>> net = cs.wrap("resnet50", split="layer2,layer3", heads=4)
+>>> net(x).shape                                  # [H, B, C], head 0 first
+>>> cs.export(net, head=0, path="resnet50_cl.safetensors")
+>>> model = cs.load_backbone("resnet50_cl.safetensors")
+"""
+__version__ = "0.1.0"
+
+from .errors import UserError  # noqa: E402
+from .export import export, load_backbone  # noqa: E402
+from .graphs import TreeNet, rebuild, splits, wrap  # noqa: E402
+
+__all__ = ["TreeNet", "UserError", "__version__", "export", "load_backbone", "rebuild",
+           "splits", "wrap"]

@@ -1,0 +1,107 @@
+"""Backbones by name: timm names, ``torchvision.<name>``, or a ready ``nn.Module``.
+
+A :class:`BackboneSpec` is everything needed to rebuild the unmodified model later (export
+metadata, ``load_backbone``): which library, which factory name, which keyword arguments.
+Nothing is ever downloaded: timm models are created with ``pretrained=False`` and torchvision
+models with ``weights=None``.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch.nn as nn
+import torchvision
+
+from .errors import UserError
+
+TORCHVISION_PREFIX = "torchvision."
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to rebuild a backbone: ``library`` is "timm", "torchvision" or "module"."""
+
+    library: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def qualified_name(self) -> str:
+        """The name a user types: ``resnet50`` or ``torchvision.resnet50``."""
+        return TORCHVISION_PREFIX + self.name if self.library == "torchvision" else self.name
+
+    def kwargs_json(self) -> str:
+        """Factory keyword arguments as canonical JSON (for safetensors metadata)."""
+        return json.dumps(self.kwargs, sort_keys=True)
+
+
+def _register_builtin_models() -> None:
+    # Importing registers the papers' CIFAR architectures with timm's registry.
+    from . import models  # noqa: F401
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def parse_model_name(name: str, kwargs: dict[str, Any] | None = None) -> BackboneSpec:
+    """Resolve a user-typed model name into a :class:`BackboneSpec`, or raise UserError."""
+    _register_builtin_models()
+    kwargs = dict(kwargs or {})
+    if name.startswith(TORCHVISION_PREFIX):
+        short = name[len(TORCHVISION_PREFIX):]
+        valid = _torchvision_names()
+        if short not in valid:
+            raise UserError(f"unknown torchvision model '{short}'{_suggest(short, valid)}; "
+                            "valid: any name from torchvision.models.list_models()")
+        return BackboneSpec("torchvision", short, kwargs)
+    if not timm.is_model(name):
+        hint = _suggest(name, timm.list_models()) or _suggest(name, _torchvision_names())
+        raise UserError(f"unknown model '{name}'{hint}; valid: a timm model name "
+                        "(timm.list_models()) or 'torchvision.<name>'")
+    return BackboneSpec("timm", name, kwargs)
+
+
+def create(spec: BackboneSpec) -> nn.Module:
+    """Build the unmodified backbone described by ``spec``, with random weights."""
+    _register_builtin_models()
+    try:
+        if spec.library == "timm":
+            return timm.create_model(spec.name, pretrained=False, **spec.kwargs)
+        if spec.library == "torchvision":
+            return torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
+    except TypeError as err:  # an unknown factory keyword
+        raise UserError(f"model '{spec.qualified_name}' rejected its arguments "
+                        f"{spec.kwargs}: {err}") from None
+    raise UserError(f"cannot rebuild a model from library '{spec.library}'; "
+                    "valid: timm, torchvision")
+
+
+def resolve(model: str | nn.Module, **kwargs: Any) -> tuple[nn.Module, BackboneSpec]:
+    """Return ``(module, spec)`` for a model name or a ready module.
+
+    A ready module keeps its identity; its spec has library "module", so loading an export
+    of it needs the caller to pass a module to load into.
+    """
+    if isinstance(model, nn.Module):
+        if kwargs:
+            raise UserError("factory keyword arguments only apply to a model given by name")
+        return model, BackboneSpec("module", type(model).__name__)
+    spec = parse_model_name(model, kwargs)
+    return create(spec), spec
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The (C, H, W) a model expects: timm's pretrained_cfg, else ImageNet's 3x224x224."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    return tuple(size) if size else (3, 224, 224)

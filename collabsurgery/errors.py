@@ -1,0 +1,9 @@
+"""The one exception type for mistakes in what the user asked for."""
+
+
+class UserError(ValueError):
+    """A bad model name, split point, recipe key, data path, ... given by the user.
+
+    The message is one line that says what was wrong and what is valid. The CLI prints it
+    without a traceback and exits with status 2; library callers get an ordinary ValueError.
+    """

@@ -1,0 +1,7 @@
+"""Surgery: trace a backbone, find clean split points, cut it into stages."""
+from .cuts import clean_cuts, cut_graph, resolve_splits, split_points
+from .stage import Stage
+from .trace import TracedGraph, TracedModel, trace, tracer_kwargs
+
+__all__ = ["Stage", "TracedGraph", "TracedModel", "clean_cuts", "cut_graph", "resolve_splits",
+           "split_points", "trace", "tracer_kwargs"]

@@ -1,0 +1,146 @@
+"""Trace a backbone into train and eval FX graphs with torchvision-style node names.
+
+Node names follow ``torchvision.models.feature_extraction``: a node is named by the dotted path
+of the module that produced it, plus the op for non-module nodes (``layer1.0.add``), with a
+``_N`` suffix for repeats. A *module name* such as ``layer2`` resolves to the last node executed
+inside that module, i.e. the module's output.
+
+Tracer settings are the union of both libraries' own conventions: torchvision's (``math`` and
+``torchvision.ops`` are auto-wrapped, ``torchvision.ops`` modules are leaves) and timm's
+(``get_notrace_modules()`` are leaves, ``get_notrace_functions()`` are auto-wrapped). Each
+setting only affects the classes of its own library, so the union is safe for either.
+
+Because ``self.training`` branches are frozen into a trace, the model is traced twice, once in
+train mode and once in eval mode, like torchvision's ``DualGraphModule``. Each graph is run once
+on a small probe batch to learn which nodes yield a single Tensor and how large it is.
+
+Tips for untraceable models are those of torchvision: data-dependent control flow needs
+``torch.fx.wrap`` or a leaf module; if nothing helps, ``pattern="instances"`` needs no tracing.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torchvision
+from timm.layers import get_notrace_functions, get_notrace_modules
+from torchvision.models.feature_extraction import NodePathTracer
+
+from ..errors import UserError
+
+
+@dataclass
+class TracedGraph:
+    """One FX graph of a model plus what the probe run learned about each node."""
+
+    graph: fx.Graph
+    qualnames: dict[fx.Node, str]
+    is_tensor: dict[fx.Node, bool] = field(default_factory=dict)
+    numel_per_sample: dict[fx.Node, int] = field(default_factory=dict)
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        """Nodes in execution order."""
+        return list(self.graph.nodes)
+
+    def resolve(self, name: str) -> fx.Node | None:
+        """The node a module name or node name stands for, or None.
+
+        A module name resolves to its last-executed node; a node name must match exactly.
+        """
+        found = None
+        prefix = name + "."
+        for node, qualname in self.qualnames.items():
+            if qualname == name or qualname.startswith(prefix):
+                found = node
+        return found
+
+
+@dataclass
+class TracedModel:
+    """A model with its train-mode and eval-mode graphs."""
+
+    module: nn.Module
+    train: TracedGraph
+    eval: TracedGraph
+    input_size: tuple[int, int, int]
+
+    def graphs(self) -> tuple[TracedGraph, TracedGraph]:
+        """Both graphs, train first."""
+        return self.train, self.eval
+
+
+def tracer_kwargs() -> dict:
+    """Leaf modules and auto-wrapped functions of torchvision and timm together."""
+    tv_leaves = [obj for _, obj in inspect.getmembers(torchvision.ops)
+                 if inspect.isclass(obj) and issubclass(obj, nn.Module)]
+    return {
+        "leaf_modules": list(set(tv_leaves) | set(get_notrace_modules())),
+        "autowrap_modules": (math, torchvision.ops),
+        "autowrap_functions": tuple(get_notrace_functions()),
+    }
+
+
+def _trace_once(model: nn.Module, training: bool) -> TracedGraph:
+    model.train(training)
+    tracer = NodePathTracer(**tracer_kwargs())
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # FX raises many types for untraceable code
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{type(model).__name__} cannot be traced by torch.fx ({first_line}); "
+                        "pattern='instances' needs no tracing") from None
+    return TracedGraph(graph, dict(tracer.node_to_qualname))
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph once and notes, per node, whether it produced one Tensor and its size."""
+
+    def __init__(self, module: fx.GraphModule, traced: TracedGraph, batch: int):
+        super().__init__(module)
+        self.traced, self.batch = traced, batch
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        self.traced.is_tensor[n] = isinstance(out, torch.Tensor)
+        if isinstance(out, torch.Tensor):
+            self.traced.numel_per_sample[n] = out.numel() // self.batch
+        return out
+
+
+def _probe(model: nn.Module, traced: TracedGraph, input_size: tuple[int, int, int],
+           training: bool) -> None:
+    """Run ``traced`` once on random input without changing the model's state or RNG."""
+    batch = 2  # train-mode BatchNorm needs more than one value per channel
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    gm = fx.GraphModule(model, traced.graph)
+    gm.train(training)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            x = torch.randn(batch, *input_size)
+            _Recorder(gm, traced, batch).run(x)
+    except Exception as err:
+        raise UserError(f"{type(model).__name__} failed on a {batch}x{'x'.join(map(str, input_size))}"
+                        f" probe input ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                        "pass a valid input size") from None
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+
+
+def trace(model: nn.Module, input_size: tuple[int, int, int]) -> TracedModel:
+    """Trace ``model`` in train and eval mode and probe both graphs on ``input_size``."""
+    was_training = model.training
+    try:
+        train, eval_ = _trace_once(model, True), _trace_once(model, False)
+        _probe(model, train, input_size, training=True)
+        _probe(model, eval_, input_size, training=False)
+    finally:
+        model.train(was_training)
+    return TracedModel(model, train, eval_, tuple(input_size))
