@@ -1,0 +1,49 @@
+"""CL-ILR consensus objective (paper 000, Song & Chai 2018, section 3.2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from collabsurgery.errors import UserError
+from collabsurgery.objectives.base import Objective, cross_entropy_per_head
+
+
+class ConsensusLoss(Objective):
+    """Each head learns from the labels and from the consensus of the OTHER heads.
+
+    For head h with logits z_h (H >= 2 heads, B examples)::
+
+        q_h    = softmax( (1/(H-1)) * sum_{j != h} z_j / T )          # detached
+        L_h    = beta * CE(y, z_h) + (1 - beta) * T^2 * J_soft(q_h, z_h)
+        J_soft = (1/B) sum_b -sum_i q_h[b, i] * log softmax(z_h[b] / T)_i   # batchmean
+        L      = sum_h L_h                                            # eq. (4)
+
+    The consensus averages LOGITS, not probabilities; T^2 keeps the soft gradient's scale
+    independent of T (Hinton et al.). The mean of the others is ``(sum - z_h) / (H - 1)``.
+    """
+
+    min_heads = 2
+
+    def __init__(self, temperature: float = 2.0, beta: float = 0.5) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise UserError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= beta <= 1.0:
+            raise UserError(f"beta must be in [0, 1], got {beta}")
+        self.temperature = float(temperature)
+        self.beta = float(beta)
+
+    def head_losses(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        t, beta, h = self.temperature, self.beta, logits.shape[0]
+        with torch.no_grad():
+            others = (logits.sum(0, keepdim=True) - logits) / (h - 1)  # [H, B, C]
+            q = torch.softmax(others / t, dim=-1)
+        log_p = torch.log_softmax(logits / t, dim=-1)
+        soft = -(q * log_p).sum(-1).mean(-1) * t**2  # [H], batchmean
+        hard = cross_entropy_per_head(logits, labels)
+        total = beta * hard + (1.0 - beta) * soft
+        return total, {"hard": hard, "soft": soft}
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, beta={self.beta}"

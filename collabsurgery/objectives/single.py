@@ -1,0 +1,40 @@
+"""Objectives without collaboration: every head learns from the labels alone."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from collabsurgery.errors import UserError
+from collabsurgery.objectives.base import Objective, cross_entropy_per_head
+
+
+class SingleLoss(Objective):
+    """Plain cross entropy per head, summed: ``L = sum_h CE(y, z_h)``.
+
+    H=1 is the single-model baseline; H>1 is independent training with no collaboration.
+    """
+
+    def head_losses(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        hard = cross_entropy_per_head(logits, labels)
+        return hard, {"hard": hard}
+
+
+class LabelSmoothingLoss(Objective):
+    """Cross entropy with label smoothing per head, summed.
+
+    ``L = sum_h CE((1 - eps) * onehot(y) + eps / C, z_h)``, as
+    ``F.cross_entropy(..., label_smoothing=eps)``.
+    """
+
+    def __init__(self, smoothing: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise UserError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing = float(smoothing)
+
+    def head_losses(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        hard = cross_entropy_per_head(logits, labels, label_smoothing=self.smoothing)
+        return hard, {"hard": hard}
+
+    def extra_repr(self) -> str:
+        return f"smoothing={self.smoothing}"
