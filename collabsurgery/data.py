@@ -1,0 +1,382 @@
+"""Datasets, splits, label noise and deterministic augmentation.
+
+Sources (``data.source``): ``builtin:digits`` (scikit-learn's 8x8 handwritten digits, shipped
+with the package, no network), a directory written by ``Dataset.save_to_disk`` /
+``DatasetDict.save_to_disk``, an ``imagefolder`` directory (``<dir>/<split>/<class>/<img>`` or
+``<dir>/<class>/<img>``), or a Hugging Face hub id.
+
+Images are converted to RGB, resized so the shorter side is ``image_size`` (bilinear) and
+centre-cropped to a square, then normalised per channel with the mean/std of the training split
+(estimated on up to 2048 un-augmented training images, picked with a fixed generator); they are
+returned in :class:`Splits` so inference can reuse them.
+
+Every random choice of the training view (crop offsets, flips, noisy labels) comes from a
+``torch.Generator`` seeded by a hash of ``(seed, epoch, example)``, never from the global RNG:
+a sample depends only on those three numbers, not on the worker count, the batch order or where
+a run resumed. Call ``train.set_epoch(epoch)`` before each epoch; with DataLoader workers keep
+``persistent_workers=False`` so the workers see the new epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .errors import UserError
+from .recipe import DataConfig
+
+__all__ = ["BUILTIN_DIGITS", "ImageDataset", "Splits", "TrainDataset", "load_splits"]
+
+BUILTIN_DIGITS = "builtin:digits"
+_VALID_SOURCES = ("valid: builtin:digits, a save_to_disk directory, an imagefolder directory, "
+                  "or a hub id")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_STATS_SAMPLE = 2048
+_CACHE_BYTES = 256 * 2**20  # splits whose resized uint8 images fit are decoded once, up front
+
+
+def _generator(*key: Any) -> torch.Generator:
+    """A generator seeded by a stable hash of ``key`` (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def _stratified_pick(labels: Tensor, k: int, *key: Any) -> Tensor:
+    """``k`` sorted indices, spread over the classes in proportion (+-1), random within a class."""
+    n = len(labels)
+    perm = torch.randperm(n, generator=_generator("pick", *key))
+    grouped = perm[torch.argsort(labels[perm], stable=True)]  # by class, shuffled within class
+    positions = ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long()
+    return grouped[positions].sort().values
+
+
+def _to_uint8(image: Any, size: int) -> Tensor:
+    """RGB uint8 ``[3, size, size]``: shorter side resized to ``size`` (bilinear), centre crop."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    image = image.convert("RGB")
+    w, h = image.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+class ImageDataset(Dataset):
+    """Evaluation view (hold-out, test): yields ``(FloatTensor[3, S, S] normalised, int label)``.
+
+    ``source_indices[i]`` is the position of example ``i`` in the split it was taken from.
+    """
+
+    def __init__(self, hf: datasets.Dataset, image_column: str, labels: Tensor, image_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...],
+                 source_indices: Tensor | None = None):
+        self.hf = hf.select_columns([image_column])
+        self.source_indices = (torch.arange(len(labels)) if source_indices is None
+                               else source_indices)
+        self.image_column = image_column
+        self.labels = labels
+        self.image_size = image_size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.cached: Tensor | None = None  # uint8 [N, 3, S, S], see cache()
+
+    def cache(self, max_bytes: int = _CACHE_BYTES) -> bool:
+        """Decode and resize every image once if they fit in ``max_bytes``; returns whether."""
+        if self.cached is None and len(self.hf) * 3 * self.image_size ** 2 <= max_bytes:
+            self.cached = torch.stack([_to_uint8(ex[self.image_column], self.image_size)
+                                       for ex in self.hf])
+        return self.cached is not None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> Tensor:
+        """Example ``i`` resized, as floats in [0, 1], not normalised."""
+        if self.cached is not None:
+            return self.cached[int(i)].float() / 255
+        return _to_uint8(self.hf[int(i)][self.image_column], self.image_size).float() / 255
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return (self.image(i) - self.mean) / self.std, int(self.labels[i])
+
+
+class TrainDataset(ImageDataset):
+    """Training view: seeded random crop (zero padding ``image_size // 8``) + horizontal flip, and
+    label noise, all a function of ``(seed, epoch, example)``.
+
+    ``noisy_indices``: the examples (fixed once by ``seed``) whose labels are redrawn uniformly
+    over the classes every epoch. ``views > 1`` returns ``[views, 3, S, S]``, each view from its
+    own generator (view 0 equals the single-view sample). Indices in ``noisy_indices`` and the
+    generator keys refer to the full training split, also inside a :meth:`subset`.
+    """
+
+    def __init__(self, hf: datasets.Dataset, image_column: str, labels: Tensor, image_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...],
+                 source_indices: Tensor | None = None, *, num_classes: int, seed: int,
+                 augment: bool = True, hflip: bool = True, label_noise: float = 0.0,
+                 views: int = 1):
+        super().__init__(hf, image_column, labels, image_size, mean, std, source_indices)
+        if views < 1:
+            raise UserError(f"views must be >= 1, got {views}")
+        self.num_classes, self.seed, self.views = num_classes, int(seed), views
+        self.augment, self.hflip = augment, hflip
+        self.pad = max(1, image_size // 8)
+        self.epoch = 0
+        self.rows = torch.arange(len(labels))
+        n = len(labels)
+        self.noisy_indices = torch.randperm(n, generator=_generator("noisy-set", seed))[
+            : round(label_noise * n)].sort().values
+        self._noisy = torch.zeros(n, dtype=torch.bool)
+        self._noisy[self.noisy_indices] = True
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation and noisy labels ``__getitem__`` returns."""
+        self.epoch = int(epoch)
+
+    def subset(self, indices: Tensor | list[int]) -> TrainDataset:
+        """A view on some examples (e.g. one student's share) with the same per-example draws."""
+        sub = copy.copy(self)
+        sub.rows = self.rows[torch.as_tensor(indices, dtype=torch.long)]
+        return sub
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _label(self, row: int) -> int:
+        if self._noisy[row]:
+            g = _generator("label", self.seed, self.epoch, row)
+            return int(torch.randint(self.num_classes, (), generator=g))
+        return int(self.labels[row])
+
+    def epoch_labels(self) -> Tensor:
+        """The (possibly noisy) labels of every example of this view for the current epoch."""
+        return torch.tensor([self._label(int(r)) for r in self.rows], dtype=torch.long)
+
+    def _augment(self, x: Tensor, view: int, row: int) -> Tensor:
+        if self.augment:
+            g = _generator("view", self.seed, self.epoch, row, view)
+            p, s = self.pad, self.image_size
+            dy, dx = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()
+            x = F.pad(x, (p, p, p, p))[:, dy: dy + s, dx: dx + s]
+            flip = bool(torch.rand((), generator=g) < 0.5)  # drawn either way: a stable stream
+            if self.hflip and flip:
+                x = x.flip(-1)
+        return (x - self.mean) / self.std
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        row = int(self.rows[i])
+        x = self.image(row)
+        if self.views == 1:
+            return self._augment(x, 0, row), self._label(row)
+        return torch.stack([self._augment(x, v, row) for v in range(self.views)]), self._label(row)
+
+
+@dataclass
+class Splits:
+    """What :func:`load_splits` returns; ``mean``/``std`` are the normalisation constants."""
+
+    train: TrainDataset
+    holdout: ImageDataset
+    test: ImageDataset
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# ---------------------------------------------------------------------------- sources
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> datasets.DatasetDict:
+    """scikit-learn's digits as a DatasetDict: fixed stratified 80/20 train/test split."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    pixels = np.rint(raw.images * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p) for p in pixels], "label": raw.target.tolist()}, features)
+    labels = torch.as_tensor(raw.target)
+    test = _stratified_pick(labels, round(0.2 * len(labels)), "digits-test")
+    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    is_test[test] = True
+    return datasets.DatasetDict(train=ds.select((~is_test).nonzero().flatten().tolist()),
+                                test=ds.select(test.tolist()))
+
+
+def _load_directory(path: Path, source: str) -> datasets.DatasetDict:
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return _as_dict(datasets.load_from_disk(str(path)))
+    if any(p.suffix.lower() in _IMAGE_SUFFIXES for p in path.rglob("*")):
+        return datasets.load_dataset("imagefolder", data_dir=str(path))
+    raise UserError(f"data.source '{source}': directory holds neither a save_to_disk dataset "
+                    f"(dataset_dict.json or state.json) nor images; {_VALID_SOURCES}")
+
+
+def _load_source(source: str) -> datasets.DatasetDict:
+    if source == BUILTIN_DIGITS:
+        return _digits()
+    if source.startswith("builtin:"):
+        raise UserError(f"data.source '{source}': unknown built-in dataset; {_VALID_SOURCES}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        try:
+            return _load_directory(path, source)
+        except UserError:
+            raise
+        except Exception as e:  # a corrupt directory: report it as the user's data, one line
+            raise UserError(f"data.source '{source}': could not load the directory "
+                            f"({type(e).__name__}: {_first_line(e)}); {_VALID_SOURCES}") from e
+    if path.exists():
+        raise UserError(f"data.source '{source}' is a file, not a directory; {_VALID_SOURCES}")
+    if path.is_absolute() or source.startswith((".", "~")):
+        raise UserError(f"data.source '{source}': no such directory; {_VALID_SOURCES}")
+    try:
+        loaded = datasets.load_dataset(source)
+    except Exception as e:  # offline, unknown id, gated, ...: all one user-facing failure
+        raise UserError(f"data.source '{source}': not a directory and could not be loaded from "
+                        f"the hub ({type(e).__name__}: {_first_line(e)}); {_VALID_SOURCES}") from e
+    return _as_dict(loaded)
+
+
+def _as_dict(loaded: datasets.Dataset | datasets.DatasetDict) -> datasets.DatasetDict:
+    """A lone Dataset becomes the split "train"."""
+    if isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    return datasets.DatasetDict(train=loaded)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+# ---------------------------------------------------------------------------- splits
+
+def _encode_labels(parts: dict[str, datasets.Dataset], column: str,
+                   source: str) -> tuple[dict[str, Tensor], list[str]]:
+    """Integer labels per split and the class names (ClassLabel names, or from the values)."""
+    values = {name: list(ds[column]) for name, ds in parts.items()}
+    feature = next(iter(parts.values())).features[column]
+    everything = [v for vs in values.values() for v in vs]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in everything):
+        names = [str(c) for c in range(max(everything, default=-1) + 1)]
+    elif all(isinstance(v, str) for v in everything):
+        names = sorted(set(everything))
+        index = {name: c for c, name in enumerate(names)}
+        values = {split: [index[v] for v in vs] for split, vs in values.items()}
+    else:
+        raise UserError(f"data.label_column '{column}' of '{source}' must hold class indices or "
+                        f"class names, got {feature}")
+    labels = {split: torch.tensor(vs, dtype=torch.long) for split, vs in values.items()}
+    for split, y in labels.items():
+        if len(y) and (y.min() < 0 or y.max() >= len(names)):
+            raise UserError(f"data.label_column '{column}' of split '{split}' holds labels outside "
+                            f"0..{len(names) - 1} (unlabelled split?)")
+    return labels, names
+
+
+def _channel_stats(ds: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    n = len(ds)
+    rows = torch.randperm(n, generator=_generator("stats"))[:_STATS_SAMPLE].tolist()
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for r in rows:
+        x = ds.image(r).double().flatten(1)
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+    count = len(rows) * ds.image_size ** 2
+    mean = total / count
+    std = (squares / count - mean ** 2).clamp_min(0).sqrt()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant channel: leave it alone
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def load_splits(cfg: DataConfig, seed: int, *, views: int = 1) -> Splits:
+    """Load ``cfg.source`` into train (augmented, noisy), hold-out and test datasets.
+
+    The hold-out split is ``cfg.holdout_split`` or, when that is null, a stratified
+    ``cfg.holdout_fraction`` of the training split chosen by ``seed``. ``cfg.max_train_examples``
+    then keeps a stratified, seeded subset of what remains for training. ``views`` is the number
+    of augmented views per training example (``> 1``: ``[views, 3, S, S]`` tensors).
+    """
+    dd = _load_source(cfg.source)
+    wanted = {"train_split": cfg.train_split, "test_split": cfg.test_split}
+    if cfg.holdout_split is not None:
+        wanted["holdout_split"] = cfg.holdout_split
+    for key, split in wanted.items():
+        if split not in dd:
+            raise UserError(f"data.{key} '{split}' is not a split of '{cfg.source}'; "
+                            f"splits: {', '.join(dd)}")
+    for key in ("test_split", "holdout_split"):
+        if wanted.get(key) == cfg.train_split:
+            raise UserError(f"data.{key} '{cfg.train_split}' is also data.train_split; "
+                            f"give a different split (or holdout_split: null to carve one)")
+    parts = {split: dd[split] for split in wanted.values()}
+    for split, ds in parts.items():
+        for key in ("image_column", "label_column"):
+            column = getattr(cfg, key)
+            if column not in ds.column_names:
+                raise UserError(f"data.{key} '{column}' is not a column of split '{split}' of "
+                                f"'{cfg.source}'; columns: {', '.join(ds.column_names)}")
+        if len(ds) == 0:
+            raise UserError(f"split '{split}' of '{cfg.source}' is empty")
+    labels, class_names = _encode_labels(parts, cfg.label_column, cfg.source)
+
+    train_hf, train_y = parts[cfg.train_split], labels[cfg.train_split]
+    if cfg.holdout_split is not None:
+        hold_hf, hold_y = parts[cfg.holdout_split], labels[cfg.holdout_split]
+        hold = torch.arange(len(hold_y))
+        keep = torch.arange(len(train_y))
+    else:
+        n = len(train_y)
+        n_hold = max(1, round(cfg.holdout_fraction * n))
+        if n_hold >= n:
+            raise UserError(f"data.holdout_fraction {cfg.holdout_fraction} leaves no training "
+                            f"examples out of {n}; use a smaller fraction or a holdout_split")
+        hold = _stratified_pick(train_y, n_hold, "holdout", seed)
+        is_hold = torch.zeros(n, dtype=torch.bool)
+        is_hold[hold] = True
+        hold_hf, hold_y = train_hf.select(hold.tolist()), train_y[hold]
+        keep = (~is_hold).nonzero().flatten()
+    if cfg.max_train_examples is not None and cfg.max_train_examples < len(keep):
+        keep = keep[_stratified_pick(train_y[keep], cfg.max_train_examples, "subset", seed)]
+    train_hf, train_y = train_hf.select(keep.tolist()), train_y[keep]
+
+    size, column = cfg.image_size, cfg.image_column
+    try:
+        _to_uint8(train_hf[0][column], size)
+    except (TypeError, ValueError, OSError) as e:
+        raise UserError(f"data.image_column '{column}' of '{cfg.source}' does not hold images "
+                        f"({type(e).__name__}: {_first_line(e)})") from e
+    raw = ImageDataset(train_hf, column, train_y, size, (0.0,) * 3, (1.0,) * 3)
+    raw.cache()
+    mean, std = _channel_stats(raw)
+    train = TrainDataset(train_hf, column, train_y, size, mean, std, keep,
+                         num_classes=len(class_names), seed=seed, augment=cfg.augment,
+                         hflip=cfg.hflip, label_noise=cfg.label_noise, views=views)
+    train.cached = raw.cached
+    holdout = ImageDataset(hold_hf, column, hold_y, size, mean, std, hold)
+    test = ImageDataset(parts[cfg.test_split], column, labels[cfg.test_split], size, mean, std)
+    holdout.cache()
+    test.cache()
+    return Splits(train=train, holdout=holdout, test=test, num_classes=len(class_names),
+                  class_names=class_names, mean=mean, std=std)

@@ -1,0 +1,359 @@
+"""YAML recipes: typed dataclasses, strict validation and ``dotted.key=value`` overrides.
+
+This is the one place where a recipe is translated; the library itself takes plain arguments.
+A recipe may leave out any key (the defaults below apply), but every key it gives must exist
+and have the right type, otherwise :class:`~collabsurgery.errors.UserError` names the dotted
+key and what is valid. Two YAML 1.1 quirks of PyYAML are smoothed over on purpose: a bare
+``no`` (read as ``False``) is accepted for keys whose default is ``"no"``
+(``train.mixed_precision``, ``run.resume``), and ``5e-4`` (read as a string) is accepted where
+a float is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import UserError
+
+__all__ = [
+    "DataConfig", "GraphConfig", "ModelConfig", "ObjectiveConfig", "Recipe", "RunConfig",
+    "TrainConfig", "load_recipe", "parse_overrides", "recipe_from_dict", "recipe_to_dict",
+    "save_recipe",
+]
+
+
+def _f(default: Any, valid: str | None = None) -> Any:
+    """A field with a default and an optional range: ``">= 1"``, ``"> 0"``, ``"(0, 1]"``, ...
+
+    For lists the range applies to every element; ``None`` is never range-checked.
+    """
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"valid": valid})
+    return field(default=default, metadata={"valid": valid})
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cifar_resnet20"
+    kwargs: dict[str, Any] = _f({})
+
+
+@dataclass
+class GraphConfig:
+    pattern: Literal["tree", "instances"] = "tree"
+    heads: int = _f(4, ">= 1")
+    split: list[str] = _f(["layer1", "layer2"])  # paper 000's hierarchical CIFAR split
+    branches: list[int] | None = _f(None, ">= 1")
+    rescale: Literal["backprop", "loss", "none"] = "backprop"
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["consensus", "single", "label_smoothing"] = "consensus"
+    temperature: float = _f(2.0, "> 0")
+    beta: float = _f(0.5, "(0, 1]")
+    smoothing: float = _f(0.1, "[0, 1)")
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:digits"
+    image_column: str = "image"
+    label_column: str = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+    holdout_split: str | None = None
+    holdout_fraction: float = _f(0.1, "(0, 1)")
+    image_size: int = _f(32, ">= 8")
+    augment: bool = True
+    hflip: bool = False  # the built-in digits must not be mirrored; CIFAR recipes turn it on
+    label_noise: float = _f(0.0, "[0, 1)")
+    num_workers: int = _f(0, ">= 0")
+    max_train_examples: int | None = _f(None, ">= 1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(10, ">= 1")
+    batch_size: int = _f(64, ">= 1")
+    lr: float = _f(0.1, "> 0")
+    momentum: float = _f(0.9, "[0, 1)")
+    nesterov: bool = True
+    weight_decay: float = _f(5.0e-4, ">= 0")
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[int] = _f([], ">= 1")
+    gamma: float = _f(0.1, "> 0")
+    warmup_epochs: int = _f(0, ">= 0")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum: int = _f(1, ">= 1")
+    max_steps: int | None = _f(None, ">= 1")
+    grad_clip: float | None = _f(None, "> 0")
+    channels_last: bool = False
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"
+    name: str | None = None
+    checkpoint_every: int = _f(0, ">= 0")
+    keep: int = _f(2, ">= 1")
+    resume: str = "no"
+    log_with: list[str] = _f([])
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    name: str = "demo"
+    seed: int = _f(0, ">= 0")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_name(self) -> str:
+        """``run.name``, or the recipe name when that is null."""
+        return self.run.name or self.name
+
+
+# ---------------------------------------------------------------------------- the walker
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if get_origin(tp) is dict:
+        return "mapping"
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _in_range(v: float, valid: str) -> bool:
+    if valid.startswith(">="):
+        return v >= float(valid[2:])
+    if valid.startswith(">"):
+        return v > float(valid[1:])
+    lo, hi = (float(s) for s in valid[1:-1].split(","))
+    return (v >= lo if valid[0] == "[" else v > lo) and (v <= hi if valid[-1] == "]" else v < hi)
+
+
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _convert(value: Any, tp: Any, key: str, valid: str | None) -> Any:
+    """Check ``value`` against type ``tp`` (and range ``valid``); return it converted."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        (inner,) = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            raise UserError(f"recipe key '{key}' expects {_type_name(tp)}, got null")
+        return _convert(value, inner, key, valid)
+    if origin is Literal:
+        if value not in get_args(tp) or isinstance(value, bool):
+            raise UserError(f"recipe key '{key}' must be one of "
+                            f"{', '.join(map(str, get_args(tp)))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"recipe key '{key}' expects {_type_name(tp)}, got {value!r}")
+        return [_convert(v, get_args(tp)[0], f"{key}[{i}]", valid) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"recipe key '{key}' expects a mapping with string keys, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # PyYAML reads `5e-4` (no dot) as a string
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[tp]
+    if not ok(value):
+        raise UserError(f"recipe key '{key}' expects {_type_name(tp)}, "
+                        f"got {value!r} ({type(value).__name__})")
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise UserError(f"recipe key '{key}' must be a finite number, got {value!r}")
+    if valid and tp in (int, float) and not _in_range(value, valid):
+        raise UserError(f"recipe key '{key}' must be {_describe(valid)}, got {value!r}")
+    return value
+
+
+def _describe(valid: str) -> str:
+    return valid if valid[0] in "<>" else f"in {valid}"
+
+
+def _unknown(key: str, section: str, valid: Sequence[str]) -> UserError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    if close:
+        hint = f" (did you mean '{(section + '.') if section else ''}{close[0]}'?)"
+    else:  # the right key in the wrong section, e.g. graph.beta for objective.beta
+        homes = [name for name, tp in get_type_hints(Recipe).items()
+                 if name != section and dataclasses.is_dataclass(tp)
+                 and leaf in {f.name for f in dataclasses.fields(tp)}]
+        hint = f" (did you mean '{homes[0]}.{leaf}'?)" if homes else ""
+    where = f"in '{section}'" if section else "at the top level"
+    return UserError(f"unknown recipe key '{key}'{hint}; valid keys {where}: {', '.join(valid)}")
+
+
+def _build(cls: type, raw: Any, section: str) -> Any:
+    """Build dataclass ``cls`` from mapping ``raw``: unknown keys and wrong types are errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        what = f"recipe section '{section}'" if section else "a recipe"
+        raise UserError(f"{what} must be a mapping of keys to values, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{section}.{name}" if section else str(name)
+        if name not in fields:
+            raise _unknown(key, section, list(fields))
+        if value is False and fields[name].default == "no":
+            value = "no"  # YAML 1.1 reads a bare `no` as false
+        kwargs[name] = _convert(value, hints[name], key, fields[name].metadata.get("valid"))
+    return cls(**kwargs)
+
+
+def _check(r: Recipe) -> Recipe:
+    """Rules that involve more than one key."""
+    for key, value in (("name", r.name), ("run.name", r.run.name)):
+        if value is not None and (not value.strip(".") or "/" in value or "\\" in value):
+            raise UserError(f"recipe key '{key}' must be a non-empty name without path separators, "
+                            f"got {value!r}")
+    g = r.graph
+    if len(set(g.split)) != len(g.split) or "" in g.split:
+        raise UserError(f"recipe key 'graph.split' must list distinct split point names, "
+                        f"got {g.split}")
+    if g.pattern == "tree" and g.heads > 1 and not g.split:
+        raise UserError("recipe key 'graph.split' is empty: pattern 'tree' with heads > 1 needs at "
+                        "least one split point (or use pattern 'instances', or heads: 1)")
+    if g.branches is not None:
+        if g.pattern != "tree":
+            raise UserError(f"recipe key 'graph.branches' applies only to pattern 'tree', "
+                            f"not '{g.pattern}'; set it to null")
+        if len(g.branches) != len(g.split) or math.prod(g.branches) != g.heads:
+            raise UserError(f"recipe key 'graph.branches' must give one fan-out per split point "
+                            f"({len(g.split)}) whose product is graph.heads ({g.heads}), "
+                            f"got {g.branches}")
+    t = r.train
+    if t.schedule == "step" and not t.milestones:
+        raise UserError("recipe key 'train.milestones' is empty but train.schedule is 'step'; "
+                        "give the epochs at which the lr is multiplied by train.gamma")
+    # milestones/warmup beyond train.epochs are allowed: `train.epochs=1` must work on any recipe
+    if t.milestones != sorted(set(t.milestones)):
+        raise UserError(f"recipe key 'train.milestones' must be strictly increasing epochs, "
+                        f"got {t.milestones}")
+    if not r.data.source:
+        raise UserError("recipe key 'data.source' is empty; valid: builtin:digits, a save_to_disk "
+                        "directory, an imagefolder directory, or a hub id")
+    return r
+
+
+# ---------------------------------------------------------------------------- public API
+
+def recipe_from_dict(raw: dict[str, Any] | None) -> Recipe:
+    """Validate a (possibly partial) nested mapping and return the full :class:`Recipe`."""
+    return _check(_build(Recipe, raw, ""))
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``dotted.key=value`` strings into ``(["dotted", "key"], value)`` pairs.
+
+    The value is read with ``yaml.safe_load``: ``train.epochs=1`` gives an int,
+    ``graph.split=[layer2,layer3]`` a list, ``data.source=/x/y`` a string.
+    """
+    parsed = []
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise UserError(f"malformed override {item!r}; expected dotted.key=value, "
+                            "e.g. train.epochs=1")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"override {item!r}: value is not valid YAML "
+                            f"({str(e).splitlines()[0]})") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def _apply(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    cls: Any = Recipe
+    node = raw
+    for depth, name in enumerate(path):
+        key = ".".join(path[: depth + 1])
+        if cls is not None:  # inside the schema: check the key exists
+            names = [f.name for f in dataclasses.fields(cls)]
+            if name not in names:
+                raise _unknown(key, ".".join(path[:depth]), names)
+            tp = get_type_hints(cls)[name]
+            cls = tp if dataclasses.is_dataclass(tp) else None
+            if depth < len(path) - 1 and cls is None and get_origin(tp) is not dict:
+                raise UserError(f"override '{'.'.join(path)}': '{key}' is not a section "
+                                f"(it holds {_type_name(tp)})")
+        if depth == len(path) - 1:
+            node[name] = value
+        else:
+            if node.get(name) is None:
+                node[name] = {}
+            if not isinstance(node[name], dict):
+                raise UserError(f"override '{'.'.join(path)}': '{key}' is not a section")
+            node = node[name]
+
+
+def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe (``None``: all defaults), apply overrides, validate strictly."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe file '{path}' does not exist (give a path to a .yaml recipe)")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"recipe file '{path}' is not valid YAML: "
+                            f"{' '.join(str(e).split())}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise UserError(f"recipe file '{path}' must hold a mapping of sections, got {raw!r}")
+    for key_path, value in parse_overrides(overrides):
+        _apply(raw, key_path, value)
+    return recipe_from_dict(raw)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe as plain nested dicts/lists/scalars."""
+    return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write the resolved recipe as YAML (every key, defaults included); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    return path
