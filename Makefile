@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)  ## train CL-ILR and its single-model baseline on the built-in digits, export, reload
-	$(BIN)/collabsurgery demo
+	$(BIN)/collabsurgery demo --recipe recipes/demo.yaml
 
 test: $(STAMP)  ## the whole test suite (CPU only)
 	$(BIN)/python -m pytest -q

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +66,53 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported head {head} to {path}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train (or resume) a recipe with Accelerate."""
+    from .engine import train
+    from .recipe import load_recipe
+
+    from accelerate import PartialState
+
+    run_dir = train(load_recipe(args.recipe, args.overrides))
+    if PartialState().is_main_process:
+        print(f"run directory: {run_dir}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The main job on the built-in digits: CL-ILR vs single model, export, reload."""
+    from .demo import run_demo
+
+    run_demo(args.recipe, args.overrides)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Time a training graph against the plain model and its stage-time limit."""
+    from .bench import BenchConfig, format_table, run_bench, to_json
+    from .graphs.build import _parse_split
+
+    cfg = BenchConfig(args.model, split=_parse_split(args.split), heads=args.heads,
+                      pattern=args.pattern, branches=args.branches, image_size=args.image_size,
+                      batch_size=args.batch_size, precision=args.precision,
+                      channels_last=args.channels_last, compile=args.compile,
+                      modes=args.execution, checkpoint=args.checkpoint, repeats=args.repeats,
+                      warmup=args.warmup, num_classes=args.num_classes, device=args.device,
+                      threads=args.threads, clock=args.clock)
+    log = (lambda s: None) if args.json else (lambda s: print(f"... {s}", file=sys.stderr))
+    result = run_bench(cfg, log)
+    print(to_json(result) if args.json else format_table(result))
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    from .graphs import EXECUTION_MODES
+
+    modes = EXECUTION_MODES if text == "all" else tuple(m.strip() for m in text.split(","))
+    bad = [m for m in modes if m not in EXECUTION_MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown execution mode '{bad[0]}'; valid: "
+                                         f"{', '.join(EXECUTION_MODES)} or all")
+    return modes
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from .graphs import PATTERNS, RESCALE_MODES
@@ -94,11 +141,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the training graph (weights + arguments) to FILE")
     p.set_defaults(func=cmd_wrap)
 
+    p = sub.add_parser("bench", help="time a training graph against the plain model")
+    p.add_argument("model", help="timm name (resnet50) or torchvision.<name>")
+    p.add_argument("--split", default="", help="comma-separated split points, in order")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--pattern", choices=PATTERNS, default="tree")
+    p.add_argument("--branches", type=_int_list, default=None, help="fan-out per split, e.g. 2,2")
+    p.add_argument("--image-size", type=int, default=224, metavar="N")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype (fp32: no autocast)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the plain model and every stage copy (regional)")
+    p.add_argument("--execution", type=_modes, default="all", metavar="MODES",
+                   help="comma-separated execution modes (loop,fused,packed,auto) or all")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="also measure each mode with activation checkpointing of branch stages")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (torch.set_num_threads); 1 is steadiest on a shared machine")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="CPU timing: wall clock, or this process's CPU time (steadier when the "
+                        "machine is shared; use with --threads 1)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("export", help="export one head as a plain backbone (safetensors)")
     p.add_argument("source", help="a training run directory or a training graph file")
     p.add_argument("--head", default="best", help="head index, or 'best' (best on hold-out)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("train", help="train a recipe (also: accelerate launch tools/train.py)")
+    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=1")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="CL-ILR vs single model on the built-in digits, then export")
+    p.add_argument("--recipe", default=None, help="default: the built-in demo settings")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -110,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"collabsurgery: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"collabsurgery: training stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .errors import UserError
+from .seeding import generator
 from .recipe import DataConfig
 
 __all__ = ["BUILTIN_DIGITS", "ImageDataset", "Splits", "TrainDataset", "load_splits"]
@@ -47,16 +47,10 @@ _STATS_SAMPLE = 2048
 _CACHE_BYTES = 256 * 2**20  # splits whose resized uint8 images fit are decoded once, up front
 
 
-def _generator(*key: Any) -> torch.Generator:
-    """A generator seeded by a stable hash of ``key`` (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
 def _stratified_pick(labels: Tensor, k: int, *key: Any) -> Tensor:
     """``k`` sorted indices, spread over the classes in proportion (+-1), random within a class."""
     n = len(labels)
-    perm = torch.randperm(n, generator=_generator("pick", *key))
+    perm = torch.randperm(n, generator=generator("pick", *key))
     grouped = perm[torch.argsort(labels[perm], stable=True)]  # by class, shuffled within class
     positions = ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long()
     return grouped[positions].sort().values
@@ -140,7 +134,7 @@ class TrainDataset(ImageDataset):
         self.epoch = 0
         self.rows = torch.arange(len(labels))
         n = len(labels)
-        self.noisy_indices = torch.randperm(n, generator=_generator("noisy-set", seed))[
+        self.noisy_indices = torch.randperm(n, generator=generator("noisy-set", seed))[
             : round(label_noise * n)].sort().values
         self._noisy = torch.zeros(n, dtype=torch.bool)
         self._noisy[self.noisy_indices] = True
@@ -160,7 +154,7 @@ class TrainDataset(ImageDataset):
 
     def _label(self, row: int) -> int:
         if self._noisy[row]:
-            g = _generator("label", self.seed, self.epoch, row)
+            g = generator("label", self.seed, self.epoch, row)
             return int(torch.randint(self.num_classes, (), generator=g))
         return int(self.labels[row])
 
@@ -170,7 +164,7 @@ class TrainDataset(ImageDataset):
 
     def _augment(self, x: Tensor, view: int, row: int) -> Tensor:
         if self.augment:
-            g = _generator("view", self.seed, self.epoch, row, view)
+            g = generator("view", self.seed, self.epoch, row, view)
             p, s = self.pad, self.image_size
             dy, dx = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()
             x = F.pad(x, (p, p, p, p))[:, dy: dy + s, dx: dx + s]
@@ -296,7 +290,7 @@ def _encode_labels(parts: dict[str, datasets.Dataset], column: str,
 
 def _channel_stats(ds: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     n = len(ds)
-    rows = torch.randperm(n, generator=_generator("stats"))[:_STATS_SAMPLE].tolist()
+    rows = torch.randperm(n, generator=generator("stats"))[:_STATS_SAMPLE].tolist()
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     for r in rows:

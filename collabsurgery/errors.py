@@ -7,3 +7,10 @@ class UserError(ValueError):
     The message is one line that says what was wrong and what is valid. The CLI prints it
     without a traceback and exits with status 2; library callers get an ordinary ValueError.
     """
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept.
+
+    The CLI prints the message on one line and exits with status 1.
+    """

@@ -1,11 +1,16 @@
 """Find what to export: a training graph file, or the last checkpoint of a training run."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from safetensors.torch import load_file
+
+from . import checkpoint
 from .errors import UserError
 from .export import export
-from .graphfile import load_graph
+from .graphfile import config_from_json, load_graph
+from .graphs import TreeNet, rebuild
 
 
 def parse_head(text: str, num_heads: int) -> int | None:
@@ -21,10 +26,44 @@ def parse_head(text: str, num_heads: int) -> int | None:
     return head
 
 
+def load_run(run_dir: Path) -> tuple[TreeNet, list[dict]]:
+    """The training graph of a run at its latest checkpoint, and its epoch records."""
+    if not (run_dir / "graph.json").is_file():
+        raise UserError(f"{run_dir} is not a training run (no graph.json); valid: a run "
+                        "directory written by collabsurgery train, or a training graph file")
+    latest = checkpoint.latest(run_dir / "checkpoints")
+    if latest is None:
+        raise UserError(f"{run_dir} has no complete checkpoint yet")
+    net = rebuild(config_from_json((run_dir / "graph.json").read_text()))
+    net.load_state_dict(load_file(str(latest / "model.safetensors")), strict=True)
+    history = json.loads((latest / "state.json").read_text())["history"]
+    return net.eval(), history
+
+
+def _export_run(run_dir: Path, head_text: str, output: Path) -> tuple[Path, int]:
+    net, history = load_run(run_dir)
+    head = parse_head(head_text, net.num_heads)
+    if head is None:
+        if not history:
+            raise UserError(f"{run_dir} has no evaluated epoch yet, so no best head; "
+                            f"give a head index 0..{net.num_heads - 1}")
+        head = history[-1]["holdout"]["best_head"]
+    metrics = {}
+    if history:
+        last = history[-1]
+        metrics = {"epoch": last["epoch"], "holdout_acc": last["holdout"]["head_acc"][head],
+                   "test_acc": last["test"]["head_acc"][head],
+                   "ensemble_test_acc": last["test"]["ensemble_acc"]}
+    recipe_file = run_dir / "recipe.yaml"
+    extra = {"recipe": recipe_file.read_text() if recipe_file.is_file() else "",
+             "metrics": metrics, "run": run_dir.name}
+    return export(net, head, output, extra_metadata=extra), head
+
+
 def export_from_source(source: Path, head_text: str, output: Path) -> tuple[Path, int]:
-    """Export ``head_text`` of ``source`` to ``output``; returns (path, head index)."""
+    """Export ``head_text`` of a run directory or graph file to ``output``; (path, head)."""
     if source.is_dir():
-        raise UserError(f"{source} is a directory but not a training run (no recipe.yaml)")
+        return _export_run(source, head_text, output)
     if not source.is_file():
         raise UserError(f"no such file or run directory: {source}")
     net = load_graph(source)

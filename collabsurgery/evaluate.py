@@ -1,0 +1,46 @@
+"""Accuracy and loss of every head and of the ensemble of heads on one data split."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+
+@torch.no_grad()
+def evaluate(net: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict:
+    """Per-head accuracy/loss and the ensemble's (mean of the heads' logits), in eval mode.
+
+    Counts are gathered over all processes (``gather_for_metrics`` drops the padding that
+    even sharding adds), so every rank returns the same numbers.
+    """
+    was_training = net.training
+    net.eval()
+    correct = loss_sum = ensemble_correct = None
+    total = 0
+    for images, labels in loader:
+        with accelerator.autocast():
+            logits = net(images)
+        # Gather batch-first: gather_for_metrics concatenates (and trims) along dim 0.
+        per_example, labels = accelerator.gather_for_metrics((logits.float().transpose(0, 1), labels))
+        logits = per_example.transpose(0, 1)
+        heads = logits.shape[0]
+        if correct is None:
+            correct = torch.zeros(heads, dtype=torch.long, device=logits.device)
+            loss_sum = torch.zeros(heads, dtype=torch.float64, device=logits.device)
+            ensemble_correct = torch.zeros((), dtype=torch.long, device=logits.device)
+        correct += (logits.argmax(-1) == labels).sum(-1)
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.repeat(heads),
+                                    reduction="none").view(heads, -1).sum(-1).double()
+        ensemble_correct += (logits.mean(0).argmax(-1) == labels).sum()
+        total += labels.numel()
+    net.train(was_training)
+    head_acc = (correct.double() / total).tolist()
+    best = max(range(len(head_acc)), key=head_acc.__getitem__)
+    return {
+        "head_acc": head_acc,
+        "head_loss": (loss_sum / total).tolist(),
+        "ensemble_acc": ensemble_correct.item() / total,
+        "best_head": best,
+        "examples": total,
+    }

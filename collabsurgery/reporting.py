@@ -1,0 +1,72 @@
+"""What a run writes for people: a JSONL metrics log, a summary table, a PNG plot."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write one JSON record per line, atomically (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def headline(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers a run is judged by: head 0, best head on hold-out, and the ensemble, on test."""
+    best = record["holdout"]["best_head"]
+    return {
+        "head0_test_acc": record["test"]["head_acc"][0],
+        "best_head": best,
+        "best_head_holdout_acc": record["holdout"]["head_acc"][best],
+        "best_head_test_acc": record["test"]["head_acc"][best],
+        "ensemble_test_acc": record["test"]["ensemble_acc"],
+    }
+
+
+def flat_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """One epoch record as flat ``split/name`` scalars, for trackers."""
+    out = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+    for split in ("holdout", "test"):
+        for h, acc in enumerate(record[split]["head_acc"]):
+            out[f"{split}/head{h}_acc"] = acc
+        out[f"{split}/ensemble_acc"] = record[split]["ensemble_acc"]
+    return out
+
+
+def summary_table(record: dict[str, Any]) -> str:
+    """Accuracy of every head and of the ensemble on hold-out and test, as aligned text."""
+    lines = [f"{'':<14} {'hold-out acc':>12} {'test acc':>9} {'test loss':>9}"]
+    best = record["holdout"]["best_head"]
+    for h, (hold, test, loss) in enumerate(zip(record["holdout"]["head_acc"],
+                                               record["test"]["head_acc"],
+                                               record["test"]["head_loss"])):
+        tag = " (best)" if h == best else ""
+        lines.append(f"{f'head {h}{tag}':<14} {hold:>12.4f} {test:>9.4f} {loss:>9.4f}")
+    lines.append(f"{'ensemble':<14} {record['holdout']['ensemble_acc']:>12.4f} "
+                 f"{record['test']['ensemble_acc']:>9.4f}")
+    return "\n".join(lines)
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Test accuracy per epoch of every head (thin) and of the ensemble (thick) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for h in range(len(history[0]["test"]["head_acc"])):
+        ax.plot(epochs, [r["test"]["head_acc"][h] for r in history], lw=1, label=f"head {h}")
+    ax.plot(epochs, [r["test"]["ensemble_acc"] for r in history], lw=2.5, color="black",
+            label="ensemble")
+    ax.set(xlabel="epoch", ylabel="test accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
