@@ -37,10 +37,17 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pat
                             metadata: dict[str, str]) -> Path:
     """``save_file`` to a temp file in the target directory, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise UserError(f"output {path} is a directory; valid: a file path such as "
+                        f"{path / 'backbone.safetensors'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # parent is a file, no permission, ...
+        raise UserError(f"cannot write {path} ({err.strerror or err}); valid: a path in a "
+                        "writable directory") from None
     os.close(fd)
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
@@ -53,7 +60,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pat
 def export(net: nn.Module, head: int = 0, path: str | os.PathLike = "backbone.safetensors",
            extra_metadata: dict[str, Any] | None = None) -> Path:
     """Write head ``head`` of training graph ``net`` as a plain backbone; returns the path."""
-    if not isinstance(head, int) or not 0 <= head < net.num_heads:
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < net.num_heads:
         raise UserError(f"head {head!r} out of range; valid: 0..{net.num_heads - 1}")
     spec = net.spec
     metadata = {

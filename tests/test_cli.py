@@ -1,0 +1,161 @@
+"""The command line: splits | wrap | export. A user mistake is exit status 2 with exactly one
+line on stderr and no traceback."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import collabsurgery as cs
+from collabsurgery.cli import main
+from collabsurgery.graphfile import load_graph
+from conftest import make_input, one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = ["--input-size", "32", "--num-classes", "10"]
+
+
+def run(argv) -> int:
+    """``main(argv)``'s exit status; argparse usage errors exit through SystemExit."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_splits_prints_one_point_per_line(capsys):
+    assert run(["splits", "resnet18", *SMALL]) == 0
+    out = capsys.readouterr()
+    lines = out.out.split()
+    assert lines == cs.splits("resnet18", input_size=(3, 32, 32), num_classes=10)
+    assert {"layer1", "layer2", "layer3", "layer4"} <= set(lines)
+    assert "layer1.0.conv1" not in lines
+    assert out.err == ""
+
+
+@pytest.fixture(scope="module")
+def graph_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("graph") / "graph.safetensors"
+    assert run(["wrap", "cifar_resnet20", "--split", "layer1,layer2", "--heads", "4",
+                "--rescale", "loss", *SMALL, "--save", path]) == 0
+    return path
+
+
+def test_wrap_prints_the_summary_and_saves(graph_file, capsys):
+    assert run(["wrap", "resnet18", "--split", "layer2,layer3", "--heads", "4", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "4 heads" in out and "fan-outs (1, 2, 2)" in out and "input 3x32x32" in out
+    assert "input..layer2" in out and "layer3..output" in out
+    for label in ("parameters", "forward GFLOPs/image", "activations MB/image"):
+        assert label in out
+    net = load_graph(graph_file)
+    assert net.num_heads == 4 and net.fanouts == (1, 2, 2) and net.rescale == "loss"
+    assert os.listdir(graph_file.parent) == [graph_file.name]
+
+
+def test_export_a_head_of_a_saved_graph(graph_file, tmp_path, capsys):
+    out = tmp_path / "head1.safetensors"
+    assert run(["export", graph_file, "--head", "1", "-o", out]) == 0
+    assert f"exported head 1 to {out}" in capsys.readouterr().out
+    net = load_graph(graph_file).eval()
+    model = cs.load_backbone(out)
+    x = make_input()
+    with torch.no_grad():
+        assert torch.equal(model(x), net(x)[1])
+    assert os.listdir(tmp_path) == ["head1.safetensors"]
+
+
+@pytest.mark.parametrize("head,match", [
+    ("best", r"head 'best' needs a training run.*0\.\.3"),
+    ("4", r"head '4' out of range; valid: best or 0\.\.3"),
+    ("-1", r"out of range"),
+    ("one", r"out of range"),
+])
+def test_export_bad_head_of_a_graph_file(graph_file, head, match, tmp_path, capsys):
+    assert run(["export", graph_file, "--head", head, "-o", tmp_path / "o.safetensors"]) == 2
+    err = capsys.readouterr()
+    assert re.search(match, one_line_error(err.err))
+    assert err.out == ""
+    assert os.listdir(tmp_path) == []
+
+
+def _bad_source(kind, tmp_path, graph_file):
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "missing":
+        pass
+    elif kind == "text":
+        path.write_text("hello\n")
+    elif kind == "foreign":
+        save_file({"w": torch.zeros(2)}, str(path))
+    elif kind == "truncated":
+        data = graph_file.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "backbone":
+        net = load_graph(graph_file)
+        cs.export(net, 0, path)
+    elif kind == "directory":
+        path = tmp_path / "not_a_run"
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("missing", r"no such file or run directory"),
+    ("text", r"not a readable safetensors file"),
+    ("foreign", r"no format=collabsurgery.graph/1 metadata"),
+    ("truncated", r"not a readable safetensors file|truncated or corrupt"),
+    ("backbone", r"no format=collabsurgery.graph/1 metadata"),
+    ("directory", r"not a training run"),
+])
+def test_export_bad_source(kind, match, graph_file, tmp_path, capsys):
+    source = _bad_source(kind, tmp_path, graph_file)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert run(["export", source, "--head", "0", "-o", out_dir / "x.safetensors"]) == 2
+    assert re.search(match, one_line_error(capsys.readouterr().err))
+    assert os.listdir(out_dir) == []
+
+
+def test_export_to_a_directory(graph_file, tmp_path, capsys):
+    assert run(["export", graph_file, "--head", "0", "-o", tmp_path]) == 2
+    assert "is a directory" in one_line_error(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["splits", "resnet1800"], r"unknown model 'resnet1800' \(did you mean resnet18"),
+    (["splits", "torchvision.resnet1800"], r"unknown torchvision model"),
+    (["wrap", "resnet18", "--split", "layer1.0.conv1"],
+     r"invalid split point 'layer1\.0\.conv1' \(not a clean single-tensor cut\); "
+     r"valid split points: conv1, .*layer1, .*layer4"),
+    (["wrap", "densenet121", "--split", "features.denseblock1.denselayer1"],
+     r"invalid split point 'features\.denseblock1\.denselayer1'.*features\.transition1"),
+    (["wrap", "resnet18", "--split", "layer7"], r"no such module or node.*valid split points"),
+    (["wrap", "resnet18", "--split", "layer2", "--heads", "0"], r"heads must be an integer >= 1"),
+    (["wrap", "resnet18", "--split", "layer1,layer3", "--heads", "4", "--branches", "2,3"],
+     r"multiply to heads=4"),
+    (["wrap", "resnet18", "--split", "layer3,layer1", "--heads", "4"], r"execution order"),
+    (["wrap", "resnet18", "--split", "layer2", "--pattern", "instances"],
+     r"'instances' takes no split points"),
+    (["wrap", "resnet18", "--heads", "2"], r"needs split points; valid split points"),
+    (["wrap", "resnet18", "--split", "layer2", "--heads", "two"], r"invalid int value"),
+    (["wrap", "resnet18", "--split", "layer2", "--pattern", "ring"], r"invalid choice"),
+    (["wrap", "resnet18", "--split", "layer2", "--branches", "2,x"], r"comma-separated integers"),
+    (["wrap", "resnet18", "--input-size", "big"], r"integer image size"),
+    (["export", "graph.safetensors"], r"required: -o/--output"),
+    (["frobnicate"], r"invalid choice"),
+])
+def test_user_errors_are_one_line_exit_2(argv, match, capsys):
+    """Library UserErrors and argparse usage errors alike."""
+    if argv[0] != "export" and argv[0] != "frobnicate" and "--input-size" not in argv:
+        argv = [*argv, *SMALL]
+    assert run(argv) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip("\n").splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.err, out.err
+    assert lines[0].startswith("collabsurgery") and "error: " in lines[0]
+    assert re.search(match, lines[0]), lines[0]
