@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype (fp32: no autocast)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the plain model and every stage copy (regional)")
+                   help="torch.compile the plain model, and each stage's sibling group "
+                        "(regional)")
     p.add_argument("--execution", type=_modes, default="all", metavar="MODES",
                    help="comma-separated execution modes (loop,fused,packed,auto) or all")
     p.add_argument("--checkpoint", action="store_true",

@@ -12,6 +12,7 @@ import torch.nn as nn
 from .. import backbones
 from ..errors import UserError
 from ..surgery import Stage, cut_graph, resolve_splits, split_points, trace
+from .execution import check_mode
 from .tree import RESCALE_MODES, TreeNet, WrapConfig
 
 PATTERNS = ("tree", "instances")
@@ -110,6 +111,7 @@ def _reinitialise_copies(net: TreeNet, fresh_state: Callable[[], dict[str, torch
 def wrap(model: str | nn.Module, split: str | Sequence[str] | None = None, heads: int = 2,
          pattern: str = "tree", branches: Sequence[int] | None = None, rescale: str = "backprop",
          num_classes: int | None = None, input_size: Sequence[int] | None = None,
+         execution: str = "auto", checkpoint_branches: bool = False,
          **model_kwargs: Any) -> TreeNet:
     """Rewrite ``model`` into a training graph with ``heads`` classifier heads.
 
@@ -124,12 +126,16 @@ def wrap(model: str | nn.Module, split: str | Sequence[str] | None = None, heads
             loss, applied by the engine through ``net.loss_weight``) or ``"none"``.
         num_classes: passed to the model factory.
         input_size: (C, H, W) for the tracing probe; default from the model's pretrained_cfg.
+        execution: how sibling copies run: ``"loop"``, ``"fused"``, ``"packed"`` or ``"auto"``
+            (see :mod:`collabsurgery.graphs.execution`); ``net.set_execution`` changes it later.
+        checkpoint_branches: recompute branch stages in backward (activation checkpointing).
         model_kwargs: other factory arguments (``drop_path_rate``...).
     Returns:
         a :class:`TreeNet`; ``net(x)`` gives ``[H, B, C]``.
     """
     split = _parse_split(split)
     _check_arguments(heads, pattern, rescale)
+    check_mode(execution)
     if num_classes is not None:
         model_kwargs["num_classes"] = num_classes
     module, spec = backbones.resolve(model, **model_kwargs)
@@ -162,6 +168,7 @@ def wrap(model: str | nn.Module, split: str | Sequence[str] | None = None, heads
         unused = {k: full_state[k] for k in reference_keys if k not in covered}
         net = TreeNet(stages, fanouts, stage_names=names, unused_state=unused, **common)
     _reinitialise_copies(net, _fresh_state_factory(module, spec))
+    net.set_execution(execution, checkpoint_branches)
     net.train(module.training)
     return net
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..backbones import BackboneSpec
+from .execution import Executor
 
 RESCALE_MODES = ("backprop", "loss", "none")
 
@@ -81,6 +82,7 @@ class TreeNet(nn.Module):
         for i, (key, value) in enumerate((unused_state or {}).items()):
             self.unused.register_buffer(f"t{i}", value.detach().clone())
             self.unused_keys[key] = f"t{i}"
+        self.executor = Executor()
         self.stages = nn.ModuleList()
         for i, stage in enumerate(stages):
             copies = [stage] + [copy.deepcopy(stage) for _ in range(self.copies(i) - 1)]
@@ -110,16 +112,38 @@ class TreeNet(nn.Module):
         """Outputs of every copy of every stage, stage by stage (the last are the logits)."""
         outputs: list[list[torch.Tensor]] = []
         current = [x]
-        for i, (fanout, copies) in enumerate(zip(self.fanouts, self.stages)):
+        for i, fanout in enumerate(self.fanouts):
             if i > 0 and fanout > 1 and self.rescale == "backprop":
                 current = [scale_grad(t, 1.0 / fanout) for t in current]
-            current = [stage(current[c // fanout]) for c, stage in enumerate(copies)]
+            current = self.executor.run_stage(self, i, current)
             outputs.append(current)
         return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every head, ``[H, B, C]``, head 0 first."""
         return torch.stack(self.forward_stages(x)[-1])
+
+    def set_execution(self, mode: str | None = None, checkpoint_branches: bool | None = None,
+                      compile: bool | dict | None = None) -> "TreeNet":
+        """Choose how sibling copies run (``loop``, ``fused``, ``packed``, ``auto``), whether
+        branch stages are recomputed in backward and whether each stage's plan is compiled;
+        ``None`` keeps a setting. See :mod:`collabsurgery.graphs.execution`."""
+        old = self.executor
+        self.executor = Executor(
+            old.mode if mode is None else mode,
+            old.checkpoint_branches if checkpoint_branches is None else checkpoint_branches,
+            old.compile if compile is None else compile)
+        return self
+
+    def describe_execution(self) -> str:
+        """Which mode runs each stage, what auto measured, and why a mode could not run."""
+        return self.executor.describe(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        if "executor" in self.__dict__:  # tensors moved: plans and timings are stale
+            self.executor.clear()
+        return module
 
     def head_state_dict(self, head: int) -> dict[str, torch.Tensor]:
         """Head ``head`` as the plain model's state_dict: exactly its keys, in its order."""

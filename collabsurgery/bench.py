@@ -1,0 +1,338 @@
+"""How close a training graph's step time comes to its limit, measured in one process.
+
+Everything is a ratio against the plain model on the same batch, measured in the same process,
+after warm-up, as the median of repeats; measurements of all variants are interleaved, so slow
+drifts of a shared machine hit them alike.
+
+- ``time_ratio``: training-graph step time / plain step time. A step is forward, the sum of the
+  logits as the loss, and backward (no optimizer step). Times are CUDA events on a GPU; on the
+  CPU the wall clock, or with ``clock="process"`` the process's CPU time, which a shared machine
+  disturbs far less (use one thread). ``time_ratio_min`` uses each variant's fastest repeat.
+- ``stage_limit_ratio``: the limit of that ratio for the graph's sharing pattern. Each stage of
+  the plain model is timed on its own (forward + backward, input detached and requiring grad
+  except the image), and weighted by the number of copies the graph runs:
+  ``sum(t_i * copies_i) / sum(t_i)``.
+- ``flop_ratio``: FLOPs of one training step (forward + backward,
+  ``torch.utils.flop_counter.FlopCounterMode``); ``forward_flop_ratio`` beside it.
+- ``mem_ratio``: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a step. On CPU,
+  which keeps no allocator statistics, an estimate of the same peak: parameter bytes + gradient
+  bytes + the bytes of the distinct tensors autograd saves for backward in the forward
+  (``saved_tensors_hooks``; storages shared with parameters excluded).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import backbones
+from .errors import UserError
+from .graphs import EXECUTION_MODES, TreeNet, wrap
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchConfig:
+    """What to measure; ``modes`` lists execution modes (``auto`` included by default)."""
+
+    model: str
+    split: tuple[str, ...] = ()
+    heads: int = 2
+    pattern: str = "tree"
+    branches: tuple[int, ...] | None = None
+    image_size: int = 224
+    batch_size: int = 16
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    modes: tuple[str, ...] = EXECUTION_MODES
+    checkpoint: bool = False
+    repeats: int = 5
+    warmup: int = 2
+    num_classes: int | None = None
+    device: str | None = None
+    threads: int | None = None
+    clock: str = "wall"
+    model_kwargs: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """UserError for a setting that cannot be measured."""
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision '{self.precision}'; valid: {', '.join(PRECISIONS)}")
+        for mode in self.modes:
+            if mode not in EXECUTION_MODES:
+                raise UserError(f"unknown execution mode '{mode}'; valid: "
+                                f"{', '.join(EXECUTION_MODES)}")
+        if self.repeats < 1 or self.warmup < 1:
+            raise UserError("repeats and warmup must be >= 1 (auto chooses during warm-up)")
+        if self.clock not in ("wall", "process"):
+            raise UserError(f"unknown clock '{self.clock}'; valid: wall, process")
+        if self.batch_size < 2 or self.image_size < 8:
+            raise UserError("batch size must be >= 2 (train-mode BatchNorm) and image size >= 8")
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words: GPU name, or CPU model and thread count, plus the torch version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"CPU {model}, {torch.get_num_threads()} threads"
+    return f"{name}, torch {torch.__version__}"
+
+
+class _Timer:
+    """Seconds of one call: CUDA events on a GPU; on the CPU ``perf_counter`` (wall clock) or,
+    with ``clock="process"``, ``process_time`` (CPU time of this process, which ignores the time
+    a shared machine keeps it waiting)."""
+
+    def __init__(self, device: torch.device, clock: str = "wall"):
+        self.cuda = device.type == "cuda"
+        self.clock = time.process_time if clock == "process" else time.perf_counter
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = self.clock()
+        fn()
+        return self.clock() - begin
+
+
+class _Runner:
+    """Forward + backward of one model under the configured precision."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, cfg: BenchConfig):
+        self.model, self.x = model, x
+        self.dtype = PRECISIONS[cfg.precision]
+
+    def autocast(self):
+        return torch.autocast(self.x.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def step(self) -> None:
+        with self.autocast():
+            out = self.model(self.x)
+        out.float().sum().backward()
+        for p in self.model.parameters():
+            p.grad = None
+
+
+class _StageRunner(_Runner):
+    """Forward + backward of one stage of the plain model, on its recorded input."""
+
+    def __init__(self, stage: nn.Module, x: torch.Tensor, cfg: BenchConfig, needs_grad: bool):
+        super().__init__(stage, x, cfg)
+        self.needs_grad = needs_grad
+
+    def step(self) -> None:
+        x = self.x.detach().requires_grad_(self.needs_grad)
+        with self.autocast():
+            out = self.model(x)
+        out.backward(torch.ones_like(out))
+        for p in self.model.parameters():
+            p.grad = None
+
+
+def _stage_inputs(net: TreeNet, x: torch.Tensor, runner: _Runner) -> list[torch.Tensor]:
+    """The input of every stage of head 0's path (copy 0 of each stage) on ``x``."""
+    inputs, current = [], x
+    with torch.no_grad(), runner.autocast():
+        for copies in net.stages:
+            inputs.append(current)
+            current = copies[0](current)
+    return inputs
+
+
+def _saved_bytes(runner: _Runner) -> int:
+    """Parameter + gradient + saved-activation bytes of one step (the CPU peak estimate)."""
+    params = [p for p in runner.model.parameters()]
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_storages:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        runner.step()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    return weights + grads + sum(seen.values())
+
+
+def _peak_bytes(runner: _Runner) -> int:
+    """Peak memory of one step: allocator peak on CUDA, :func:`_saved_bytes` elsewhere."""
+    if runner.x.device.type != "cuda":
+        return _saved_bytes(runner)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    runner.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def _flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(forward, forward + backward) FLOPs of one fp32 training step on ``x``."""
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    try:
+        with FlopCounterMode(display=False) as forward:
+            out = model(x)
+        with FlopCounterMode(display=False) as backward:
+            out.float().sum().backward()
+    finally:
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(buffers[k])
+        for p in model.parameters():
+            p.grad = None
+    total = forward.get_total_flops()
+    return total, total + backward.get_total_flops()
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Measure ``cfg``; returns a JSON-ready dict (see the module docstring for each field)."""
+    cfg.check()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.num_classes is not None:
+        kwargs["num_classes"] = cfg.num_classes
+    size = (3, cfg.image_size, cfg.image_size)
+    torch.manual_seed(0)
+    plain, _ = backbones.resolve(cfg.model, **kwargs)
+    net = wrap(cfg.model, split=cfg.split, heads=cfg.heads, pattern=cfg.pattern,
+               branches=cfg.branches, input_size=size, execution="loop", **kwargs)
+    fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
+    plain = plain.to(device, memory_format=fmt).train()
+    net = net.to(device, memory_format=fmt).train()
+    x = torch.randn(cfg.batch_size, *size, device=device).contiguous(memory_format=fmt)
+
+    log("counting FLOPs")
+    probe = x[:2].clone()
+    plain_flops, net_flops = _flops(plain, probe), _flops(net, probe)
+
+    variants: dict[str, TreeNet] = {}
+    for mode in cfg.modes:
+        for ckpt in ((False, True) if cfg.checkpoint else (False,)):
+            variants[mode + ("+ckpt" if ckpt else "")] = copy.deepcopy(net).set_execution(
+                mode, checkpoint_branches=ckpt, compile=cfg.compile)
+    if cfg.compile:
+        plain.compile()
+    runners: dict[str, _Runner] = {"plain": _Runner(plain, x, cfg)}
+    runners.update({name: _Runner(v, x, cfg) for name, v in variants.items()})
+    reference = copy.deepcopy(net)  # copy 0 of every stage: the plain model, cut in pieces
+    if cfg.compile:
+        for copies in reference.stages:
+            copies[0].compile()
+    inputs = _stage_inputs(reference, x, runners["plain"])
+    for i, stage_input in enumerate(inputs):
+        runners[f"stage{i}"] = _StageRunner(reference.stages[i][0], stage_input, cfg,
+                                            needs_grad=i > 0)
+
+    timer = _Timer(device, cfg.clock)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(cfg.warmup + cfg.repeats):
+        log(f"{'warm-up' if r < cfg.warmup else 'repeat'} {r + 1}/{cfg.warmup + cfg.repeats}")
+        for name, runner in runners.items():
+            seconds = timer(runner.step)
+            if r >= cfg.warmup:
+                times[name].append(seconds)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    best = {name: min(t) for name, t in times.items()}
+
+    log("measuring memory")
+    mem = {name: _peak_bytes(runners[name]) for name in ["plain", *variants]}
+    stage_times = [median[f"stage{i}"] for i in range(len(inputs))]
+    copies = [net.copies(i) for i in range(len(inputs))]
+    limit = sum(t * c for t, c in zip(stage_times, copies)) / sum(stage_times)
+    best_stages = [best[f"stage{i}"] for i in range(len(inputs))]
+    limit_min = sum(t * c for t, c in zip(best_stages, copies)) / sum(best_stages)
+    common = dict(stage_limit_ratio=limit, stage_limit_ratio_min=limit_min,
+                  flop_ratio=net_flops[1] / plain_flops[1],
+                  forward_flop_ratio=net_flops[0] / plain_flops[0], device=device_name(device))
+    entries = []
+    for name, variant in variants.items():
+        entries.append(dict(
+            mode=name.split("+")[0], checkpoint=name.endswith("+ckpt"),
+            time_ratio=median[name] / median["plain"],
+            time_ratio_min=best[name] / best["plain"], mem_ratio=mem[name] / mem["plain"],
+            step_ms=median[name] * 1e3, mem_mb=mem[name] / 1e6, **common,
+            execution={net.stage_names[i]: m for i, m in sorted(variant.executor.used.items())},
+            notes=variant.describe_execution()))
+    return dict(
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        torch=torch.__version__, clock="cuda events" if device.type == "cuda" else cfg.clock,
+        mem_method="cuda max_memory_allocated" if device.type == "cuda" else
+        "estimate: params + grads + tensors saved for backward",
+        plain=dict(step_ms=median["plain"] * 1e3, mem_mb=mem["plain"] / 1e6,
+                   flops=plain_flops[1], stage_ms=[t * 1e3 for t in stage_times],
+                   stage_names=net.stage_names, stage_copies=copies,
+                   stage_sum_ratio=sum(stage_times) / median["plain"]),
+        modes=entries, **common)
+
+
+def format_table(result: dict) -> str:
+    """The result as a table a person can read."""
+    cfg, plain = result["config"], result["plain"]
+    lines = [f"{cfg['model']} split={','.join(cfg['split'])} heads={cfg['heads']} "
+             f"{cfg['image_size']}px batch {cfg['batch_size']} {cfg['precision']}"
+             f"{' channels_last' if cfg['channels_last'] else ''}"
+             f"{' compiled' if cfg['compile'] else ''}", f"device: {result['device']}",
+             f"plain step {plain['step_ms']:.1f} ms; stages " + ", ".join(
+                 f"{n} {t:.1f} ms x{c}" for n, t, c in zip(plain["stage_names"], plain["stage_ms"],
+                                                          plain["stage_copies"])),
+             "", f"{'mode':<14} {'step ms':>9} {'time':>6} {'limit':>6} {'FLOPs':>6} {'mem':>6}"
+             f" {'time/limit (min)':>17}"]
+    for e in result["modes"]:
+        name = e["mode"] + ("+ckpt" if e["checkpoint"] else "")
+        lines.append(f"{name:<14} {e['step_ms']:>9.1f} {e['time_ratio']:>6.2f} "
+                     f"{e['stage_limit_ratio']:>6.2f} {e['flop_ratio']:>6.2f} "
+                     f"{e['mem_ratio']:>6.2f} {e['time_ratio_min']:>8.2f}/"
+                     f"{e['stage_limit_ratio_min']:.2f}")
+    lines += ["", "ratios are against the plain model, medians (min: fastest repeats); limit = "
+              f"stage-time limit; clock: {result['clock']}; mem: {result['mem_method']}"]
+    for e in result["modes"]:
+        if e["mode"] == "auto" and not e["checkpoint"]:
+            lines += ["", e["notes"]]
+    return "\n".join(lines)
+
+
+def to_json(result: dict) -> str:
+    """The result as JSON (non-finite numbers would be invalid JSON: they are an error)."""
+    for e in result["modes"]:
+        for key in ("time_ratio", "stage_limit_ratio", "flop_ratio", "mem_ratio"):
+            if not math.isfinite(e[key]):
+                raise ValueError(f"{key} of mode {e['mode']} is not finite")
+    return json.dumps(result, indent=2)

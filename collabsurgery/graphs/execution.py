@@ -1,0 +1,309 @@
+"""How a training graph runs the sibling copies of a branch stage.
+
+Siblings are the ``fanout`` copies of a stage that read the same parent tensor. Modes:
+
+- ``loop``: one copy after another (the reference).
+- ``fused``: their first convolutions/Linears on the shared tensor run as one wide layer, then
+  each copy runs the rest of its graph on its slice (:mod:`.fused`).
+- ``packed``: the siblings run as one grouped network (:mod:`.packed`).
+- ``auto``: on a GPU (``TIMED_DEVICES``), on the first training-mode forward with gradients,
+  every mode that can run a stage is timed there (forward + backward of that stage's first
+  sibling group on the real input: one warm-up, then the best of two, modes interleaved) and the
+  fastest is kept for that stage; a mode replaces ``loop`` only when it is at least 3% faster.
+  Buffers and RNG state are restored after timing, so the step itself is unchanged. The choice
+  is made again after ``.to()``/``.cuda()``/``.half()`` or ``set_execution``; until it is made
+  (eval, ``no_grad``) the loop runs. On the CPU ``auto`` is the loop without timing: measured
+  there (docs/benchmarks.md), the loop reaches the stage-time limit on one thread, where grouped
+  convolutions are slower and the fused first layer is within noise; packed won only with
+  several threads on small feature maps, and timing on a shared CPU is mostly noise that costs
+  every first step and makes a resumed run choose differently. Add ``"cpu"`` to
+  ``TIMED_DEVICES`` to time there too. For bit-reproducible runs on a GPU, name a mode.
+
+Every mode gives the loop's logits, gradients and BatchNorm statistics (to float tolerance);
+weights stay owned by the copies, so ``state_dict``, optimizers and export do not change. A plan
+is checked against the loop on two samples when it is built; a stage a mode cannot run (or whose
+check fails) runs as a loop, and :meth:`Executor.describe` says why.
+
+``compile`` (True, or a dict of ``torch.compile`` arguments) wraps every plan (each sibling
+group, and each single-copy stage) in ``torch.compile``: regional compilation that leaves
+module names and ``state_dict`` alone.
+
+``checkpoint_branches`` recomputes branch stages (stages with more than one copy) in backward
+(``torch.utils.checkpoint``, ``use_reentrant=False``); BatchNorm running statistics are restored
+after the recomputation so they are updated exactly once per step.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from ..surgery import Stage, trace
+from .fused import FusedStage
+from .packed import PackedStage, Unsupported
+
+if TYPE_CHECKING:
+    from .tree import TreeNet
+
+EXECUTION_MODES = ("loop", "fused", "packed", "auto")
+CANDIDATES = ("loop", "fused", "packed")
+Plan = Callable[[torch.Tensor], list[torch.Tensor]]
+_MIN_GAIN = 0.03  # auto keeps the loop unless another mode is this much faster
+TIMED_DEVICES = {"cuda"}  # where auto times the modes; elsewhere it runs the loop
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is an execution mode, else a UserError naming the valid ones."""
+    if mode not in EXECUTION_MODES:
+        raise UserError(f"unknown execution mode '{mode}'; valid: {', '.join(EXECUTION_MODES)}")
+    return mode
+
+
+def _loop(group: Sequence[nn.Module]) -> Plan:
+    return lambda x: [stage(x) for stage in group]
+
+
+def _traced(group: Sequence[nn.Module], x: torch.Tensor) -> list[nn.Module]:
+    """Stages for the copies of a whole model (pattern "instances"), sharing their modules."""
+    if all(isinstance(m, Stage) for m in group):
+        return list(group)
+    try:
+        traced = trace(group[0], tuple(x.shape[1:]))
+    except UserError as err:
+        raise Unsupported(str(err)) from None
+    return [Stage(m, copy.deepcopy(traced.train.graph), copy.deepcopy(traced.eval.graph),
+                  deinplace=True) for m in group]
+
+
+def _build(mode: str, group: Sequence[nn.Module], x: torch.Tensor) -> Plan:
+    if mode == "loop":
+        return _loop(group)
+    training = group[0].training
+    group = _traced(group, x)
+    if mode == "fused":
+        return FusedStage(group, training)
+    return PackedStage(group, group[0].train_graph if training else group[0].eval_graph)
+
+
+class _Buffers:
+    """Snapshot of modules' buffers, restored on exit (running stats, batch counters)."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.saved = [(b, b.clone()) for m in modules for b in m.buffers()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, value in self.saved:
+                buffer.copy_(value)
+
+
+def _fork_rng(x: torch.Tensor):
+    return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
+
+
+def _validate(plan: Plan, group: Sequence[nn.Module], x: torch.Tensor) -> None:
+    """Raise Unsupported unless ``plan`` gives the loop's outputs on two samples of ``x``."""
+    param = next(group[0].parameters(), None)
+    dtype = param.dtype if param is not None and x.is_floating_point() else x.dtype
+    sample = x[:2].detach().to(dtype)
+    buffers = _Buffers(group)
+    try:
+        with torch.no_grad(), _fork_rng(x), torch.autocast(x.device.type, enabled=False):
+            torch.manual_seed(0)
+            expected = _loop(group)(sample)
+            buffers.restore()
+            torch.manual_seed(0)
+            actual = plan(sample)
+    except RuntimeError as err:
+        raise Unsupported(f"failed on a probe ({str(err).splitlines()[0]})") from None
+    finally:
+        buffers.restore()
+    tol = 1e-3 if dtype == torch.float32 or dtype == torch.float64 else 5e-2
+    for a, e in zip(actual, expected):
+        if a.shape != e.shape or a.dtype != e.dtype or not torch.allclose(
+                a.float(), e.float(), rtol=tol, atol=tol * (1 + e.abs().max().item())):
+            raise Unsupported("differs from the loop on a probe (stochastic or unsupported op)")
+
+
+def _time_plans(plans: dict[str, Plan], group: Sequence[nn.Module], x: torch.Tensor,
+                repeats: int = 3) -> dict[str, float]:
+    """Forward+backward seconds of each plan on ``x``: best of ``repeats - 1`` after a warm-up."""
+    params = [p for m in group for p in m.parameters() if p.requires_grad]
+    samples: dict[str, list[float]] = {mode: [] for mode in plans}
+    buffers = _Buffers(group)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    try:
+        with _fork_rng(x):
+            for _ in range(repeats):
+                for mode, plan in plans.items():
+                    xi = x.detach().requires_grad_(x.requires_grad)
+                    sync()
+                    start = time.perf_counter()
+                    outs = plan(xi)
+                    inputs = [xi, *params] if x.requires_grad else params
+                    torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs],
+                                        allow_unused=True)
+                    sync()
+                    samples[mode].append(time.perf_counter() - start)
+    finally:
+        buffers.restore()
+    return {mode: min(s[1:]) if len(s) > 1 else s[0] for mode, s in samples.items()}
+
+
+def _checkpointed(plan: Plan, x: torch.Tensor, group: Sequence[nn.Module]) -> list[torch.Tensor]:
+    calls = 0
+
+    def body(inp: torch.Tensor) -> list[torch.Tensor]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return plan(inp)
+        buffers = _Buffers(group)  # recomputation in backward: BatchNorm must not count twice
+        try:
+            return plan(inp)
+        finally:
+            buffers.restore()
+    return checkpoint(body, x, use_reentrant=False)
+
+
+_plan_ids = itertools.count()
+
+
+def _compiled(plan: Plan, options: dict) -> Plan:
+    """``torch.compile`` of one plan, with a code object of its own.
+
+    Dynamo caches compiled graphs per code object and caps recompilations per code object; all
+    plans share a few (``PackedStage.__call__``...), so without this a tree with many sibling
+    groups, or many nets in one process, would hit the cap.
+    """
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        return plan(x)
+    run.__code__ = run.__code__.replace(co_name=f"plan_{next(_plan_ids)}")
+    return torch.compile(run, **options)
+
+
+class Executor:
+    """The execution mode of a :class:`TreeNet`'s branch stages, with its built plans.
+
+    Holds no modules: plans reference the net's copies and are rebuilt after a deep copy,
+    a pickle round trip or ``clear()`` (called by ``TreeNet._apply``).
+    """
+
+    def __init__(self, mode: str = "auto", checkpoint_branches: bool = False,
+                 compile: bool | dict = False):
+        self.mode = check_mode(mode)
+        self.checkpoint_branches = bool(checkpoint_branches)
+        self.compile = compile  # True, or keyword arguments of torch.compile
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget built plans and auto choices (weights moved, mode changed)."""
+        self._plans: dict[tuple, Plan] = {}
+        self.notes: dict[tuple[int, str], str] = {}
+        self.chosen: dict[int, str] = {}
+        self.timings: dict[int, dict[str, float]] = {}
+        self.used: dict[int, str] = {}
+
+    def __getstate__(self) -> dict:
+        return {"mode": self.mode, "checkpoint_branches": self.checkpoint_branches,
+                "compile": self.compile}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def __deepcopy__(self, memo: dict) -> "Executor":
+        return Executor(**self.__getstate__())
+
+    def run_stage(self, net: "TreeNet", index: int, parents: list[torch.Tensor]
+                  ) -> list[torch.Tensor]:
+        """Outputs of every copy of stage ``index``; copy ``c`` reads ``parents[c // fanout]``."""
+        copies = net.stages[index]
+        fanout = len(copies) // len(parents)
+        ckpt = self.checkpoint_branches and len(copies) > 1 and torch.is_grad_enabled()
+        outputs: list[torch.Tensor] = []
+        for p, x in enumerate(parents):
+            group = list(copies[p * fanout:(p + 1) * fanout])
+            plan, mode = self._plan_for(index, p, group, x)
+            if not ckpt:
+                outputs.extend(plan(x))
+            elif mode == "loop":
+                outputs.extend(_checkpointed(_loop([c]), x, [c])[0] for c in group)
+            else:
+                outputs.extend(_checkpointed(plan, x, group))
+        return outputs
+
+    @torch.compiler.disable
+    def _plan_for(self, index: int, parent: int, group: list[nn.Module], x: torch.Tensor
+                  ) -> tuple[Plan, str]:
+        mode = self.mode
+        if len(group) == 1:
+            mode = "loop"
+        elif mode == "auto":
+            mode = self.chosen.get(index)
+            if mode is None and x.device.type not in TIMED_DEVICES:
+                mode = self.chosen[index] = "loop"
+            elif mode is None and torch.is_grad_enabled() and group[0].training:
+                mode = self._decide(index, group, x)
+            mode = mode or "loop"
+        plan = self._plan(index, parent, mode, group, x)
+        if plan is None:
+            mode, plan = "loop", self._plan(index, parent, "loop", group, x)
+        self.used[index] = mode
+        return plan, mode
+
+    def _plan(self, index: int, parent: int, mode: str, group: list[nn.Module],
+              x: torch.Tensor) -> Plan | None:
+        """The cached plan, or None when ``mode`` cannot run this stage (reason in notes)."""
+        training = group[0].training
+        key = (index, parent, mode, training)
+        if key not in self._plans:
+            if (index, mode) in self.notes:
+                return None
+            try:
+                plan = _build(mode, group, x)
+                if mode != "loop":
+                    _validate(plan, group, x)
+            except Unsupported as err:
+                self.notes[(index, mode)] = str(err)
+                return None
+            if self.compile:
+                plan = _compiled(plan, self.compile if isinstance(self.compile, dict) else {})
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def _decide(self, index: int, group: list[nn.Module], x: torch.Tensor) -> str:
+        plans = {m: p for m in CANDIDATES if (p := self._plan(index, 0, m, group, x)) is not None}
+        times = _time_plans(plans, group, x)
+        best = min(times, key=times.__getitem__)
+        if times[best] > (1 - _MIN_GAIN) * times["loop"]:
+            best = "loop"
+        self.timings[index], self.chosen[index] = times, best
+        return best
+
+    def describe(self, net: "TreeNet") -> str:
+        """One line per stage: copies, the requested and the running mode, and why."""
+        lines = [f"execution: {self.mode}" +
+                 (", branch stages checkpointed" if self.checkpoint_branches else "") +
+                 (", every sibling group compiled" if self.compile else "")]
+        for i, name in enumerate(net.stage_names):
+            copies = net.copies(i)
+            if net.fanouts[i] == 1:
+                lines.append(f"  {name}: {copies} cop{'y' if copies == 1 else 'ies'}, loop")
+                continue
+            used = self.used.get(i, "not run yet")
+            line = f"  {name}: {copies} copies in groups of {net.fanouts[i]}, running {used}"
+            if i in self.timings:
+                line += " (timed: " + ", ".join(f"{m} {t * 1e3:.1f} ms"
+                                                for m, t in self.timings[i].items()) + ")"
+            elif i in self.chosen:
+                line += " (auto times modes only on " + ", ".join(sorted(TIMED_DEVICES)) + ")"
+            why = [f"{m}: {r}" for (j, m), r in self.notes.items() if j == i]
+            lines.append(line + ("; cannot run " + "; ".join(why) if why else ""))
+        return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""``collabsurgery bench``: the JSON fields exist and are finite, one entry per execution mode."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+
+from collabsurgery.bench import format_table
+from collabsurgery.cli import main
+
+from conftest import one_line_error
+
+FIELDS = ("time_ratio", "stage_limit_ratio", "flop_ratio", "mem_ratio")
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    argv = ["bench", "cifar_resnet20", "--split", "layer1", "--heads", "2", "--image-size", "32",
+            "--batch-size", "4", "--repeats", "2", "--json"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+def test_json_has_finite_ratios_per_mode(result):
+    assert [e["mode"] for e in result["modes"]] == ["loop", "fused", "packed", "auto"]
+    for entry in result["modes"]:
+        for key in FIELDS:
+            assert math.isfinite(entry[key]) and entry[key] > 0, (entry["mode"], key)
+        assert entry["device"] and "torch" in entry["device"]
+        assert entry["checkpoint"] is False
+    assert result["modes"][1]["execution"]["layer1..output"] == "fused"
+    assert result["modes"][2]["execution"]["layer1..output"] == "packed"
+
+
+def test_ratios_are_plausible(result):
+    plain = result["plain"]
+    assert plain["stage_copies"] == [1, 2]
+    # 2 heads split after layer1: the branch is most of the network, so every limit is in (1, 2)
+    for entry in result["modes"]:
+        assert 1 < entry["stage_limit_ratio"] < 2 and 1 < entry["flop_ratio"] < 2
+        assert entry["mem_ratio"] > 1
+    assert math.isfinite(plain["stage_sum_ratio"]) and plain["stage_sum_ratio"] > 0  # timing: noisy
+
+
+def test_table_renders(result):
+    table = format_table(result)
+    assert "stage-time limit" in table and "packed" in table
+
+
+def test_checkpoint_entries_save_memory(capsys):
+    argv = ["bench", "cifar_resnet20", "--split", "layer1", "--heads", "2", "--image-size", "32",
+            "--batch-size", "4", "--repeats", "1", "--warmup", "1", "--execution", "loop",
+            "--checkpoint", "--json"]
+    assert main(argv) == 0
+    entries = json.loads(capsys.readouterr().out)["modes"]
+    assert [(e["mode"], e["checkpoint"]) for e in entries] == [("loop", False), ("loop", True)]
+    assert entries[1]["mem_ratio"] < entries[0]["mem_ratio"]
+
+
+def test_bad_mode_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "cifar_resnet20", "--split", "layer1", "--execution", "vmap"])
+    assert exc.value.code == 2
+    assert "unknown execution mode 'vmap'" in capsys.readouterr().err
+
+
+def test_bad_split_is_a_user_error(capsys):
+    assert main(["bench", "cifar_resnet20", "--split", "nope", "--image-size", "32"]) == 2
+    assert "valid split points" in one_line_error(capsys.readouterr().err)

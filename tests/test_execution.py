@@ -1,0 +1,194 @@
+"""Execution modes of sibling heads: every mode must match the loop exactly (to fp32 tolerance).
+
+Logits, the gradient of every parameter, BatchNorm running statistics after a training step,
+and every head's export after an optimizer step, for a 2-head one-split graph, a 4-head (2, 2)
+hierarchical graph and 2 independent instances (whole models, traced on first use); plus bf16
+autocast, channels_last, activation checkpointing, tracing into one dynamo graph, and the
+fall-back to the loop for a stage the packed executor cannot run.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+
+import collabsurgery as cs
+from collabsurgery.graphs import execution
+
+from conftest import make_input
+
+MODES = ("fused", "packed", "auto")
+GRAPHS = {
+    "cifar_resnet20-2heads": dict(model="cifar_resnet20", split="layer1", heads=2),
+    "resnet18-4heads": dict(model="resnet18", split="layer2,layer3", heads=4),
+    "cifar_resnet20-instances": dict(model="cifar_resnet20", split=None, heads=2,
+                                     pattern="instances"),
+}
+
+
+@pytest.fixture(scope="module", params=list(GRAPHS))
+def net(request) -> cs.TreeNet:
+    torch.manual_seed(0)
+    kwargs = GRAPHS[request.param]
+    return cs.wrap(kwargs["model"], split=kwargs["split"], heads=kwargs["heads"],
+                   pattern=kwargs.get("pattern", "tree"), num_classes=5,
+                   input_size=(3, 32, 32), execution="loop")
+
+
+@pytest.fixture(scope="module")
+def cifar_tree() -> cs.TreeNet:
+    """A cheap 4-head (2, 2) tree for the bf16 and channels_last runs."""
+    torch.manual_seed(0)
+    return cs.wrap("cifar_resnet20", split="layer1,layer2", heads=4, num_classes=5,
+                   input_size=(3, 32, 32), execution="loop")
+
+
+@pytest.fixture
+def timed_on_cpu(monkeypatch):
+    """Make ``auto`` time the modes on the CPU too, so its timing path is exercised."""
+    monkeypatch.setattr(execution, "TIMED_DEVICES", {"cuda", "cpu"})
+
+
+def _step(net: cs.TreeNet, x: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """One training step: forward, a loss that weighs heads differently, backward."""
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        logits = net(x)
+    weights = torch.arange(1, logits.shape[0] + 1, dtype=torch.float32).view(-1, 1, 1)
+    (logits.float().square() * weights).mean().backward()
+    return logits
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
+    actual, expected = actual.detach().float(), expected.detach().float()
+    scale = expected.abs().max().clamp_min(1e-6).item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _pair(net: cs.TreeNet, mode: str, **kwargs) -> tuple[cs.TreeNet, cs.TreeNet]:
+    return copy.deepcopy(net).train(), copy.deepcopy(net).train().set_execution(mode, **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_matches_loop(net, mode, timed_on_cpu):
+    ref, other = _pair(net, mode)
+    x = make_input(4)
+    _close(_step(other, x), _step(ref, x), "logits")
+    assert list(other.state_dict()) == list(ref.state_dict())
+    grads = dict(ref.named_parameters())
+    for name, p in other.named_parameters():
+        assert p.grad is not None, name
+        _close(p.grad, grads[name].grad, f"grad of {name}")
+    buffers = dict(ref.named_buffers())
+    for name, b in other.named_buffers():
+        _close(b, buffers[name], f"buffer {name}", rtol=1e-5)
+    if mode == "auto":
+        assert set(other.executor.timings) == {i for i, f in enumerate(net.fanouts) if f > 1}
+    else:
+        assert all(other.executor.used[i] == mode for i, f in enumerate(net.fanouts) if f > 1), \
+            other.describe_execution()
+    for model in (ref, other):  # export reads the copies' (updated) weights
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for head in range(net.num_heads):
+        expected = ref.head_state_dict(head)
+        actual = other.head_state_dict(head)
+        assert list(actual) == list(expected)
+        for key in expected:
+            _close(actual[key], expected[key], f"head {head} {key}", rtol=1e-5)
+    ref.eval(), other.eval()
+    with torch.no_grad():
+        _close(other(x), ref(x), "eval logits")
+
+
+@pytest.mark.parametrize("mode", ("loop", *MODES))
+def test_bf16_autocast_runs(cifar_tree, mode, timed_on_cpu):
+    ref, other = _pair(cifar_tree, mode)
+    x = make_input(4)
+    logits = _step(other, x, autocast=torch.bfloat16)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    _close(logits, _step(ref, x, autocast=torch.bfloat16), "bf16 logits", rtol=5e-2)
+    assert all(torch.isfinite(p.grad).all() for p in other.parameters())
+
+
+@pytest.mark.parametrize("mode", MODES)  # fused once gave wrong gradients here (see unpack)
+def test_channels_last_runs(cifar_tree, mode, timed_on_cpu):
+    ref, other = (m.to(memory_format=torch.channels_last) for m in _pair(cifar_tree, mode))
+    x = make_input(4).contiguous(memory_format=torch.channels_last)
+    _close(_step(other, x), _step(ref, x), "logits")
+    grads = dict(ref.named_parameters())
+    for name, p in other.named_parameters():
+        _close(p.grad, grads[name].grad, f"grad of {name}")
+
+
+@pytest.mark.parametrize("mode", ("loop", "packed"))
+def test_checkpointed_branches_match_loop(net, mode):
+    ref, other = _pair(net, mode, checkpoint_branches=True)
+    x = make_input(4)
+    _close(_step(other, x), _step(ref, x), "logits")
+    grads = dict(ref.named_parameters())
+    for name, p in other.named_parameters():
+        _close(p.grad, grads[name].grad, f"grad of {name}")
+    buffers = dict(ref.named_buffers())
+    for name, b in other.named_buffers():  # recomputation must not update BatchNorm twice
+        _close(b, buffers[name], f"buffer {name}", rtol=1e-5)
+
+
+def _groupnorm_model() -> nn.Module:
+    return nn.Sequential(OrderedDict(
+        stem=nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        body=nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU()),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(8, 3)))
+
+
+def test_unsupported_stage_falls_back_to_loop():
+    torch.manual_seed(0)
+    net = cs.wrap(_groupnorm_model(), split="stem", heads=2, input_size=(3, 16, 16),
+                  execution="packed")
+    ref = copy.deepcopy(net).set_execution("loop")
+    x = make_input(4, 16)
+    _close(_step(net, x), _step(ref, x), "logits")
+    assert net.executor.used[1] == "loop"
+    assert "packed: module 'body.1' (GroupNorm)" in net.describe_execution()
+    fused = copy.deepcopy(ref).set_execution("fused")  # its first conv still fuses
+    _close(_step(fused, x), _step(copy.deepcopy(ref), x), "fused logits")
+    assert fused.executor.used[1] == "fused"
+
+
+def test_auto_runs_the_loop_on_cpu_without_timing():
+    net = cs.wrap("cifar_resnet20", split="layer1", heads=2, input_size=(3, 32, 32))
+    assert net.executor.mode == "auto"
+    _step(net, make_input(4))
+    assert net.executor.used == {0: "loop", 1: "loop"} and not net.executor.timings
+    assert "auto times modes only on cuda" in net.describe_execution()
+
+
+def test_bad_mode_is_a_user_error(net):
+    with pytest.raises(cs.UserError, match="valid: loop, fused, packed, auto"):
+        copy.deepcopy(net).set_execution("vmap")
+    with pytest.raises(cs.UserError, match="unknown execution mode"):
+        cs.wrap("cifar_resnet20", split="layer1", execution="grouped")
+
+
+def test_deepcopy_keeps_mode_and_rebuilds_plans(net):
+    packed = copy.deepcopy(net).set_execution("packed", checkpoint_branches=True)
+    _step(packed, make_input(4))
+    clone = copy.deepcopy(packed)
+    assert clone.executor.mode == "packed" and clone.executor.checkpoint_branches
+    assert not clone.executor.used  # plans referenced the original's copies
+    _step(clone, make_input(4))
+    assert clone.executor.used[len(net.fanouts) - 1] == "packed"
+
+
+@pytest.mark.parametrize("mode", ("fused", "packed"))
+def test_plans_trace_without_graph_breaks(net, mode):
+    """Regional compilation: each plan is one dynamo graph (eager backend keeps this fast)."""
+    ref, other = _pair(net, mode, compile={"backend": "eager", "fullgraph": True})
+    x = make_input(4)
+    _close(_step(other, x), _step(ref, x), "logits")
+    buffers = dict(ref.named_buffers())
+    for name, b in other.named_buffers():
+        _close(b, buffers[name], f"buffer {name}", rtol=1e-5)
+    assert "compiled" in other.describe_execution()
