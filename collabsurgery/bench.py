@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import backbones
 from .errors import UserError
 from .graphs import EXECUTION_MODES, TreeNet, wrap
+from .summary import saved_tensor_bytes
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -164,17 +165,8 @@ def _stage_inputs(net: TreeNet, x: torch.Tensor, runner: _Runner) -> list[torch.
 
 def _saved_bytes(runner: _Runner) -> int:
     """Parameter + gradient + saved-activation bytes of one step (the CPU peak estimate)."""
-    params = [p for p in runner.model.parameters()]
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_storages:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    params = list(runner.model.parameters())
+    with saved_tensor_bytes(runner.model) as seen:
         runner.step()
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)

@@ -52,7 +52,8 @@ def build_net(recipe: Recipe, num_classes: int) -> TreeNet:
     kwargs = {"num_classes": num_classes, **recipe.model.kwargs}
     size = recipe.data.image_size
     return wrap(recipe.model.name, split=g.split, heads=g.heads, pattern=g.pattern,
-                branches=g.branches, rescale=g.rescale, input_size=(3, size, size), **kwargs)
+                branches=g.branches, rescale=g.rescale, input_size=(3, size, size),
+                execution=g.execution, checkpoint_branches=g.checkpoint_branches, **kwargs)
 
 
 def build_objective_from(recipe: Recipe) -> torch.nn.Module:

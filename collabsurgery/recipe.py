@@ -54,6 +54,8 @@ class GraphConfig:
     split: list[str] = _f(["layer1", "layer2"])  # paper 000's hierarchical CIFAR split
     branches: list[int] | None = _f(None, ">= 1")
     rescale: Literal["backprop", "loss", "none"] = "backprop"
+    execution: Literal["auto", "loop", "fused", "packed"] = "auto"  # how sibling heads run
+    checkpoint_branches: bool = False  # recompute branch stages in backward (saves memory)
 
 
 @dataclass

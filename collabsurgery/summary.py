@@ -6,6 +6,8 @@ forward (``saved_tensors_hooks``), parameters excluded; the ratio is what matter
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,12 @@ class Cost:
     activation_bytes: int
 
 
-def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+@contextmanager
+def saved_tensor_bytes(model: nn.Module) -> Iterator[dict[int, int]]:
+    """Within the block, record the bytes of every distinct tensor autograd saves for backward.
+
+    Yields a dict storage pointer -> storage bytes; ``model``'s parameters are not counted.
+    """
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -35,12 +42,16 @@ def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     was_training = model.training
     model.train()
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     try:
-        with torch.random.fork_rng(devices=[]), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.random.fork_rng(devices=[]), saved_tensor_bytes(model) as seen:
             model(x)
     finally:
         model.train(was_training)
