@@ -157,12 +157,20 @@ def test_unsupported_stage_falls_back_to_loop():
     assert fused.executor.used[1] == "fused"
 
 
-def test_auto_runs_the_loop_on_cpu_without_timing():
-    net = cs.wrap("cifar_resnet20", split="layer1", heads=2, input_size=(3, 32, 32))
-    assert net.executor.mode == "auto"
-    _step(net, make_input(4))
-    assert net.executor.used == {0: "loop", 1: "loop"} and not net.executor.timings
-    assert "auto times modes only on cuda" in net.describe_execution()
+@pytest.mark.parametrize("threads, expected", ((1, "loop"), (2, "packed")))
+def test_auto_on_cpu_follows_the_thread_rule_without_timing(threads, expected):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        net = cs.wrap("cifar_resnet20", split="layer1", heads=2, input_size=(3, 32, 32))
+        assert net.executor.mode == "auto"
+        ref = copy.deepcopy(net).set_execution("loop")
+        x = make_input(4)
+        _close(_step(net, x), _step(ref, x), "logits")
+    finally:
+        torch.set_num_threads(before)
+    assert net.executor.used == {0: "loop", 1: expected} and not net.executor.timings
+    assert f"layer1..output: 2 copies in groups of 2, running {expected}" in net.describe_execution()
 
 
 def test_bad_mode_is_a_user_error(net):
