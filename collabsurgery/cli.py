@@ -102,6 +102,31 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(to_json(result) if args.json else format_table(result))
 
 
+class _IntermixedParser(_Parser):
+    """A subcommand whose ``key=value`` positionals may follow its options
+    (``reproduce STUDY --seeds 3 train.epochs=5``); plain argparse takes no positionals after
+    an option once a ``nargs="*"`` positional has matched nothing."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._intermixing:  # Python < 3.13 parses intermixed args by calling this again
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    """Run a paper study (rows x seeds), resuming what is done, and write its report."""
+    from .studies import run_study
+
+    run_study(args.study, seeds=args.seeds, budget=args.budget, root=args.dir,
+              overrides=args.overrides, max_runs=args.max_runs, threads=args.threads)
+
+
 def _modes(text: str) -> tuple[str, ...]:
     from .graphs import EXECUTION_MODES
 
@@ -181,6 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=1")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("reproduce", help="run a paper study (a grid of recipes over seeds, "
+                       "resumable) and write report.md with plots")
+    p.__class__ = _IntermixedParser  # options and key=value overrides in any order
+    p.add_argument("study", help="clilr-table1, clilr-rescaling or clilr-noise")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="runs per row, seeds 0..N-1 (default: 3 small, 5 full)")
+    p.add_argument("--budget", choices=("small", "full"), default="small",
+                   help="small: built-in digits, CPU-sized; full: the paper's CIFAR-10 setting "
+                        "(give data.source=...)")
+    p.add_argument("--dir", default="studies",
+                   help="the study goes to DIR/<study>-<budget>/ (default: studies)")
+    p.add_argument("--max-runs", type=int, default=None, metavar="N",
+                   help="train at most N runs now, then report what is finished (0: report only)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: 1 without a GPU, steadiest on a shared "
+                        "machine)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="for every run, e.g. data.source=/data/cifar10 train.epochs=50")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="CL-ILR vs single model on the built-in digits, then export")
     p.add_argument("--recipe", default=None, help="default: the built-in demo settings")

@@ -1,0 +1,746 @@
+"""Paper studies: a table as a grid of recipes over seeds, resumable, with a computed report.
+
+    collabsurgery reproduce clilr-table1 --seeds 3 --budget small
+    python tools/reproduce.py clilr-noise --budget full data.source=/data/cifar10
+
+**The studies** are plain data: a budget's base recipe plus, per row, a short list of
+``dotted.key=value`` overrides, put through :func:`~collabsurgery.recipe.load_recipe` by
+:func:`recipe_for`, so every run is strictly validated. The paper numbers beside ours are the
+papers' (test error %, mean and std); ours are only ever read from the runs' files.
+
+**Running.** A study lives in ``<root>/<study>-<budget>/``:
+
+    runs/<row>-seed<k>/   ordinary run directories (recipe.yaml, metrics.jsonl, summary.json, ...)
+    study.json            every call: command, code version (git), runs trained or stopped
+    timings.json          wall seconds this machine spent training each run
+    costs.json            time / memory / FLOP ratios of each training graph (bench, once a graph)
+    results.json, report.md, errors.png (and curves.png)   rewritten at the end of every call
+
+A run is finished when its ``summary.json`` exists and its latest checkpoint has all
+``train.epochs`` epochs; finished runs are never trained again. Any other run is trained with
+``run.resume=auto``, so an interrupted one continues from its last checkpoint. A run directory
+made with other settings (say, another ``train.epochs``) is an error, never silently mixed in.
+
+**The report** reads each finished run's ``summary.json`` (the engine's last-epoch metrics),
+aggregates per row (mean and sample std over seeds of the test error, ``100 * (1 - accuracy)``,
+of head 0, of the best head on hold-out and of the ensemble), and times each row's training graph
+against the plain model with :mod:`collabsurgery.bench` at the study's image size and batch.
+
+**How the small budget was chosen** (2 shared CPU cores, ``--seeds 3``, about 30 minutes a
+study): the digits are 8x8 images, so 12 px loses nothing and costs about half of 16 px; one torch
+thread was several times faster than two on a busy 2-core machine (the runner sets it when there
+is no GPU); ResNet-20, the papers' smallest CIFAR ResNet, keeps ResNet-32's three stages and split
+points. Timed at 12 px on all 1294 training examples with one thread, 15 epochs took 20-35 s for
+a single model and 40-60 s for 2 instances or 4 hierarchical heads: about 13 minutes for
+clilr-table1, 10 for clilr-rescaling and 25 for clilr-noise (3 setups x 5 noise levels) with 3
+seeds. Test error is then about 1 % at noise 0 and the test split has 359 images (one is 0.28
+points), so seed noise is of the size of paper 000's Table 1 differences; the label-noise study
+separates the setups far more clearly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import engine
+from .errors import TrainingStopped, UserError
+from .graphfile import config_from_json
+from .recipe import Recipe, load_recipe, parse_overrides, recipe_to_dict
+
+__all__ = ["BUDGETS", "STUDIES", "Budget", "Row", "Study", "collect", "get_study",
+           "measure_costs", "recipe_for", "run_state", "run_study", "study_directory",
+           "write_report"]
+
+
+# ============================================================================ the studies
+
+# ---------------------------------------------------------------------------- building blocks
+
+#: the graph + objective of each setup in paper 000; every row states all of them, so a row
+#: means the same thing whatever the base recipe says
+SINGLE = ("graph.pattern=tree", "graph.heads=1", "graph.split=[]", "graph.branches=null",
+          "objective.name=single")
+LABEL_SMOOTHING = (*SINGLE[:-1], "objective.name=label_smoothing", "objective.smoothing=0.05")
+CONSENSUS = ("objective.name=consensus",)
+
+
+def instances(heads: int) -> tuple[str, ...]:
+    return ("graph.pattern=instances", f"graph.heads={heads}", "graph.split=[]",
+            "graph.branches=null", *CONSENSUS)
+
+
+def shared(heads: int, split: str, branches: str = "null", rescale: str = "backprop"
+           ) -> tuple[str, ...]:
+    return ("graph.pattern=tree", f"graph.heads={heads}", f"graph.split=[{split}]",
+            f"graph.branches={branches}", f"graph.rescale={rescale}", *CONSENSUS)
+
+
+SIMPLE2 = shared(2, "layer1")
+HIER4 = shared(4, "layer1,layer2", "[2,2]")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One setup of a study: ``key`` names its runs (``<key>-seed<k>``)."""
+
+    key: str
+    label: str
+    overrides: tuple[str, ...]
+    paper: tuple[float, float] | None = None  # the paper's test error %: (mean, std)
+    series: str | None = None  # line plots: the curve this row belongs to ...
+    x: float | None = None     # ... and its x value
+    budgets: tuple[str, ...] = ("small", "full")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A paper table (or figure) as rows; ``needs`` names a method that has not landed yet."""
+
+    name: str
+    title: str
+    source: str                 # where the paper numbers come from
+    rows: tuple[Row, ...] = ()
+    baseline: str | None = None  # the row that differences are taken against
+    x_label: str | None = None   # rows with series/x: plot error against this
+    needs: str | None = None
+
+    def rows_for(self, budget: str) -> tuple[Row, ...]:
+        return tuple(r for r in self.rows if budget in r.budgets)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How big every run of a study is: a base recipe and overrides applied before the rows."""
+
+    name: str
+    base: str | None            # a recipe file under the repository's recipes/, or None: defaults
+    overrides: tuple[str, ...]
+    seeds: int                  # default --seeds
+    dataset: str                # in words, for the report
+    needs_source: bool = False  # data.source must be given (and not the built-in digits)
+    why: str = ""               # how the budget was chosen, for the report
+
+
+BUDGETS = {
+    "small": Budget(
+        "small", None,
+        ("model.name=cifar_resnet20", "data.source=builtin:digits", "data.image_size=12",
+         "data.augment=true", "data.hflip=false", "data.label_noise=0.0",
+         "data.max_train_examples=null", "train.epochs=15", "train.batch_size=64",
+         "train.lr=0.1", "train.momentum=0.9", "train.nesterov=true",
+         "train.weight_decay=5.0e-4", "train.schedule=cosine", "train.warmup_epochs=1",
+         "train.mixed_precision=no", "run.checkpoint_every=0", "run.keep=1"),
+        seeds=3, dataset="scikit-learn handwritten digits (built in, real data)",
+        why="sized for a study of 3 seeds in about half an hour on 2 shared CPU cores: the "
+            "digits are 8x8 images, so 12 px loses nothing and costs about half of 16 px; one "
+            "torch thread (faster than two on a busy 2-core machine); ResNet-20 keeps the three "
+            "stages and split points of the paper's ResNet-32; the epochs were set from timed "
+            "runs, long enough for the single model to converge. Each run's wall time is in "
+            "the Runs table."),
+    # paper 000's CIFAR-10 setting (supplement, section 2): the shipped ResNet-32 recipe
+    "full": Budget(
+        "full", "cifar10-resnet32-clilr-hier4.yaml", ("run.keep=1",), seeds=5,
+        dataset="CIFAR-10", needs_source=True,
+        why="paper 000's CIFAR-10 setting (its supplement, section 2), from the shipped recipe "
+            "recipes/cifar10-resnet32-clilr-hier4.yaml."),
+}
+
+# ---------------------------------------------------------------------------- definitions
+
+_T1 = "paper 000 Table 1 (CIFAR-10, ResNet-32, 5 runs)"
+_NOISE_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8)
+_NOISE_SETUPS = (("single", "single model", SINGLE, ("small", "full")),
+                 ("hier4", "4 heads, hierarchical sharing", HIER4, ("small", "full")),
+                 ("instances2", "2 instances", instances(2), ("small", "full")))
+
+STUDIES: dict[str, Study] = {s.name: s for s in (
+    Study("clilr-table1", "CL-ILR: training graphs against individual learning", _T1,
+          baseline="single", rows=(
+              Row("single", "single instance", SINGLE, (6.66, 0.21)),
+              Row("label-smoothing", "label smoothing (0.05)", LABEL_SMOOTHING, (6.83, 0.14)),
+              Row("instances2", "2 instances", instances(2), (6.19, 0.17)),
+              Row("instances4", "4 instances", instances(4), (6.16, 0.17)),
+              Row("simple2", "2 heads, simple ILR sharing (layer1)", SIMPLE2, (5.97, 0.07)),
+              Row("hier4", "4 heads, hierarchical ILR sharing (layer1, layer2)", HIER4,
+                  (5.86, 0.13)))),
+    Study("clilr-rescaling", "CL-ILR: 4 heads sharing up to layer1, gradient rescaling",
+          "paper 000 Table 3 (CIFAR-10, ResNet-32)", baseline="none", rows=(
+              Row("none", "no scaling", shared(4, "layer1", rescale="none"), (6.04, 0.17)),
+              Row("loss", "loss scaling (1/4)", shared(4, "layer1", rescale="loss"),
+                  (6.09, 0.24)),
+              Row("backprop", "backprop rescaling", shared(4, "layer1", rescale="backprop"),
+                  (5.82, 0.08)))),
+    Study("clilr-noise", "CL-ILR: test error against label noise",
+          "paper 000 Figure 3 (CIFAR-10, ResNet-32; no table numbers)", baseline=None,
+          x_label="label noise (fraction of training labels redrawn every epoch)", rows=tuple(
+              Row(f"{key}-noise{level:g}", f"{label}, noise {level:g}",
+                  (*overrides, f"data.label_noise={level}"), series=label, x=level,
+                  budgets=budgets)
+              for key, label, overrides, budgets in _NOISE_SETUPS for level in _NOISE_LEVELS)),
+    Study("cgl-ablation", "CGL ablation", "paper 002",
+          needs="CGL (collaborative group learning, paper 002)"),
+    Study("kdcl-targets", "KDCL ensemble targets", "paper 003",
+          needs="KDCL (ensemble soft targets: MinLogit, Linear, General)"),
+    Study("intra-combos", "intra-model collaborative learning", "paper 004",
+          needs="intra-model collaborative learning (paper 004)"),
+)}
+
+
+# ============================================================================ running
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+#: keys the runner sets itself; a user override of them would break the study's bookkeeping
+RESERVED = {"name": "the study names its runs", "seed": "use --seeds",
+            "run.dir": "use --dir", "run.name": "the study names its runs",
+            "run.resume": "finished runs are skipped and others resumed automatically",
+            "train.max_steps": "a study compares finished runs; use train.epochs"}
+#: recipe keys that may differ between the settings of a run directory and a later call
+_NOT_SETTINGS = ("run", "data.num_workers")
+
+
+def get_study(name: str) -> Study:
+    """The study called ``name``; UserError for an unknown one or one whose method is missing."""
+    ready = [s for s in STUDIES.values() if s.needs is None]
+    waiting = [s for s in STUDIES.values() if s.needs is not None]
+    study = STUDIES.get(name)
+    if study is None:
+        raise UserError(f"unknown study '{name}'; valid: {', '.join(s.name for s in ready)} "
+                        f"(not landed yet: {', '.join(s.name for s in waiting)})")
+    if study.needs is not None:
+        raise UserError(f"study '{name}' needs method {study.needs} which has not landed yet; "
+                        f"studies that can run now: {', '.join(s.name for s in ready)}")
+    return study
+
+
+def get_budget(name: str) -> Budget:
+    if name not in BUDGETS:
+        raise UserError(f"unknown budget '{name}'; valid: {', '.join(BUDGETS)}")
+    return BUDGETS[name]
+
+
+def study_directory(study: Study, budget: Budget, root: str | Path) -> Path:
+    return Path(root) / f"{study.name}-{budget.name}"
+
+
+def run_name(row: Row, seed: int) -> str:
+    return f"{row.key}-seed{seed}"
+
+
+def check_overrides(study: Study, budget: Budget, overrides: Sequence[str]) -> None:
+    """Refuse user overrides that would change what the rows compare or how runs are named."""
+    given = {".".join(path): value for path, value in parse_overrides(overrides)}
+    row_keys = {".".join(path) for row in study.rows for path, _ in parse_overrides(row.overrides)}
+    for key in given:
+        if key in RESERVED:
+            raise UserError(f"override '{key}' is set by the study runner ({RESERVED[key]})")
+        if key in row_keys:
+            raise UserError(f"override '{key}' would change what the rows of study "
+                            f"'{study.name}' compare (their keys: {', '.join(sorted(row_keys))})")
+    if budget.needs_source:
+        source = given.get("data.source")
+        if source is None or str(source).startswith("builtin:"):
+            raise UserError(f"budget '{budget.name}' trains on {budget.dataset}: give "
+                            "data.source=<a save_to_disk directory of cifar10, or the hub id "
+                            "cifar10>; the built-in digits are the 'small' budget")
+
+
+def recipe_for(study: Study, budget: Budget, row: Row, seed: int, study_dir: Path,
+               overrides: Sequence[str] = ()) -> Recipe:
+    """The strictly validated recipe of one run: budget base + budget + row + user overrides."""
+    base = None
+    if budget.base is not None:
+        base = RECIPES / budget.base
+        if not base.is_file():
+            raise UserError(f"budget '{budget.name}' is based on {base}, which is missing "
+                            "(run from a checkout of the repository)")
+    runs = json.dumps(str(study_dir / "runs"))  # a YAML double-quoted string: any path is safe
+    return load_recipe(base, [*budget.overrides, *row.overrides, "run.progress=false",
+                              *overrides, f"name={study.name}-{row.key}", f"seed={seed}",
+                              f"run.dir={runs}", f"run.name={run_name(row, seed)}",
+                              "run.resume=auto"])
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "kwargs":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _settings(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in _flatten(tree).items()
+            if not any(k == n or k.startswith(n + ".") for n in _NOT_SETTINGS)}
+
+
+def run_state(recipe: Recipe) -> str:
+    """``"finished"``, ``"partial"`` (resume it) or ``"new"``; UserError on other settings."""
+    run_dir = engine.run_directory(recipe)
+    saved_file = run_dir / "recipe.yaml"
+    if not saved_file.is_file():
+        return "new"
+    saved, wanted = _settings(yaml.safe_load(saved_file.read_text())), _settings(
+        recipe_to_dict(recipe))
+    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if changed:
+        k = changed[0]
+        raise UserError(f"{run_dir} was trained with {k}={saved.get(k)!r} but this study asks "
+                        f"for {k}={wanted.get(k)!r} ({len(changed)} setting(s) differ); use "
+                        "another --dir, or delete that run directory to train it again")
+    history = engine.history_of(run_dir)
+    if (run_dir / "summary.json").is_file() and history \
+            and history[-1]["epoch"] == recipe.train.epochs:
+        return "finished"
+    return "partial"
+
+
+def code_version() -> dict[str, Any]:
+    """``git rev-parse HEAD`` of the code, and whether the checkout has uncommitted changes."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True,
+                                 text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if head else None
+    return {"git": head or "unknown (not a git checkout)", "dirty": bool(status)}
+
+
+def canonical_command(study: str, seeds: int, budget: str, root: str | Path,
+                      overrides: Sequence[str], threads: int | None) -> str:
+    """The command line that runs this study again (every option spelled out)."""
+    argv = ["collabsurgery", "reproduce", study, "--seeds", str(seeds), "--budget", budget,
+            "--dir", str(root)]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
+    return shlex.join([*argv, *overrides])
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def run_study(study: str | Study, *, seeds: int | None = None, budget: str = "small",
+              root: str | Path = "studies", overrides: Sequence[str] = (),
+              max_runs: int | None = None, threads: int | None = None,
+              command: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Train what is missing of ``study`` (resuming), then write its report; returns its dir.
+
+    Args:
+        study: a name from :data:`STUDIES`, or a :class:`Study`.
+        seeds: runs per row (seeds ``0..seeds-1``); default: the budget's.
+        budget: ``"small"`` (built-in digits, CPU-sized) or ``"full"`` (the paper's setting).
+        root: the study directory is ``root/<study>-<budget>``.
+        overrides: ``key=value`` for every run (not the keys the rows set).
+        max_runs: train at most this many runs now (0: only measure costs and write the report).
+        threads: CPU threads for torch; default 1 when there is no GPU (several times faster
+            than 2 on a busy 2-core machine), else unchanged.
+        command: recorded in the report; default: the equivalent ``collabsurgery`` command.
+    """
+    from accelerate import PartialState
+
+    study = get_study(study) if isinstance(study, str) else study
+    plan = get_budget(budget)
+    seeds = plan.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if max_runs is not None and max_runs < 0:
+        raise UserError(f"--max-runs must be >= 0, got {max_runs}")
+    overrides = list(overrides)
+    check_overrides(study, plan, overrides)
+    study_dir = study_directory(study, plan, root)
+    rows = study.rows_for(plan.name)
+    grid = [(row, seed, recipe_for(study, plan, row, seed, study_dir, overrides))
+            for seed in range(seeds) for row in rows]  # seed-major: early reports cover all rows
+    states = {run_name(row, seed): run_state(recipe) for row, seed, recipe in grid}
+
+    main = PartialState().is_main_process
+    if threads is None and not torch.cuda.is_available():
+        threads = 1
+    record = {"command": command or canonical_command(study.name, seeds, plan.name, root,
+                                                      overrides, threads),
+              **code_version(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads,
+              "trained": [], "stopped": {}}
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        done = sum(s == "finished" for s in states.values())
+        log(f"study {study.name} ({plan.name} budget): {len(grid)} runs, {done} finished, "
+            f"{sum(s == 'partial' for s in states.values())} to resume -> {study_dir}")
+        if main:
+            study_dir.mkdir(parents=True, exist_ok=True)
+        _train_missing(grid, states, record, max_runs, study_dir / "timings.json", main, log)
+    finally:
+        torch.set_num_threads(before)
+        if main and study_dir.is_dir():  # an interrupted call is recorded too
+            record["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            book_file = study_dir / "study.json"
+            book = _read_json(book_file, {"study": study.name, "budget": plan.name,
+                                          "invocations": []})
+            book["invocations"].append(record)
+            _write_json(book_file, book)
+    if main:
+        recipes = {row.key: [r for rr, _, r in grid if rr is row] for row in rows}
+        measure_costs(study_dir, [(row, recipes[row.key]) for row in rows], log)
+        log(f"report: {write_report(study, plan, study_dir, rows, seeds, recipes)}")
+    if record["stopped"]:
+        raise TrainingStopped(f"{len(record['stopped'])} run(s) stopped ("
+                              + "; ".join(f"{k}: {v}" for k, v in record["stopped"].items())
+                              + f"); the report in {study_dir} covers the finished runs")
+    return study_dir
+
+
+def _train_missing(grid: list[tuple[Row, int, Recipe]], states: dict[str, str],
+                   record: dict[str, Any], max_runs: int | None, timings_file: Path, main: bool,
+                   log: Callable[[str], None]) -> None:
+    """Train (or resume) every run that is not finished, at most ``max_runs`` of them.
+
+    A run that stops (non-finite loss) is recorded and the others go on.
+    """
+    for i, (row, seed, recipe) in enumerate(grid, 1):
+        name = run_name(row, seed)
+        if states[name] == "finished":
+            continue
+        if max_runs is not None and len(record["trained"]) + len(record["stopped"]) >= max_runs:
+            log(f"stopping after {max_runs} run(s) (--max-runs); run again to continue")
+            return
+        log(f"[{i}/{len(grid)}] {'resuming' if states[name] == 'partial' else 'training'} "
+            f"{name}: {row.label}")
+        start = time.perf_counter()
+        try:
+            engine.train(recipe)
+        except TrainingStopped as err:
+            log(f"{name} stopped: {err}")
+            record["stopped"][name] = str(err)
+            continue
+        finally:
+            if main:
+                timings = _read_json(timings_file, {})
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+                _write_json(timings_file, timings)
+        record["trained"].append(name)
+
+
+# ============================================================================ the report
+
+METRICS = (("head0", "head0_test_acc", "head 0"),
+           ("best", "best_head_test_acc", "best head on hold-out"),
+           ("ensemble", "ensemble_test_acc", "ensemble"))
+
+
+# ---------------------------------------------------------------------------- costs
+
+def _cost_key(run_dir: Path, recipe: Recipe) -> str | None:
+    """What a cost measurement depends on (rows with the same graph share one); None: no run."""
+    if not (run_dir / "graph.json").is_file():
+        return None
+    cfg = config_from_json((run_dir / "graph.json").read_text())
+    return json.dumps({"model": cfg.model, "model_kwargs": cfg.model_kwargs, "split": cfg.split,
+                       "heads": cfg.heads, "pattern": cfg.pattern, "branches": cfg.branches,
+                       "image_size": recipe.data.image_size, "batch_size": recipe.train.batch_size,
+                       "precision": recipe.train.mixed_precision,
+                       "channels_last": recipe.train.channels_last,
+                       "execution": recipe.graph.execution,
+                       "checkpoint_branches": recipe.graph.checkpoint_branches}, sort_keys=True)
+
+
+def _row_cost_key(recipes: Sequence[Recipe]) -> str | None:
+    keys = [_cost_key(engine.run_directory(r), r) for r in recipes]
+    return next((k for k in keys if k is not None), None)
+
+
+def measure_costs(study_dir: Path, rows: Sequence[tuple[Row, Sequence[Recipe]]],
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Bench every row's training graph once (it needs one started run for the graph file)."""
+    import torch
+
+    from .bench import BenchConfig, run_bench
+
+    path = study_dir / "costs.json"
+    costs = _read_json(path, {})
+    for row, recipes in rows:
+        key = _row_cost_key(recipes)
+        if key is None or key in costs:
+            continue
+        k = json.loads(key)
+        cuda = torch.cuda.is_available()
+        precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[k["precision"]] if cuda \
+            else "fp32"
+        log(f"measuring the training graph of row {row.key} against the plain model")
+        cfg = BenchConfig(k["model"], split=tuple(k["split"]), heads=k["heads"],
+                          pattern=k["pattern"], branches=k["branches"] and tuple(k["branches"]),
+                          image_size=k["image_size"], batch_size=k["batch_size"],
+                          precision=precision, channels_last=k["channels_last"],
+                          modes=(k["execution"],), checkpoint=k["checkpoint_branches"],
+                          repeats=5, warmup=2, model_kwargs=dict(k["model_kwargs"]),
+                          threads=None if cuda else 1, clock="wall" if cuda else "process")
+        result = run_bench(cfg)
+        entry = next(e for e in result["modes"] if e["checkpoint"] == k["checkpoint_branches"])
+        costs[key] = {**{f: entry[f] for f in ("time_ratio", "time_ratio_min", "mem_ratio",
+                                              "flop_ratio", "stage_limit_ratio", "mode")},
+                      "device": result["device"], "clock": result["clock"],
+                      "mem_method": result["mem_method"], "precision": precision,
+                      "repeats": cfg.repeats, "warmup": cfg.warmup,
+                      "plain_step_ms": result["plain"]["step_ms"], "step_ms": entry["step_ms"]}
+        _write_json(path, costs)
+    return costs
+
+
+# ---------------------------------------------------------------------------- numbers
+
+def _mean_std(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "std": None}
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def collect(study_dir: Path, rows: Sequence[Row], seeds: int,
+            recipes: dict[str, Sequence[Recipe]]) -> list[dict[str, Any]]:
+    """Per row: every finished run's errors (from summary.json) and their mean and std."""
+    timings = _read_json(study_dir / "timings.json", {})
+    costs = _read_json(study_dir / "costs.json", {})
+    out = []
+    for row in rows:
+        runs = []
+        for seed in range(seeds):
+            name = run_name(row, seed)
+            summary_file = study_dir / "runs" / name / "summary.json"
+            if not summary_file.is_file():
+                continue
+            s = json.loads(summary_file.read_text())
+            run = {"run": name, "seed": seed, "epoch": s["final"]["epoch"],
+                   "test_examples": s["final"]["test"]["examples"], "best_head": s["best_head"],
+                   "wall_s": timings.get(name)}
+            run.update({f"{m}_err": 100 * (1 - s[field]) for m, field, _ in METRICS})
+            runs.append(run)
+        entry: dict[str, Any] = {"key": row.key, "label": row.label, "series": row.series,
+                                 "x": row.x, "paper": row.paper, "runs": runs,
+                                 "cost": costs.get(_row_cost_key(recipes[row.key]) or "")}
+        for m, _, _ in METRICS:
+            entry[f"{m}_err"] = _mean_std([r[f"{m}_err"] for r in runs])
+        out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _pm(stat: dict[str, float | None]) -> str:
+    if stat["mean"] is None:
+        return "—"
+    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if stat["std"] is not None else "")
+
+
+def _ratio(cost: dict | None, key: str) -> str:
+    return "—" if not cost else f"{cost[key]:.2f}"
+
+
+def _settings_line(recipe: Recipe, plan: Budget, results: list[dict]) -> str:
+    r, d, t = recipe, recipe.data, recipe.train
+    examples = next((run["test_examples"] for row in results for run in row["runs"]), None)
+    test = f", {examples} test examples" if examples else ""
+    train = f"{d.max_train_examples} training examples" if d.max_train_examples \
+        else "all training examples"
+    return (f"Budget **{plan.name}**: {plan.dataset}, data.source `{d.source}`, {train}{test}, "
+            f"`{r.model.name}` at {d.image_size} px, {t.epochs} epochs, batch {t.batch_size}, "
+            f"lr {t.lr:g} ({t.schedule}), weight decay {t.weight_decay:g}, "
+            f"precision {t.mixed_precision}; CL-ILR T={r.objective.temperature:g}, "
+            f"beta={r.objective.beta:g}.")
+
+
+def write_report(study: Study, plan: Budget, study_dir: Path, rows: Sequence[Row],
+                 seeds: int, recipes: dict[str, Sequence[Recipe]]) -> Path:
+    """``results.json``, ``report.md`` and the plots of a study, from its runs' files."""
+    results = collect(study_dir, rows, seeds, recipes)
+    book = _read_json(study_dir / "study.json", {"invocations": []})
+    _write_json(study_dir / "results.json", {"study": study.name, "budget": plan.name,
+                                             "seeds": seeds, "rows": results})
+    plots = [plot_bars(study, plan, results, study_dir / "errors.png")]
+    if study.x_label:
+        plots.append(plot_curves(study, plan.name, results, study_dir / "curves.png"))
+    plots = [p for p in plots if p is not None]
+
+    done = sum(len(r["runs"]) for r in results)
+    total = seeds * len(rows)
+    base = next((r for r in results if r["key"] == study.baseline), None)
+    lines = [f"# {study.name}: {study.title}", "",
+             _settings_line(recipes[rows[0].key][0], plan, results) + f" Why: {plan.why}", "",
+             f"Paper numbers: {study.source}." + (
+                 " On this budget the data and the network differ from the paper's: compare "
+                 "orderings and differences, not absolute errors." if plan.needs_source is False
+                 else ""), "",
+             f"Runs finished: {done} of {total} ({seeds} seed(s) x {len(rows)} rows)"
+             + ("" if done == total else " — **incomplete**: run the same command again to "
+                                         "continue") + ".", "",
+             "## Test error (%), mean ± std over seeds", ""]
+    head = ["setup", "runs", "head 0", "paper"]
+    if base:
+        head += [f"head 0 − {base['key']}", f"paper − {base['key']}"]
+    head += ["best head on hold-out", "ensemble", "time ×", "memory ×", "FLOPs ×"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        paper = "—" if r["paper"] is None else f"{r['paper'][0]:.2f} ± {r['paper'][1]:.2f}"
+        cells = [r["label"], f"{len(r['runs'])}/{seeds}", _pm(r["head0_err"]), paper]
+        if base:
+            ours = r["head0_err"]["mean"], base["head0_err"]["mean"]
+            cells.append("—" if None in ours else f"{ours[0] - ours[1]:+.2f}")
+            theirs = r["paper"], base["paper"]
+            cells.append("—" if None in theirs else f"{theirs[0][0] - theirs[1][0]:+.2f}")
+        cells += [_pm(r["best_err"]), _pm(r["ensemble_err"]), _ratio(r["cost"], "time_ratio"),
+                  _ratio(r["cost"], "mem_ratio"), _ratio(r["cost"], "flop_ratio")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "head 0: the first head, as the paper evaluates; best head: the head with the "
+              "best hold-out accuracy, its test error; ensemble: the mean of all heads' logits. "
+              "One head means all three are the same model.", ""]
+    lines += _noise_lines(results) + _cost_lines(results)
+    lines += ["## Plots", ""] + ([f"![{p.stem}]({p.name})" for p in plots] or
+                                 ["(none yet: no finished run)"]) + [""]
+    lines += _run_lines(results) + _provenance_lines(book)
+    path = study_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _noise_lines(results: list[dict]) -> list[str]:
+    stds = [r["head0_err"]["std"] for r in results if r["head0_err"]["std"] is not None]
+    examples = next((run["test_examples"] for r in results for run in r["runs"]), None)
+    if not stds:
+        return ["Seed noise: needs at least two finished seeds of a row.", ""]
+    one = f"; one test example is {100 / examples:.2f} points" if examples else ""
+    return [f"Seed noise: the std over seeds of head-0 test error is {min(stds):.2f} to "
+            f"{max(stds):.2f} points across rows (median {statistics.median(stds):.2f}){one}. "
+            "A difference between two rows well below their stds is not resolved by these "
+            "seeds.", ""]
+
+
+def _cost_lines(results: list[dict]) -> list[str]:
+    cost = next((r["cost"] for r in results if r["cost"]), None)
+    if cost is None:
+        return []
+    return ["time ×, memory ×: one training step (forward + backward) of the row's training "
+            "graph over the plain model, on the study's image size and batch, measured once per "
+            f"graph by `collabsurgery.bench` (median of {cost['repeats']} repeats after "
+            f"{cost['warmup']} warm-up, {cost['precision']}, execution `{cost['mode']}`) on "
+            f"{cost['device']}; clock: {cost['clock']}; memory: {cost['mem_method']}. "
+            "FLOPs ×: forward + backward FLOPs.", ""]
+
+
+def _run_lines(results: list[dict]) -> list[str]:
+    lines = ["## Runs", "", "| run | epochs | head 0 | best head (index) | ensemble | "
+             "wall s (this machine) |", "|---|---|---|---|---|---|"]
+    walls = []
+    for r in results:
+        for run in r["runs"]:
+            wall = run["wall_s"]
+            walls += [wall] if wall is not None else []
+            lines.append(f"| {run['run']} | {run['epoch']} | {run['head0_err']:.2f} | "
+                         f"{run['best_err']:.2f} ({run['best_head']}) | "
+                         f"{run['ensemble_err']:.2f} | "
+                         + ("—" if wall is None else f"{wall:.0f}") + " |")
+    if walls:
+        lines += ["", f"Training wall time: {sum(walls) / 60:.1f} min for {len(walls)} runs "
+                  f"(mean {statistics.fmean(walls) / 60:.2f} min a run)."]
+    return lines + [""]
+
+
+def _provenance_lines(book: dict) -> list[str]:
+    lines = ["## Provenance", "", "Each call that worked on this study:", ""]
+    for inv in book["invocations"]:
+        dirty = " **plus uncommitted changes**" if inv["dirty"] else ""
+        threads = f", torch threads {inv['threads']}" if inv.get("threads") else ""
+        trained = ", ".join(inv["trained"]) or "none"
+        stopped = "".join(f"; **stopped** {k}: {v}" for k, v in inv.get("stopped", {}).items())
+        lines += [f"- {inv['started']}: `{inv['command']}` on code `{inv['git']}`{dirty}"
+                  f"{threads}; trained: {trained}{stopped}"]
+    return lines
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(study: Study, plan: Budget, results: list[dict], path: Path) -> Path | None:
+    """Test error per row: head 0, best head and ensemble, error bars = std over seeds."""
+    shown = [r for r in results if r["runs"]]
+    if not shown:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(shown) + 2), 4.5))
+    width = 0.8 / len(METRICS)
+    for j, (m, _, label) in enumerate(METRICS):
+        xs = [i + (j - 1) * width for i in range(len(shown))]
+        ax.bar(xs, [r[f"{m}_err"]["mean"] for r in shown], width,
+               yerr=[r[f"{m}_err"]["std"] or 0 for r in shown], capsize=3, label=label)
+    if plan.needs_source:  # same data as the paper: its head-0 numbers are comparable
+        paper = [(i, r["paper"]) for i, r in enumerate(shown) if r["paper"]]
+        ax.scatter([i - width for i, _ in paper], [p[0] for _, p in paper], marker="x",
+                   color="black", zorder=3, label="paper (head 0)")
+    ax.set_xticks(range(len(shown)), [r["key"] for r in shown], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set(ylabel="test error (%)", title=f"{study.name} ({plan.name} budget)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(study: Study, budget: str, results: list[dict], path: Path) -> Path | None:
+    """Test error against the study's x (e.g. label noise), one curve per setup."""
+    series: dict[str, list[dict]] = {}
+    for r in results:
+        if r["runs"] and r["series"] is not None:
+            series.setdefault(r["series"], []).append(r)
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = [r["x"] for rows in series.values() for r in rows]
+    dodge = 0.01 * ((max(xs) - min(xs)) or 1)  # keep the error bars of the curves apart
+    for i, (name, rows) in enumerate(series.items()):
+        rows = sorted(rows, key=lambda r: r["x"])
+        color, shift = f"C{i}", dodge * (i - (len(series) - 1) / 2)
+        one_head = all(run["ensemble_err"] == run["head0_err"] and run["best_head"] == 0
+                       for r in rows for run in r["runs"])
+        for m, style in (("head0", "-"), ("ensemble", ":"))[:1 if one_head else 2]:
+            ax.errorbar([r["x"] + shift for r in rows], [r[f"{m}_err"]["mean"] for r in rows],
+                        yerr=[r[f"{m}_err"]["std"] or 0 for r in rows], fmt="o" + style,
+                        color=color, capsize=3, ms=4,
+                        label=f"{name} ({'head 0' if m == 'head0' else 'ensemble'})")
+    ax.set(xlabel=study.x_label, ylabel="test error (%)", title=f"{study.name} ({budget} budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

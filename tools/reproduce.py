@@ -1,0 +1,15 @@
+"""Run a paper study as a grid of recipes over seeds (same as ``collabsurgery reproduce``).
+
+    python tools/reproduce.py clilr-table1 --seeds 3                       # small budget, CPU
+    python tools/reproduce.py clilr-noise --budget full data.source=/data/cifar10
+    python tools/reproduce.py clilr-table1 --max-runs 0                     # rewrite the report
+
+Finished runs are skipped and interrupted ones resumed, so the same command continues a study.
+The report and plots go to studies/<study>-<budget>/.
+"""
+import sys
+
+from collabsurgery.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["reproduce", *sys.argv[1:]]))
