@@ -1,4 +1,4 @@
-"""The ``collabsurgery`` command line: splits | wrap | export | train | demo | bench.
+"""The ``collabsurgery`` command line: splits | wrap | export | train | demo | bench | reproduce.
 
 A user mistake prints one line, ``collabsurgery: error: ...``, and exits with status 2.
 """
