@@ -50,23 +50,33 @@ def summary_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Test accuracy per epoch of every head (thin) and of the ensemble (thick) as a PNG."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display is ever needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, ax, path: Path, legend_size: int = 8, grid_axis: str = "both") -> Path:
+    """Grid, legend, tight layout, write ``path`` as a 100-dpi PNG and free the figure."""
+    ax.grid(axis=grid_axis, alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Test accuracy per epoch of every head (thin) and of the ensemble (thick) as a PNG."""
     epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for h in range(len(history[0]["test"]["head_acc"])):
         ax.plot(epochs, [r["test"]["head_acc"][h] for r in history], lw=1, label=f"head {h}")
     ax.plot(epochs, [r["test"]["ensemble_acc"] for r in history], lw=2.5, color="black",
             label="ensemble")
     ax.set(xlabel="epoch", ylabel="test accuracy", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)

@@ -54,6 +54,7 @@ import torch
 import yaml
 
 from . import engine
+from .reporting import pyplot, save_figure
 from .errors import TrainingStopped, UserError
 from .graphfile import config_from_json
 from .recipe import Recipe, load_recipe, parse_overrides, recipe_to_dict
@@ -679,21 +680,12 @@ def _provenance_lines(book: dict) -> list[str]:
     return lines
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_bars(study: Study, plan: Budget, results: list[dict], path: Path) -> Path | None:
     """Test error per row: head 0, best head and ensemble, error bars = std over seeds."""
     shown = [r for r in results if r["runs"]]
     if not shown:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(shown) + 2), 4.5))
     width = 0.8 / len(METRICS)
     for j, (m, _, label) in enumerate(METRICS):
@@ -707,12 +699,7 @@ def plot_bars(study: Study, plan: Budget, results: list[dict], path: Path) -> Pa
     ax.set_xticks(range(len(shown)), [r["key"] for r in shown], rotation=30, ha="right",
                   fontsize=8)
     ax.set(ylabel="test error (%)", title=f"{study.name} ({plan.name} budget)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, grid_axis="y")
 
 
 def plot_curves(study: Study, budget: str, results: list[dict], path: Path) -> Path | None:
@@ -723,7 +710,7 @@ def plot_curves(study: Study, budget: str, results: list[dict], path: Path) -> P
             series.setdefault(r["series"], []).append(r)
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     xs = [r["x"] for rows in series.values() for r in rows]
     dodge = 0.01 * ((max(xs) - min(xs)) or 1)  # keep the error bars of the curves apart
@@ -738,9 +725,4 @@ def plot_curves(study: Study, budget: str, results: list[dict], path: Path) -> P
                         color=color, capsize=3, ms=4,
                         label=f"{name} ({'head 0' if m == 'head0' else 'ensemble'})")
     ax.set(xlabel=study.x_label, ylabel="test error (%)", title=f"{study.name} ({budget} budget)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, legend_size=7)
