@@ -7,6 +7,7 @@ models with ``weights=None``.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -105,3 +106,19 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size")
     return tuple(size) if size else (3, 224, 224)
+
+
+def fresh_instance(module: nn.Module, spec: BackboneSpec) -> nn.Module:
+    """A newly initialised model like ``module``.
+
+    A named model is created again by its factory; a ready module is deep-copied and every
+    submodule with ``reset_parameters`` is reset. Copies that see the same input must not start
+    from the same weights, or they would stay identical.
+    """
+    if spec.library in ("timm", "torchvision"):
+        return create(spec)
+    fresh = copy.deepcopy(module)
+    for sub in fresh.modules():
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+    return fresh

@@ -8,10 +8,11 @@ drifts of a shared machine hit them alike.
   logits as the loss, and backward (no optimizer step). Times are CUDA events on a GPU; on the
   CPU the wall clock, or with ``clock="process"`` the process's CPU time, which a shared machine
   disturbs far less (use one thread). ``time_ratio_min`` uses each variant's fastest repeat.
-- ``stage_limit_ratio``: the limit of that ratio for the graph's sharing pattern. Each stage of
-  the plain model is timed on its own (forward + backward, input detached and requiring grad
-  except the image), and weighted by the number of copies the graph runs:
-  ``sum(t_i * copies_i) / sum(t_i)``.
+- ``stage_limit_ratio``: the limit of that ratio for the graph's sharing pattern. Each of the
+  graph's cost pieces (:meth:`TrainingGraph.cost_pieces`: the stages of head 0's path, or each
+  student of a peer group) is timed on its own (forward + backward, input detached and requiring
+  grad except the image), and weighted by the number of copies the graph runs:
+  ``sum(t_i * copies_i) / sum(t_i of the pieces the plain model runs)``.
 - ``flop_ratio``: FLOPs of one training step (forward + backward,
   ``torch.utils.flop_counter.FlopCounterMode``); ``forward_flop_ratio`` beside it.
 - ``mem_ratio``: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a step. On CPU,
@@ -36,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import backbones
 from .errors import UserError
-from .graphs import EXECUTION_MODES, TreeNet, wrap
+from .graphs import EXECUTION_MODES, TrainingGraph, build_graph
 from .summary import saved_tensor_bytes
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,11 +47,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class BenchConfig:
     """What to measure; ``modes`` lists execution modes (``auto`` included by default)."""
 
-    model: str
-    split: tuple[str, ...] = ()
-    heads: int = 2
+    model: str | list[str]
     pattern: str = "tree"
-    branches: tuple[int, ...] | None = None
+    graph_args: dict = field(default_factory=dict)  # the pattern's builder arguments
     image_size: int = 224
     batch_size: int = 16
     precision: str = "fp32"
@@ -153,16 +152,6 @@ class _StageRunner(_Runner):
             p.grad = None
 
 
-def _stage_inputs(net: TreeNet, x: torch.Tensor, runner: _Runner) -> list[torch.Tensor]:
-    """The input of every stage of head 0's path (copy 0 of each stage) on ``x``."""
-    inputs, current = [], x
-    with torch.no_grad(), runner.autocast():
-        for copies in net.stages:
-            inputs.append(current)
-            current = copies[0](current)
-    return inputs
-
-
 def _saved_bytes(runner: _Runner) -> int:
     """Parameter + gradient + saved-activation bytes of one step (the CPU peak estimate)."""
     params = list(runner.model.parameters())
@@ -202,6 +191,12 @@ def _flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return total, total + backward.get_total_flops()
 
 
+def _limit(times: list[float], pieces: list) -> float:
+    """The stage-time limit: every piece's time times its copies, over the plain model's pieces."""
+    return sum(t * p.copies for t, p in zip(times, pieces)) / \
+        sum(t for t, p in zip(times, pieces) if p.in_plain)
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
     """Measure ``cfg``; returns a JSON-ready dict (see the module docstring for each field)."""
     cfg.check()
@@ -223,9 +218,10 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
         kwargs["num_classes"] = cfg.num_classes
     size = (3, cfg.image_size, cfg.image_size)
     torch.manual_seed(0)
-    plain, _ = backbones.resolve(cfg.model, **kwargs)
-    net = wrap(cfg.model, split=cfg.split, heads=cfg.heads, pattern=cfg.pattern,
-               branches=cfg.branches, input_size=size, execution="loop", **kwargs)
+    net = build_graph(cfg.pattern, cfg.model, input_size=size, model_kwargs=kwargs,
+                      **cfg.graph_args).set_execution("loop")
+    plain = backbones.create(net.head_spec(0))
+    modes = [m for m in cfg.modes if m in net.execution_modes or m == "auto"]
     fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
     plain = plain.to(device, memory_format=fmt).train()
     net = net.to(device, memory_format=fmt).train()
@@ -235,8 +231,8 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
     probe = x[:2].clone()
     plain_flops, net_flops = _flops(plain, probe), _flops(net, probe)
 
-    variants: dict[str, TreeNet] = {}
-    for mode in cfg.modes:
+    variants: dict[str, TrainingGraph] = {}
+    for mode in modes:
         for ckpt in ((False, True) if cfg.checkpoint else (False,)):
             variants[mode + ("+ckpt" if ckpt else "")] = copy.deepcopy(net).set_execution(
                 mode, checkpoint_branches=ckpt, compile=cfg.compile)
@@ -244,14 +240,14 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
         plain.compile()
     runners: dict[str, _Runner] = {"plain": _Runner(plain, x, cfg)}
     runners.update({name: _Runner(v, x, cfg) for name, v in variants.items()})
-    reference = copy.deepcopy(net)  # copy 0 of every stage: the plain model, cut in pieces
-    if cfg.compile:
-        for copies in reference.stages:
-            copies[0].compile()
-    inputs = _stage_inputs(reference, x, runners["plain"])
-    for i, stage_input in enumerate(inputs):
-        runners[f"stage{i}"] = _StageRunner(reference.stages[i][0], stage_input, cfg,
-                                            needs_grad=i > 0)
+    reference = copy.deepcopy(net)  # its pieces: head 0's path cut in pieces (or each student)
+    with runners["plain"].autocast():
+        pieces = reference.cost_pieces(x)
+    for i, piece in enumerate(pieces):
+        if cfg.compile:
+            piece.module.compile()
+        runners[f"stage{i}"] = _StageRunner(piece.module, piece.input, cfg,
+                                            needs_grad=piece.input is not x)
 
     timer = _Timer(device, cfg.clock)
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -266,11 +262,10 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
 
     log("measuring memory")
     mem = {name: _peak_bytes(runners[name]) for name in ["plain", *variants]}
-    stage_times = [median[f"stage{i}"] for i in range(len(inputs))]
-    copies = [net.copies(i) for i in range(len(inputs))]
-    limit = sum(t * c for t, c in zip(stage_times, copies)) / sum(stage_times)
-    best_stages = [best[f"stage{i}"] for i in range(len(inputs))]
-    limit_min = sum(t * c for t, c in zip(best_stages, copies)) / sum(best_stages)
+    stage_times = [median[f"stage{i}"] for i in range(len(pieces))]
+    copies = [p.copies for p in pieces]
+    limit = _limit(stage_times, pieces)
+    limit_min = _limit([best[f"stage{i}"] for i in range(len(pieces))], pieces)
     common = dict(stage_limit_ratio=limit, stage_limit_ratio_min=limit_min,
                   flop_ratio=net_flops[1] / plain_flops[1],
                   forward_flop_ratio=net_flops[0] / plain_flops[0], device=device_name(device))
@@ -281,7 +276,6 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
             time_ratio=median[name] / median["plain"],
             time_ratio_min=best[name] / best["plain"], mem_ratio=mem[name] / mem["plain"],
             step_ms=median[name] * 1e3, mem_mb=mem[name] / 1e6, **common,
-            execution={net.stage_names[i]: m for i, m in sorted(variant.executor.used.items())},
             notes=variant.describe_execution()))
     return dict(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -290,15 +284,19 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
         "estimate: params + grads + tensors saved for backward",
         plain=dict(step_ms=median["plain"] * 1e3, mem_mb=mem["plain"] / 1e6,
                    flops=plain_flops[1], stage_ms=[t * 1e3 for t in stage_times],
-                   stage_names=net.stage_names, stage_copies=copies,
-                   stage_sum_ratio=sum(stage_times) / median["plain"]),
+                   stage_names=[p.name for p in pieces], stage_copies=copies,
+                   stage_sum_ratio=sum(t for t, p in zip(stage_times, pieces) if p.in_plain)
+                   / median["plain"]),
         modes=entries, **common)
 
 
 def format_table(result: dict) -> str:
     """The result as a table a person can read."""
     cfg, plain = result["config"], result["plain"]
-    lines = [f"{cfg['model']} split={','.join(cfg['split'])} heads={cfg['heads']} "
+    graph = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in cfg["graph_args"].items())
+    model = ",".join(cfg["model"]) if isinstance(cfg["model"], list) else cfg["model"]
+    lines = [f"{model} {cfg['pattern']} {graph} "
              f"{cfg['image_size']}px batch {cfg['batch_size']} {cfg['precision']}"
              f"{' channels_last' if cfg['channels_last'] else ''}"
              f"{' compiled' if cfg['compile'] else ''}", f"device: {result['device']}",

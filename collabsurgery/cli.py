@@ -44,15 +44,28 @@ def cmd_splits(args: argparse.Namespace) -> None:
     print("\n".join(splits(args.model, input_size=args.input_size, **_model_kwargs(args))))
 
 
+def _graph_arguments(args: argparse.Namespace) -> dict:
+    """The graph options given on the command line (unset ones take the builder's defaults;
+    one the pattern does not take is refused by name)."""
+    given = {"split": args.split or None, "heads": args.heads, "branches": args.branches,
+             "rescale": args.rescale}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _models(text: str) -> str | list[str]:
+    """``a,b`` -> a list of models (peers); one name stays a string."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return names if len(names) > 1 else text
+
+
 def cmd_wrap(args: argparse.Namespace) -> None:
     """Build a training graph, print what it costs, optionally save it."""
     from .graphfile import save_graph
     from .graphs import wrap
     from .summary import describe
 
-    net = wrap(args.model, split=args.split, heads=args.heads, pattern=args.pattern,
-               branches=args.branches, rescale=args.rescale, input_size=args.input_size,
-               **_model_kwargs(args))
+    net = wrap(_models(args.model), pattern=args.pattern, input_size=args.input_size,
+               execution=args.execution, **_graph_arguments(args), **_model_kwargs(args))
     print(describe(net))
     if args.save:
         print(f"saved training graph to {save_graph(net, args.save)}")
@@ -88,10 +101,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     """Time a training graph against the plain model and its stage-time limit."""
     from .bench import BenchConfig, format_table, run_bench, to_json
-    from .graphs.build import _parse_split
 
-    cfg = BenchConfig(args.model, split=_parse_split(args.split), heads=args.heads,
-                      pattern=args.pattern, branches=args.branches, image_size=args.image_size,
+    cfg = BenchConfig(_models(args.model), pattern=args.pattern,
+                      graph_args=_graph_arguments(args), image_size=args.image_size,
                       batch_size=args.batch_size, precision=args.precision,
                       channels_last=args.channels_last, compile=args.compile,
                       modes=args.execution, checkpoint=args.checkpoint, repeats=args.repeats,
@@ -140,14 +152,15 @@ def _modes(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from .graphs import PATTERNS, RESCALE_MODES
+    from .graphs import EXECUTION_MODES, GRAPH_KINDS, RESCALE_MODES
 
     parser = _Parser(prog="collabsurgery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("model", help="timm name (resnet50) or torchvision.<name>")
+        p.add_argument("model", help="timm name (resnet50) or torchvision.<name>; for "
+                       "--pattern peers several, comma-separated")
         p.add_argument("--input-size", type=_input_size, default=None, metavar="N",
                        help="square input size for tracing and costs (default: the model's)")
         p.add_argument("--num-classes", type=int, default=None, metavar="N")
@@ -156,22 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = model_command("splits", "list the clean split points of a model")
     p.set_defaults(func=cmd_splits)
 
+    def graph_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--split", default=None, help="comma-separated split points, in order")
+        p.add_argument("--heads", type=int, default=None, help="number of heads (default 2)")
+        p.add_argument("--pattern", choices=tuple(GRAPH_KINDS), default="tree",
+                       help="peers: give several models, e.g. resnet18,torchvision.mobilenet_v2")
+        p.add_argument("--branches", type=_int_list, default=None,
+                       help="fan-out per split, e.g. 2,2")
+        p.add_argument("--rescale", choices=RESCALE_MODES, default=None,
+                       help="backprop (default), loss or none")
+
     p = model_command("wrap", "build a training graph and print what it costs")
-    p.add_argument("--split", default="", help="comma-separated split points, in order")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--pattern", choices=PATTERNS, default="tree")
-    p.add_argument("--branches", type=_int_list, default=None, help="fan-out per split, e.g. 2,2")
-    p.add_argument("--rescale", choices=RESCALE_MODES, default="backprop")
+    graph_options(p)
+    p.add_argument("--execution", choices=EXECUTION_MODES, default=None,
+                   help="how sibling copies run (tree, instances); the printed costs are the "
+                        "method's and do not depend on it")
     p.add_argument("--save", default=None, metavar="FILE",
                    help="also write the training graph (weights + arguments) to FILE")
     p.set_defaults(func=cmd_wrap)
 
     p = sub.add_parser("bench", help="time a training graph against the plain model")
-    p.add_argument("model", help="timm name (resnet50) or torchvision.<name>")
-    p.add_argument("--split", default="", help="comma-separated split points, in order")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--pattern", choices=PATTERNS, default="tree")
-    p.add_argument("--branches", type=_int_list, default=None, help="fan-out per split, e.g. 2,2")
+    p.add_argument("model", help="timm name (resnet50) or torchvision.<name>; for --pattern "
+                   "peers several, comma-separated")
+    graph_options(p)
     p.add_argument("--image-size", type=int, default=224, metavar="N")
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--num-classes", type=int, default=None, metavar="N")

@@ -35,7 +35,6 @@ from torch.utils.data import Dataset
 
 from .errors import UserError
 from .seeding import generator
-from .recipe import DataConfig
 
 __all__ = ["BUILTIN_DIGITS", "ImageDataset", "Splits", "TrainDataset", "load_splits"]
 
@@ -181,6 +180,24 @@ class TrainDataset(ImageDataset):
         return torch.stack([self._augment(x, v, row) for v in range(self.views)]), self._label(row)
 
 
+@dataclass(frozen=True)
+class _Options:
+    """:func:`load_splits`'s arguments, in one object for its helpers."""
+
+    source: str
+    image_column: str
+    label_column: str
+    train_split: str
+    test_split: str
+    holdout_split: str | None
+    holdout_fraction: float
+    image_size: int
+    augment: bool
+    hflip: bool
+    label_noise: float
+    max_train_examples: int | None
+
+
 @dataclass
 class Splits:
     """What :func:`load_splits` returns; ``mean``/``std`` are the normalisation constants."""
@@ -304,14 +321,21 @@ def _channel_stats(ds: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ..
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def load_splits(cfg: DataConfig, seed: int, *, views: int = 1) -> Splits:
-    """Load ``cfg.source`` into train (augmented, noisy), hold-out and test datasets.
+def load_splits(source: str = BUILTIN_DIGITS, seed: int = 0, *, image_column: str = "image",
+                label_column: str = "label", train_split: str = "train", test_split: str = "test",
+                holdout_split: str | None = None, holdout_fraction: float = 0.1,
+                image_size: int = 32, augment: bool = True, hflip: bool = False,
+                label_noise: float = 0.0, max_train_examples: int | None = None,
+                views: int = 1) -> Splits:
+    """Load ``source`` into train (augmented, noisy), hold-out and test datasets.
 
-    The hold-out split is ``cfg.holdout_split`` or, when that is null, a stratified
-    ``cfg.holdout_fraction`` of the training split chosen by ``seed``. ``cfg.max_train_examples``
-    then keeps a stratified, seeded subset of what remains for training. ``views`` is the number
-    of augmented views per training example (``> 1``: ``[views, 3, S, S]`` tensors).
+    The hold-out split is ``holdout_split`` or, when that is None, a stratified
+    ``holdout_fraction`` of the training split chosen by ``seed``. ``max_train_examples`` then
+    keeps a stratified, seeded subset of what remains for training. ``views`` is the number of
+    augmented views per training example (``> 1``: ``[views, 3, S, S]`` tensors).
     """
+    cfg = _Options(source, image_column, label_column, train_split, test_split, holdout_split,
+                   holdout_fraction, image_size, augment, hflip, label_noise, max_train_examples)
     dd = _load_source(cfg.source)
     wanted = {"train_split": cfg.train_split, "test_split": cfg.test_split}
     if cfg.holdout_split is not None:

@@ -15,12 +15,11 @@ import torch
 from . import engine
 from .data import load_splits
 from .errors import UserError
-from .recipe import load_recipe
+from .recipe import data_arguments, load_recipe
 from .reporting import headline
 from .runs import export_from_source, load_run
 
-BASELINE = ("graph.heads=1", "graph.split=[]", "graph.branches=null", "graph.pattern=tree",
-            "objective.name=single")
+BASELINE = ("graph={pattern: tree, heads: 1, split: []}", "objective={name: single}")
 
 
 def run_demo(recipe_path: str | None, overrides: Sequence[str] = ()) -> Path:
@@ -28,12 +27,13 @@ def run_demo(recipe_path: str | None, overrides: Sequence[str] = ()) -> Path:
     collab = load_recipe(recipe_path, ["run.resume=auto", *overrides])
     single = load_recipe(recipe_path, ["run.resume=auto", *overrides, *BASELINE,
                                        f"name={collab.name}-single"])
-    if collab.graph.heads < 2:
+    if collab.graph.args.get("heads", 2) < 2:
         raise UserError("the demo compares collaborative learning with a single model; "
                         "graph.heads must be >= 2")
     rows = []
     for label, recipe in (("single model", single), ("CL-ILR", collab)):
-        print(f"== training {label}: {recipe.name} ({recipe.model.name}, {recipe.graph.heads} heads)")
+        heads = recipe.graph.args.get("heads", "?")
+        print(f"== training {label}: {recipe.name} ({recipe.model.name}, {heads} heads)")
         run_dir = engine.train(recipe)
         rows.append((label, headline(engine.history_of(run_dir)[-1])))
 
@@ -45,10 +45,11 @@ def run_demo(recipe_path: str | None, overrides: Sequence[str] = ()) -> Path:
     run_dir = engine.run_directory(collab)
     path, head = export_from_source(run_dir, "best", run_dir / "best_head.safetensors")
     net, _ = load_run(run_dir)
-    num_classes = net.spec.kwargs["num_classes"]
+    num_classes = net.head_spec(head).kwargs["num_classes"]
     model = timm.create_model(collab.model.name, pretrained=True, num_classes=num_classes,
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes))
-    images = torch.stack([load_splits(collab.data, collab.seed).test[i][0] for i in range(16)])
+    test = load_splits(**data_arguments(collab.data), seed=collab.seed).test
+    images = torch.stack([test[i][0] for i in range(16)])
     with torch.no_grad():
         difference = (model.eval()(images) - net(images)[head]).abs().max().item()
     print(f"\nexported head {head} to {path}; reloaded with timm.create_model(pretrained=True): "

@@ -1,39 +1,45 @@
 """The training loop: Accelerate end to end, exact resume, atomic checkpoints.
 
 ``train(recipe)`` is the one place a recipe becomes objects (data, training graph, objective,
-optimizer); everything below it takes plain arguments. The loop is short on purpose:
+optimizer); everything below it takes plain arguments. It is three parts, each short:
 
-    for epoch:                      (data order seeded by seed + epoch)
-        for batch:                  (global RNG re-seeded from (seed, epoch, batch, rank))
-            logits = net(x)         [H, B, C]
-            loss = objective(logits, y).loss * net.loss_weight
-            stop every rank if the loss is not finite; backward; step
-            checkpoint every N optimizer steps
-        evaluate every head and the ensemble on hold-out and test; log; checkpoint
+    setup(recipe)                   data, graph + objective, optimizer, Accelerate, resume
+    for epoch:
+        train_epoch(session)        for each batch (global RNG re-seeded from (seed, epoch,
+                                    batch, rank)): loss = objective(graph.run(x), y, step)
+                                    x graph.loss_weight; stop every rank if it is not finite;
+                                    backward; step; checkpoint every N optimizer steps
+        end_epoch(session)          evaluate every head and the ensemble on hold-out and test;
+                                    log; checkpoint
+
+What Accelerate prepares, optimises, syncs and checkpoints is :class:`Collaboration`: the graph
+and the objective together, so modules an objective owns (a gate, attention) train too. Export
+reads only the graph's part.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint, reporting
-from .data import load_splits
-from .errors import TrainingStopped, UserError
+from .batches import SharedBatches
+from .data import Splits, load_splits
+from .errors import ArgumentError, TrainingStopped, UserError
 from .evaluate import evaluate
-from .graphfile import config_to_json
-from .graphs import TreeNet, wrap
-from .objectives import build_objective
+from .graphs import TrainingGraph, build_graph
+from .objectives import LossOutput, Objective, Step, build_objective
+from .recipe import Recipe, data_arguments, recipe_to_dict, save_recipe
 from .seeding import derive_seed
-from .recipe import Recipe, recipe_to_dict, save_recipe
 
 
 def step_seed(*parts: int) -> int:
@@ -46,22 +52,41 @@ def run_directory(recipe: Recipe) -> Path:
     return Path(recipe.run.dir) / (recipe.run.name or recipe.name)
 
 
-def build_net(recipe: Recipe, num_classes: int) -> TreeNet:
+def build_net(recipe: Recipe, num_classes: int) -> TrainingGraph:
     """The training graph a recipe asks for."""
-    g = recipe.graph
-    kwargs = {"num_classes": num_classes, **recipe.model.kwargs}
     size = recipe.data.image_size
-    return wrap(recipe.model.name, split=g.split, heads=g.heads, pattern=g.pattern,
-                branches=g.branches, rescale=g.rescale, input_size=(3, size, size),
-                execution=g.execution, checkpoint_branches=g.checkpoint_branches, **kwargs)
+    try:
+        return build_graph(recipe.graph.pattern, recipe.model.name,
+                           model_kwargs={"num_classes": num_classes, **recipe.model.kwargs},
+                           input_size=(3, size, size), **recipe.graph.args)
+    except ArgumentError as err:
+        raise _recipe_key_error("graph", err) from None
 
 
-def build_objective_from(recipe: Recipe) -> torch.nn.Module:
-    """The objective a recipe asks for, with only the arguments that objective takes."""
-    o = recipe.objective
-    arguments = {"consensus": {"temperature": o.temperature, "beta": o.beta},
-                 "label_smoothing": {"smoothing": o.smoothing}}.get(o.name, {})
-    return build_objective(o.name, **arguments)
+def build_objective_from(recipe: Recipe) -> Objective:
+    """The objective a recipe asks for, with its arguments."""
+    try:
+        return build_objective(recipe.objective.name, **recipe.objective.args)
+    except ArgumentError as err:
+        raise _recipe_key_error("objective", err) from None
+
+
+def _recipe_key_error(section: str, err: ArgumentError) -> UserError:
+    """A builder's or objective's complaint about one argument, as the recipe key."""
+    return UserError(f"recipe key '{section}.{err.argument}' {err.problem}")
+
+
+class Collaboration(torch.nn.Module):
+    """A training graph and its objective: one forward from a batch to the loss."""
+
+    def __init__(self, graph: TrainingGraph, objective: Objective):
+        super().__init__()
+        self.graph = graph
+        self.objective = objective
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, step: Step) -> LossOutput:
+        """The objective's loss on the graph's output (the features it wants included)."""
+        return self.objective(self.graph.run(x, wants=self.objective.wants), labels, step)
 
 
 def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
@@ -104,12 +129,63 @@ def _flat_config(recipe: Recipe) -> dict[str, Any]:
     return flat
 
 
-def train(recipe: Recipe) -> Path:
-    """Train ``recipe`` (or resume it) and return the run directory."""
+@dataclass
+class Session:
+    """Everything :func:`setup` builds for one run; the loop functions read and advance it."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    run_dir: Path
+    model: torch.nn.Module             # the prepared Collaboration (DDP-wrapped on many ranks)
+    collaboration: Collaboration       # the same, unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: SharedBatches
+    holdout: DataLoader
+    test: DataLoader
+    progress: checkpoint.Progress = field(default_factory=checkpoint.Progress)
+    loss_sum: torch.Tensor | None = None  # the epoch's summed loss so far (this rank)
+    loss_count: int = 0
+
+    @property
+    def graph(self) -> TrainingGraph:
+        return self.collaboration.graph
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def done(self) -> bool:
+        """Whether ``train.max_steps`` optimizer steps have been taken."""
+        steps = self.recipe.train.max_steps
+        return steps is not None and self.progress.global_step >= steps
+
+
+def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
+                    processes: int) -> SharedBatches:
+    t, views = recipe.train, recipe.data.views
+    if len(splits.train) < t.batch_size * processes:
+        raise UserError(f"train.batch_size={t.batch_size} x {processes} processes exceeds the "
+                        f"{len(splits.train)} training examples")
+    if views == "per_head":
+        if not graph.per_head_input:
+            raise UserError(f"data.views=per_head needs a graph whose heads run on their own "
+                            f"batch (instances, peers); pattern '{recipe.graph.pattern}' shares "
+                            "layers between heads")
+        splits.train.views = graph.num_heads
+    return SharedBatches(splits.train, t.batch_size, recipe.data.num_workers)
+
+
+def setup(recipe: Recipe) -> Session:
+    """Data, graph + objective, optimizer and Accelerate for ``recipe``, resumed if asked."""
     t = recipe.train
     run_dir = run_directory(recipe)
-    ckpt_dir = run_dir / "checkpoints"
-    resume_from = _resume_point(recipe, ckpt_dir)
+    resume_from = _resume_point(recipe, run_dir / "checkpoints")
+    splits = load_splits(**data_arguments(recipe.data), seed=recipe.seed)
+    set_seed(recipe.seed)
+    graph = build_net(recipe, splits.num_classes)
+    objective = build_objective_from(recipe)
+    objective.check_compatible(graph.num_heads, splits.num_classes)
     # Accelerate keeps mixed precision in a process-wide singleton and refuses a second
     # Accelerator with another setting; forget it (not the process group) so that train() can
     # be called again in the same process with another recipe.
@@ -118,143 +194,175 @@ def train(recipe: Recipe) -> Path:
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
         log_with=list(recipe.run.log_with) or None, project_dir=str(run_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=graph.may_skip_modules)],
     )
-    set_seed(recipe.seed)
-    splits = load_splits(recipe.data, recipe.seed)
-    net = build_net(recipe, splits.num_classes)
-    objective = build_objective_from(recipe)
     if t.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(net.parameters(), lr=t.lr, momentum=t.momentum,
+        graph = graph.to(memory_format=torch.channels_last)
+    collaboration = Collaboration(graph, objective)
+    optimizer = torch.optim.SGD(collaboration.parameters(), lr=t.lr, momentum=t.momentum,
                                 nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay)
+    batches = _batch_provider(recipe, splits, graph, accelerator.num_processes)
     loader_args = dict(batch_size=t.batch_size, num_workers=recipe.data.num_workers)
-    if len(splits.train) < t.batch_size * accelerator.num_processes:
-        raise UserError(f"train.batch_size={t.batch_size} x {accelerator.num_processes} processes "
-                        f"exceeds the {len(splits.train)} training examples")
-    train_loader = DataLoader(splits.train, shuffle=True, drop_last=True, **loader_args)
-    holdout_loader = DataLoader(splits.holdout, **loader_args)
-    test_loader = DataLoader(splits.test, **loader_args)
-    net, optimizer, train_loader, holdout_loader, test_loader = accelerator.prepare(
-        net, optimizer, train_loader, holdout_loader, test_loader)
-    plain_net: TreeNet = accelerator.unwrap_model(net)
-    steps_per_epoch = max(len(train_loader) // t.grad_accum, 1)
+    model, optimizer, holdout, test = accelerator.prepare(
+        collaboration, optimizer, DataLoader(splits.holdout, **loader_args),
+        DataLoader(splits.test, **loader_args))
+    batches.prepare(accelerator)
+    steps_per_epoch = max(len(batches) // t.grad_accum, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe))
-
-    progress = checkpoint.Progress()
+    session = Session(recipe, accelerator, run_dir, model, accelerator.unwrap_model(model),
+                      optimizer, scheduler, batches, holdout, test)
     if resume_from is not None:
-        model_state, states, progress = checkpoint.load(resume_from)
-        plain_net.load_state_dict(model_state)
-        optimizer.load_state_dict(states["optimizer"])
-        scheduler.load_state_dict(states["scheduler"])
-        if "scaler" in states and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(states["scaler"])
-        accelerator.print(f"resumed from {resume_from} (epoch {progress.epoch + 1}, "
-                          f"batch {progress.batch})")
-
+        _restore(session, resume_from)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
-        (run_dir / "graph.json").write_text(config_to_json(plain_net.config))
+        (run_dir / "graph.json").write_text(graph.config.to_json())
     if recipe.run.log_with:
         accelerator.init_trackers(run_dir.name, config=_flat_config(recipe))
+    return session
 
-    def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        # mid-epoch: keep the epoch's loss so far (a collective, so before the main-process test)
-        progress.loss_sum = accelerator.reduce(loss_sum, "mean").item() if progress.batch else 0.0
-        progress.loss_count = loss_count if progress.batch else 0
-        if accelerator.is_main_process:
-            states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            if accelerator.scaler is not None:
-                states["scaler"] = accelerator.scaler.state_dict()
-            checkpoint.save(ckpt_dir, progress.global_step, plain_net.state_dict(), states,
-                            progress, recipe.run.keep)
-        accelerator.wait_for_everyone()
 
-    def stop_early() -> bool:
-        return t.max_steps is not None and progress.global_step >= t.max_steps
+def _restore(session: Session, path: Path) -> None:
+    model_state, states, progress = checkpoint.load(path)
+    session.collaboration.load_state_dict(model_state)
+    session.optimizer.load_state_dict(states["optimizer"])
+    session.scheduler.load_state_dict(states["scheduler"])
+    scaler = session.accelerator.scaler
+    if "scaler" in states and scaler is not None:
+        scaler.load_state_dict(states["scaler"])
+    session.progress = progress
+    session.accelerator.print(f"resumed from {path} (epoch {progress.epoch + 1}, "
+                              f"batch {progress.batch})")
 
-    while progress.epoch < t.epochs and not stop_early():
-        epoch = progress.epoch
-        splits.train.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, progress.batch) \
-            if progress.batch else train_loader
-        net.train()
-        bar = tqdm(batches, total=len(train_loader), initial=progress.batch,
-                   desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
-                   # None lets tqdm hide itself when stderr is not a terminal (CI logs)
-                   disable=None if accelerator.is_main_process and recipe.run.progress else True)
-        loss_sum = torch.full((), progress.loss_sum if progress.batch else 0.0,
-                              device=accelerator.device)
-        loss_count = progress.loss_count if progress.batch else 0
-        for images, labels in bar:
-            torch.manual_seed(step_seed(recipe.seed, epoch, progress.batch,
-                                        accelerator.process_index))
-            if t.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(net):
-                with accelerator.autocast():
-                    logits = net(images)
-                out = objective(logits, labels)
-                loss = out.loss * plain_net.loss_weight
-                if not torch.isfinite(loss):
-                    accelerator.set_trigger()
-                if accelerator.check_trigger():
-                    raise TrainingStopped(
-                        f"non-finite loss at epoch {epoch + 1}, batch {progress.batch + 1}; "
-                        f"stopped every process; the last good checkpoint is kept in {ckpt_dir}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.grad_clip:
-                    accelerator.clip_grad_norm_(net.parameters(), t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.batch += 1
-            loss_sum += loss.detach()
-            loss_count += 1
-            if accelerator.sync_gradients:
-                scheduler.step()
-                progress.global_step += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                every = recipe.run.checkpoint_every
-                if (every and progress.global_step % every == 0) or stop_early():
-                    save_checkpoint()
-                if stop_early():
-                    break
-        if stop_early() and progress.batch < len(train_loader):
-            break
-        record = {
-            "epoch": epoch + 1,
-            "step": progress.global_step,
-            "lr": scheduler.get_last_lr()[0],
-            "train_loss": accelerator.reduce(loss_sum, "mean").item() / max(loss_count, 1),
-            "holdout": evaluate(net, holdout_loader, accelerator),
-            "test": evaluate(net, test_loader, accelerator),
-        }
-        progress.history.append(record)
-        progress.epoch, progress.batch = epoch + 1, 0
-        if recipe.run.log_with:
-            accelerator.log(reporting.flat_scalars(record), step=progress.global_step)
-        save_checkpoint()
-        if accelerator.is_main_process:
-            # Rewritten from the checkpointed history, so a crash never leaves a duplicate epoch.
-            reporting.write_jsonl(run_dir / "metrics.jsonl", progress.history)
-            h = reporting.headline(record)
-            accelerator.print(f"epoch {epoch + 1}/{t.epochs}: loss {record['train_loss']:.4f}  "
-                              f"test acc head0 {h['head0_test_acc']:.4f}  best head "
-                              f"{h['best_head']} {h['best_head_test_acc']:.4f}  ensemble "
-                              f"{h['ensemble_test_acc']:.4f}")
 
-    if accelerator.is_main_process and progress.history:
-        final = progress.history[-1]
+def save_checkpoint(session: Session) -> None:
+    """Write a checkpoint of graph + objective, optimizer, scheduler and progress (atomic)."""
+    accelerator, progress = session.accelerator, session.progress
+    accelerator.wait_for_everyone()
+    # mid-epoch: keep the epoch's loss so far (a collective, so before the main-process test)
+    mid_epoch = progress.batch > 0
+    progress.loss_sum = accelerator.reduce(session.loss_sum, "mean").item() if mid_epoch else 0.0
+    progress.loss_count = session.loss_count if mid_epoch else 0
+    if accelerator.is_main_process:
+        states = {"optimizer": session.optimizer.state_dict(),
+                  "scheduler": session.scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            states["scaler"] = accelerator.scaler.state_dict()
+        checkpoint.save(session.checkpoints, progress.global_step,
+                        session.collaboration.state_dict(), states, progress,
+                        session.recipe.run.keep)
+    accelerator.wait_for_everyone()
+
+
+def _train_step(session: Session, x: torch.Tensor, labels: torch.Tensor, step: Step
+                ) -> torch.Tensor:
+    """Forward, the non-finite check on every rank, backward and an optimizer step."""
+    accelerator, t = session.accelerator, session.recipe.train
+    with accelerator.accumulate(session.model):
+        with accelerator.autocast():
+            out = session.model(x, labels, step)
+        loss = out.loss * session.graph.loss_weight
+        if not torch.isfinite(loss):
+            accelerator.set_trigger()
+        if accelerator.check_trigger():
+            raise TrainingStopped(
+                f"non-finite loss at epoch {step.epoch + 1}, batch {step.batch + 1}; stopped "
+                f"every process; the last good checkpoint is kept in {session.checkpoints}")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and t.grad_clip:
+            accelerator.clip_grad_norm_(session.model.parameters(), t.grad_clip)
+        session.optimizer.step()
+        session.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def train_epoch(session: Session) -> bool:
+    """Train the rest of the current epoch; False when ``max_steps`` stopped it early."""
+    recipe, accelerator, progress = session.recipe, session.accelerator, session.progress
+    epoch = progress.epoch
+    session.batches.set_epoch(epoch)
+    session.model.train()
+    bar = tqdm(session.batches.batches(progress.batch), total=len(session.batches),
+               initial=progress.batch, desc=f"epoch {epoch + 1}/{recipe.train.epochs}",
+               leave=False,
+               # None lets tqdm hide itself when stderr is not a terminal (CI logs)
+               disable=None if accelerator.is_main_process and recipe.run.progress else True)
+    resumed = progress.batch > 0
+    session.loss_sum = torch.full((), progress.loss_sum if resumed else 0.0,
+                                  device=accelerator.device)
+    session.loss_count = progress.loss_count if resumed else 0
+    for x, labels in bar:
+        torch.manual_seed(step_seed(recipe.seed, epoch, progress.batch, accelerator.process_index))
+        if recipe.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        step = Step(recipe.seed, epoch, progress.batch, recipe.train.epochs, len(session.batches))
+        loss = _train_step(session, x, labels, step)
+        progress.batch += 1
+        session.loss_sum += loss
+        session.loss_count += 1
+        if accelerator.sync_gradients:
+            session.scheduler.step()
+            progress.global_step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            every = recipe.run.checkpoint_every
+            if (every and progress.global_step % every == 0) or session.done():
+                save_checkpoint(session)
+            if session.done():
+                break
+    return progress.batch >= len(session.batches)
+
+
+def end_epoch(session: Session) -> dict[str, Any]:
+    """Evaluate, record, log and checkpoint the epoch just finished; returns its record."""
+    accelerator, progress, recipe = session.accelerator, session.progress, session.recipe
+    record = {
+        "epoch": progress.epoch + 1,
+        "step": progress.global_step,
+        "lr": session.scheduler.get_last_lr()[0],
+        "train_loss": accelerator.reduce(session.loss_sum, "mean").item()
+        / max(session.loss_count, 1),
+        "holdout": evaluate(session.graph, session.holdout, accelerator),
+        "test": evaluate(session.graph, session.test, accelerator),
+    }
+    progress.history.append(record)
+    progress.epoch, progress.batch = progress.epoch + 1, 0
+    if recipe.run.log_with:
+        accelerator.log(reporting.flat_scalars(record), step=progress.global_step)
+    save_checkpoint(session)
+    if accelerator.is_main_process:
+        # Rewritten from the checkpointed history, so a crash never leaves a duplicate epoch.
+        reporting.write_jsonl(session.run_dir / "metrics.jsonl", progress.history)
+        h = reporting.headline(record)
+        accelerator.print(f"epoch {record['epoch']}/{recipe.train.epochs}: loss "
+                          f"{record['train_loss']:.4f}  test acc head0 {h['head0_test_acc']:.4f}"
+                          f"  best head {h['best_head']} {h['best_head_test_acc']:.4f}  "
+                          f"ensemble {h['ensemble_test_acc']:.4f}")
+    return record
+
+
+def _finish(session: Session) -> None:
+    accelerator, history = session.accelerator, session.progress.history
+    if accelerator.is_main_process and history:
+        run_dir, final = session.run_dir, history[-1]
         (run_dir / "summary.json").write_text(json.dumps(
-            {**reporting.headline(final), "final": final, "num_processes": accelerator.num_processes},
-            indent=1))
-        reporting.plot_history(progress.history, run_dir / "accuracy.png", run_dir.name)
+            {**reporting.headline(final), "final": final,
+             "num_processes": accelerator.num_processes}, indent=1))
+        reporting.plot_history(history, run_dir / "accuracy.png", run_dir.name)
         accelerator.print(reporting.summary_table(final))
     accelerator.end_training()
-    return run_dir
+
+
+def train(recipe: Recipe) -> Path:
+    """Train ``recipe`` (or resume it) and return the run directory."""
+    session = setup(recipe)
+    while session.progress.epoch < recipe.train.epochs and not session.done():
+        if not train_epoch(session):
+            break
+        end_epoch(session)
+    _finish(session)
+    return session.run_dir
 
 
 def history_of(run_dir: Path) -> list[dict[str, Any]]:
@@ -265,5 +373,6 @@ def history_of(run_dir: Path) -> list[dict[str, Any]]:
     return json.loads((latest / "state.json").read_text())["history"]
 
 
-__all__ = ["TrainingStopped", "build_net", "history_of", "lr_factor", "run_directory",
-           "step_seed", "train"]
+__all__ = ["Collaboration", "Session", "TrainingStopped", "build_net", "end_epoch",
+           "history_of", "lr_factor", "run_directory", "save_checkpoint", "setup", "step_seed",
+           "train", "train_epoch"]

@@ -14,3 +14,16 @@ class TrainingStopped(RuntimeError):
 
     The CLI prints the message on one line and exits with status 1.
     """
+
+
+class ArgumentError(UserError):
+    """A bad value for one named argument of a graph builder or an objective.
+
+    ``str(err)`` reads ``"<argument> <problem>"``; the engine re-words it as the recipe key
+    (``recipe key 'graph.heads' must be ...``), so a recipe error names its key.
+    """
+
+    def __init__(self, argument: str, problem: str):
+        super().__init__(f"{argument} {problem}")
+        self.argument = argument
+        self.problem = problem

@@ -59,10 +59,14 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pat
 
 def export(net: nn.Module, head: int = 0, path: str | os.PathLike = "backbone.safetensors",
            extra_metadata: dict[str, Any] | None = None) -> Path:
-    """Write head ``head`` of training graph ``net`` as a plain backbone; returns the path."""
+    """Write head ``head`` of training graph ``net`` as a plain backbone; returns the path.
+
+    Only ``net.head_state_dict(head)`` is written (nothing an objective owns), with
+    ``net.head_spec(head)`` as the architecture: peers export each as its own.
+    """
     if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < net.num_heads:
         raise UserError(f"head {head!r} out of range; valid: 0..{net.num_heads - 1}")
-    spec = net.spec
+    spec = net.head_spec(head)
     metadata = {
         "format": FORMAT,
         "architecture": spec.name,

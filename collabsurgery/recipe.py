@@ -11,6 +11,7 @@ a float is expected.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -25,8 +26,8 @@ import yaml
 from .errors import UserError
 
 __all__ = [
-    "DataConfig", "GraphConfig", "ModelConfig", "ObjectiveConfig", "Recipe", "RunConfig",
-    "TrainConfig", "load_recipe", "parse_overrides", "recipe_from_dict", "recipe_to_dict",
+    "DataConfig", "GraphSection", "ModelConfig", "ObjectiveSection", "Recipe", "RunConfig",
+    "TrainConfig", "data_arguments", "load_recipe", "parse_overrides", "recipe_from_dict", "recipe_to_dict",
     "save_recipe",
 ]
 
@@ -37,33 +38,42 @@ def _f(default: Any, valid: str | None = None) -> Any:
     For lists the range applies to every element; ``None`` is never range-checked.
     """
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"valid": valid})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"valid": valid})
     return field(default=default, metadata={"valid": valid})
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cifar_resnet20"
+    name: str | list[str] = "cifar_resnet20"  # a list: one backbone per student (pattern peers)
     kwargs: dict[str, Any] = _f({})
 
 
-@dataclass
-class GraphConfig:
-    pattern: Literal["tree", "instances"] = "tree"
-    heads: int = _f(4, ">= 1")
-    split: list[str] = _f(["layer1", "layer2"])  # paper 000's hierarchical CIFAR split
-    branches: list[int] | None = _f(None, ">= 1")
-    rescale: Literal["backprop", "loss", "none"] = "backprop"
-    execution: Literal["auto", "loop", "fused", "packed"] = "auto"  # how sibling heads run
-    checkpoint_branches: bool = False  # recompute branch stages in backward (saves memory)
+#: graph arguments a recipe's ``graph`` section gets when it leaves them out, per pattern
+#: (tree: paper 000's hierarchical CIFAR setting); other patterns use their builder's defaults
+GRAPH_DEFAULTS: dict[str, dict[str, Any]] = {"tree": {"heads": 4, "split": ["layer1", "layer2"]}}
+#: builder arguments the engine fills in from other sections
+_GRAPH_ARGS_FROM = {"model": "model.name", "model_kwargs": "model.kwargs",
+                    "input_size": "data.image_size"}
 
 
 @dataclass
-class ObjectiveConfig:
-    name: Literal["consensus", "single", "label_smoothing"] = "consensus"
-    temperature: float = _f(2.0, "> 0")
-    beta: float = _f(0.5, "(0, 1]")
-    smoothing: float = _f(0.1, "[0, 1)")
+class GraphSection:
+    """``pattern`` (a registered graph kind) and the arguments of its builder (``args``: every
+    other key of the section, checked against the builder's signature; null means unset)."""
+
+    pattern: str = "tree"
+    args: dict[str, Any] = _f(GRAPH_DEFAULTS["tree"])
+    OPEN = "args"
+
+
+@dataclass
+class ObjectiveSection:
+    """``name`` (a registered objective) and its constructor arguments (``args``: every other
+    key of the section, checked against the constructor's signature; null means unset)."""
+
+    name: str = "consensus"
+    args: dict[str, Any] = _f({})
+    OPEN = "args"
 
 
 @dataclass
@@ -79,6 +89,7 @@ class DataConfig:
     augment: bool = True
     hflip: bool = False  # the built-in digits must not be mirrored; CIFAR recipes turn it on
     label_noise: float = _f(0.0, "[0, 1)")
+    views: Literal["shared", "per_head"] = "shared"  # per_head: each head its own augmentation
     num_workers: int = _f(0, ">= 0")
     max_train_examples: int | None = _f(None, ">= 1")
 
@@ -118,8 +129,8 @@ class Recipe:
     name: str = "demo"
     seed: int = _f(0, ">= 0")
     model: ModelConfig = field(default_factory=ModelConfig)
-    graph: GraphConfig = field(default_factory=GraphConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    graph: GraphSection = field(default_factory=GraphSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -166,10 +177,21 @@ def _convert(value: Any, tp: Any, key: str, valid: str | None) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in get_args(tp):
             return None
-        (inner,) = [a for a in get_args(tp) if a is not type(None)]
+        inner = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             raise UserError(f"recipe key '{key}' expects {_type_name(tp)}, got null")
-        return _convert(value, inner, key, valid)
+        for option in inner[:-1]:
+            try:
+                return _convert(value, option, key, valid)
+            except UserError:
+                pass
+        try:
+            return _convert(value, inner[-1], key, valid)
+        except UserError:
+            if len(inner) == 1:
+                raise
+            raise UserError(f"recipe key '{key}' expects {_type_name(tp)}, got {value!r}") \
+                from None
     if origin is Literal:
         if value not in get_args(tp) or isinstance(value, bool):
             raise UserError(f"recipe key '{key}' must be one of "
@@ -205,7 +227,7 @@ def _describe(valid: str) -> str:
     return valid if valid[0] in "<>" else f"in {valid}"
 
 
-def _unknown(key: str, section: str, valid: Sequence[str]) -> UserError:
+def _unknown(key: str, section: str, valid: Sequence[str], context: str = "") -> UserError:
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, valid, n=1)
     if close:
@@ -216,6 +238,7 @@ def _unknown(key: str, section: str, valid: Sequence[str]) -> UserError:
                  and leaf in {f.name for f in dataclasses.fields(tp)}]
         hint = f" (did you mean '{homes[0]}.{leaf}'?)" if homes else ""
     where = f"in '{section}'" if section else "at the top level"
+    where += f" {context}" if context else ""
     return UserError(f"unknown recipe key '{key}'{hint}; valid keys {where}: {', '.join(valid)}")
 
 
@@ -228,9 +251,16 @@ def _build(cls: type, raw: Any, section: str) -> Any:
         raise UserError(f"{what} must be a mapping of keys to values, got {raw!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    open_field = getattr(cls, "OPEN", None)
+    kwargs: dict[str, Any] = {open_field: {}} if open_field else {}
     for name, value in raw.items():
         key = f"{section}.{name}" if section else str(name)
+        if open_field and name == open_field:
+            raise UserError(f"recipe key '{key}' is not a key: write the arguments directly in "
+                            f"'{section}' (e.g. {section}.heads: 4)")
+        if open_field and name not in fields:
+            kwargs[open_field][str(name)] = value  # checked against the builder in _check
+            continue
         if name not in fields:
             raise _unknown(key, section, list(fields))
         if value is False and fields[name].default == "no":
@@ -239,27 +269,55 @@ def _build(cls: type, raw: Any, section: str) -> Any:
     return cls(**kwargs)
 
 
+def _resolved_args(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` for keys not given, then null values dropped (null means unset)."""
+    return {k: v for k, v in {**defaults, **given}.items() if v is not None}
+
+
+def _check_graph(g: GraphSection, objective: ObjectiveSection) -> None:
+    from .graphs import GRAPH_KINDS, builder_arguments
+    from .objectives import OBJECTIVES, objective_arguments
+
+    if g.pattern not in GRAPH_KINDS:
+        raise UserError(f"recipe key 'graph.pattern' must be one of {', '.join(GRAPH_KINDS)}; "
+                        f"got {g.pattern!r}")
+    g.args = _resolved_args(g.args, GRAPH_DEFAULTS.get(g.pattern, {}))
+    valid = [a for a in builder_arguments(g.pattern) if a not in _GRAPH_ARGS_FROM]
+    for name in g.args:
+        if name in _GRAPH_ARGS_FROM:
+            raise UserError(f"recipe key 'graph.{name}' is set from '{_GRAPH_ARGS_FROM[name]}'; "
+                            "remove it from the graph section")
+        if name not in valid:
+            if objective.name in OBJECTIVES and name in objective_arguments(objective.name):
+                raise UserError(f"unknown recipe key 'graph.{name}' (did you mean "
+                                f"'objective.{name}'?); valid keys in 'graph' for pattern "
+                                f"'{g.pattern}': {', '.join(['pattern', *valid])}")
+            raise _unknown(f"graph.{name}", "graph", ["pattern", *valid],
+                           f"for pattern '{g.pattern}'")
+
+
+def _check_objective(o: ObjectiveSection) -> None:
+    from .objectives import OBJECTIVES, objective_arguments
+
+    if o.name not in OBJECTIVES:
+        raise UserError(f"recipe key 'objective.name' must be one of "
+                        f"{', '.join(sorted(OBJECTIVES))}; got {o.name!r}")
+    o.args = _resolved_args(o.args, {})
+    valid = objective_arguments(o.name)
+    for name in o.args:
+        if name not in valid:
+            raise _unknown(f"objective.{name}", "objective", ["name", *valid],
+                           f"for objective '{o.name}'")
+
+
 def _check(r: Recipe) -> Recipe:
     """Rules that involve more than one key."""
     for key, value in (("name", r.name), ("run.name", r.run.name)):
         if value is not None and (not value.strip(".") or "/" in value or "\\" in value):
             raise UserError(f"recipe key '{key}' must be a non-empty name without path separators, "
                             f"got {value!r}")
-    g = r.graph
-    if len(set(g.split)) != len(g.split) or "" in g.split:
-        raise UserError(f"recipe key 'graph.split' must list distinct split point names, "
-                        f"got {g.split}")
-    if g.pattern == "tree" and g.heads > 1 and not g.split:
-        raise UserError("recipe key 'graph.split' is empty: pattern 'tree' with heads > 1 needs at "
-                        "least one split point (or use pattern 'instances', or heads: 1)")
-    if g.branches is not None:
-        if g.pattern != "tree":
-            raise UserError(f"recipe key 'graph.branches' applies only to pattern 'tree', "
-                            f"not '{g.pattern}'; set it to null")
-        if len(g.branches) != len(g.split) or math.prod(g.branches) != g.heads:
-            raise UserError(f"recipe key 'graph.branches' must give one fan-out per split point "
-                            f"({len(g.split)}) whose product is graph.heads ({g.heads}), "
-                            f"got {g.branches}")
+    _check_objective(r.objective)
+    _check_graph(r.graph, r.objective)
     t = r.train
     if t.schedule == "step" and not t.milestones:
         raise UserError("recipe key 'train.milestones' is empty but train.schedule is 'step'; "
@@ -310,6 +368,12 @@ def _apply(raw: dict[str, Any], path: list[str], value: Any) -> None:
         key = ".".join(path[: depth + 1])
         if cls is not None:  # inside the schema: check the key exists
             names = [f.name for f in dataclasses.fields(cls)]
+            if getattr(cls, "OPEN", None) and name not in names:
+                cls = None  # an argument of the section's builder: checked when validated
+                if depth == len(path) - 1:
+                    node[name] = value
+                    break
+                raise UserError(f"override '{'.'.join(path)}': '{key}' is not a section")
             if name not in names:
                 raise _unknown(key, ".".join(path[:depth]), names)
             tp = get_type_hints(cls)[name]
@@ -349,8 +413,17 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The fully resolved recipe as plain nested dicts/lists/scalars."""
-    return dataclasses.asdict(recipe)
+    """The fully resolved recipe as plain nested dicts/lists/scalars (the arguments of an open
+    section written directly in it, as a recipe file has them)."""
+    tree = dataclasses.asdict(recipe)
+    for section in ("graph", "objective"):
+        tree[section].update(tree[section].pop("args"))
+    return tree
+
+
+def data_arguments(data: DataConfig) -> dict[str, Any]:
+    """The ``data`` section as :func:`collabsurgery.data.load_splits` keyword arguments."""
+    return {k: v for k, v in dataclasses.asdict(data).items() if k not in ("num_workers", "views")}
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:

@@ -10,7 +10,9 @@ from . import checkpoint
 from .errors import UserError
 from .export import export
 from .graphfile import config_from_json, load_graph
-from .graphs import TreeNet, rebuild
+from .graphs import TrainingGraph, rebuild
+
+GRAPH_PREFIX = "graph."  # checkpoints hold graph + objective (engine.Collaboration)
 
 
 def parse_head(text: str, num_heads: int) -> int | None:
@@ -26,8 +28,9 @@ def parse_head(text: str, num_heads: int) -> int | None:
     return head
 
 
-def load_run(run_dir: Path) -> tuple[TreeNet, list[dict]]:
-    """The training graph of a run at its latest checkpoint, and its epoch records."""
+def load_run(run_dir: Path) -> tuple[TrainingGraph, list[dict]]:
+    """The training graph of a run at its latest checkpoint (without what the objective owns),
+    and its epoch records."""
     if not (run_dir / "graph.json").is_file():
         raise UserError(f"{run_dir} is not a training run (no graph.json); valid: a run "
                         "directory written by collabsurgery train, or a training graph file")
@@ -35,7 +38,9 @@ def load_run(run_dir: Path) -> tuple[TreeNet, list[dict]]:
     if latest is None:
         raise UserError(f"{run_dir} has no complete checkpoint yet")
     net = rebuild(config_from_json((run_dir / "graph.json").read_text()))
-    net.load_state_dict(load_file(str(latest / "model.safetensors")), strict=True)
+    state = load_file(str(latest / "model.safetensors"))
+    net.load_state_dict({k[len(GRAPH_PREFIX):]: v for k, v in state.items()
+                         if k.startswith(GRAPH_PREFIX)}, strict=True)
     history = json.loads((latest / "state.json").read_text())["history"]
     return net.eval(), history
 

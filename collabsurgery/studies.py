@@ -71,13 +71,13 @@ __all__ = ["BUDGETS", "STUDIES", "Budget", "Row", "Study", "collect", "get_study
 #: the graph + objective of each setup in paper 000; every row states all of them, so a row
 #: means the same thing whatever the base recipe says
 SINGLE = ("graph.pattern=tree", "graph.heads=1", "graph.split=[]", "graph.branches=null",
-          "objective.name=single")
-LABEL_SMOOTHING = (*SINGLE[:-1], "objective.name=label_smoothing", "objective.smoothing=0.05")
+          "objective={name: single}")
+LABEL_SMOOTHING = (*SINGLE[:-1], "objective={name: label_smoothing, smoothing: 0.05}")
 CONSENSUS = ("objective.name=consensus",)
 
 
 def instances(heads: int) -> tuple[str, ...]:
-    return ("graph.pattern=instances", f"graph.heads={heads}", "graph.split=[]",
+    return ("graph.pattern=instances", f"graph.heads={heads}", "graph.split=null",
             "graph.branches=null", *CONSENSUS)
 
 
@@ -460,13 +460,10 @@ def _cost_key(run_dir: Path, recipe: Recipe) -> str | None:
     if not (run_dir / "graph.json").is_file():
         return None
     cfg = config_from_json((run_dir / "graph.json").read_text())
-    return json.dumps({"model": cfg.model, "model_kwargs": cfg.model_kwargs, "split": cfg.split,
-                       "heads": cfg.heads, "pattern": cfg.pattern, "branches": cfg.branches,
+    return json.dumps({"pattern": cfg.kind, "args": cfg.args,
                        "image_size": recipe.data.image_size, "batch_size": recipe.train.batch_size,
                        "precision": recipe.train.mixed_precision,
-                       "channels_last": recipe.train.channels_last,
-                       "execution": recipe.graph.execution,
-                       "checkpoint_branches": recipe.graph.checkpoint_branches}, sort_keys=True)
+                       "channels_last": recipe.train.channels_last}, sort_keys=True)
 
 
 def _row_cost_key(recipes: Sequence[Recipe]) -> str | None:
@@ -492,15 +489,19 @@ def measure_costs(study_dir: Path, rows: Sequence[tuple[Row, Sequence[Recipe]]],
         precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[k["precision"]] if cuda \
             else "fp32"
         log(f"measuring the training graph of row {row.key} against the plain model")
-        cfg = BenchConfig(k["model"], split=tuple(k["split"]), heads=k["heads"],
-                          pattern=k["pattern"], branches=k["branches"] and tuple(k["branches"]),
+        graph = dict(k["args"])
+        model, model_kwargs = graph.pop("model"), graph.pop("model_kwargs")
+        graph.pop("input_size")
+        execution = graph.pop("execution", "loop")
+        checkpoint_branches = graph.pop("checkpoint_branches", False)
+        cfg = BenchConfig(model, pattern=k["pattern"], graph_args=graph,
                           image_size=k["image_size"], batch_size=k["batch_size"],
                           precision=precision, channels_last=k["channels_last"],
-                          modes=(k["execution"],), checkpoint=k["checkpoint_branches"],
-                          repeats=5, warmup=2, model_kwargs=dict(k["model_kwargs"]),
+                          modes=(execution,), checkpoint=checkpoint_branches,
+                          repeats=5, warmup=2, model_kwargs=dict(model_kwargs),
                           threads=None if cuda else 1, clock="wall" if cuda else "process")
         result = run_bench(cfg)
-        entry = next(e for e in result["modes"] if e["checkpoint"] == k["checkpoint_branches"])
+        entry = next(e for e in result["modes"] if e["checkpoint"] == checkpoint_branches)
         costs[key] = {**{f: entry[f] for f in ("time_ratio", "time_ratio_min", "mem_ratio",
                                               "flop_ratio", "stage_limit_ratio", "mode")},
                       "device": result["device"], "clock": result["clock"],
@@ -569,8 +570,8 @@ def _settings_line(recipe: Recipe, plan: Budget, results: list[dict]) -> str:
     return (f"Budget **{plan.name}**: {plan.dataset}, data.source `{d.source}`, {train}{test}, "
             f"`{r.model.name}` at {d.image_size} px, {t.epochs} epochs, batch {t.batch_size}, "
             f"lr {t.lr:g} ({t.schedule}), weight decay {t.weight_decay:g}, "
-            f"precision {t.mixed_precision}; CL-ILR T={r.objective.temperature:g}, "
-            f"beta={r.objective.beta:g}.")
+            f"precision {t.mixed_precision}; objective `{r.objective.name}`"
+            + "".join(f", {k}={v}" for k, v in sorted(r.objective.args.items())) + ".")
 
 
 def write_report(study: Study, plan: Budget, study_dir: Path, rows: Sequence[Row],

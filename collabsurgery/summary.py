@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import backbones
-from .graphs import TreeNet
+from .graphs import TrainingGraph
 
 
 @dataclass
@@ -73,40 +73,47 @@ def measure(model: nn.Module, input_size: tuple[int, int, int]) -> Cost:
     return Cost(params, counter.get_total_flops(), activations)
 
 
-def _stage_modules(net: TreeNet, stage: int) -> list[str]:
-    """Readable module names a stage runs: top-level names unless a split cuts through one."""
-    def leaves(i: int) -> list[str]:
-        return [n.target for n in net.stages[i][0].graph.nodes if n.op == "call_module"]
-
-    if not hasattr(net.stages[stage][0], "graph"):  # a whole plain model
-        return ["(whole model)"]
-    others = {t for i in range(len(net.stages)) if i != stage for t in leaves(i)}
-    names: list[str] = []
-    for target in leaves(stage):
-        top = target.split(".")[0]
-        name = top if not any(o.split(".")[0] == top for o in others) else \
-            ".".join(target.split(".")[:2])
-        if name not in names:
-            names.append(name)
-    return names
+def _piece_cost(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(parameters, forward FLOPs per image) of one piece of a graph on its input."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x[:1])
+    module.train(was_training)
+    return sum(p.numel() for p in module.parameters()), counter.get_total_flops()
 
 
-def describe(net: TreeNet, plain: nn.Module | None = None) -> str:
-    """A table a person can read: stages, sharing, and the cost ratios against the plain model."""
-    size = tuple(net.config.input_size) if net.config and net.config.input_size else (3, 224, 224)
-    plain = plain or backbones.create(net.spec)
-    base, graph = measure(plain, size), measure(net, size)
-    lines = [f"training graph: {net.spec.qualified_name}, {net.num_heads} heads, "
-             f"fan-outs {net.fanouts}, rescale={net.rescale}, input {'x'.join(map(str, size))}",
-             "", f"{'stage':<24} {'copies':>6}  {'heads per copy':<28} modules"]
-    for i, name in enumerate(net.stage_names):
-        sharing = " ".join("{" + ",".join(map(str, hs)) + "}" for hs in net.describe_heads()[i])
-        lines.append(f"{name:<24} {net.copies(i):>6}  {sharing:<28} "
-                     f"{' '.join(_stage_modules(net, i))}")
+def describe(net: TrainingGraph, plain: nn.Module | None = None) -> str:
+    """A table a person can read: how heads share the network, what each piece costs, and the
+    totals against the plain model (head 0's backbone).
+
+    Costs are the method's: they are measured with the graph's reference (loop) execution, so
+    they do not depend on the execution mode, the thread count or plans built on first use.
+    """
+    size = net.input_size
+    spec = net.head_spec(0)
+    plain = plain or backbones.create(spec)
+    was_training = net.training
+    with net.reference_execution():
+        base, graph = measure(plain, size), measure(net, size)
+        pieces = net.eval().cost_pieces(torch.zeros(1, *size))
+    net.train(was_training)
+    lines = [f"training graph: {net.config.kind}, {net.num_heads} heads, "
+             f"input {'x'.join(map(str, size))}", *net.describe_structure(), "",
+             f"{'piece':<36} {'copies':>6} {'M params':>9} {'GFLOPs/image':>13}  (each copy)"]
+    total_params = total_flops = 0
+    for piece in pieces:
+        params, flops = _piece_cost(piece.module, piece.input)
+        total_params += params * piece.copies
+        total_flops += flops * piece.copies
+        lines.append(f"{piece.name:<36} {piece.copies:>6} {params / 1e6:>9.3f} {flops / 1e9:>13.3f}")
+    lines.append(f"{'total, every copy':<36} {'':>6} {total_params / 1e6:>9.3f} "
+                 f"{total_flops / 1e9:>13.3f}")
     lines += ["", f"{'':<22} {'plain':>14} {'training graph':>16} {'ratio':>7}"]
     for label, a, b, unit in (("parameters", base.params, graph.params, 1e6),
                               ("forward GFLOPs/image", base.flops, graph.flops, 1e9),
                               ("activations MB/image", base.activation_bytes,
                                graph.activation_bytes, 1e6)):
         lines.append(f"{label:<22} {a / unit:>14.3f} {b / unit:>16.3f} {b / a:>7.2f}")
+    lines.append(f"(plain: head 0's backbone, {spec.qualified_name})")
     return "\n".join(lines)

@@ -159,3 +159,23 @@ def test_user_errors_are_one_line_exit_2(argv, match, capsys):
     assert len(lines) == 1 and "Traceback" not in out.err, out.err
     assert lines[0].startswith("collabsurgery") and "error: " in lines[0]
     assert re.search(match, lines[0]), lines[0]
+
+
+def _flop_ratio(output: str) -> float:
+    (line,) = [l for l in output.splitlines() if l.startswith("forward GFLOPs/image")]
+    return float(line.split()[-1])
+
+
+@pytest.mark.parametrize("threads,execution", [(1, None), (2, None), (2, "loop"), (2, "fused"),
+                                               (2, "packed")])
+def test_wrap_costs_do_not_depend_on_threads_or_execution(threads, execution, capsys):
+    """The printed FLOP ratio is the method's (1.95 for the paper's setting), not the work of
+    building and checking an execution plan on the first forward."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        argv = ["wrap", "resnet50", "--split", "layer2,layer3", "--heads", "4"]
+        assert run(argv + (["--execution", execution] if execution else [])) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert _flop_ratio(capsys.readouterr().out) == pytest.approx(1.95, abs=0.005)

@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from collabsurgery.data import load_splits
 from collabsurgery.errors import UserError
-from collabsurgery.recipe import DataConfig
+from collabsurgery.recipe import DataConfig, data_arguments
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_splits(DataConfig(label_noise=0.3), seed=0)
+    return load_splits(**data_arguments(DataConfig(label_noise=0.3)), seed=0)
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +43,8 @@ def test_holdout_disjoint_stratified_and_seeded(digits):
     assert not train & hold and len(train | hold) == 1797 - 359
     counts = torch.bincount(digits.holdout.labels, minlength=10)
     assert counts.min() >= 12 and counts.max() <= 16  # ~14.4 per class
-    again = load_splits(DataConfig(label_noise=0.3), seed=0)
-    other = load_splits(DataConfig(), seed=1)
+    again = load_splits(**data_arguments(DataConfig(label_noise=0.3)), seed=0)
+    other = load_splits(**data_arguments(DataConfig()), seed=1)
     assert torch.equal(again.holdout.source_indices, digits.holdout.source_indices)
     assert not torch.equal(other.holdout.source_indices, digits.holdout.source_indices)
     for i in (0, 7, 100):
@@ -53,8 +53,8 @@ def test_holdout_disjoint_stratified_and_seeded(digits):
 
 
 def test_max_train_examples():
-    a = load_splits(DataConfig(max_train_examples=100), seed=3)
-    b = load_splits(DataConfig(max_train_examples=100), seed=3)
+    a = load_splits(**data_arguments(DataConfig(max_train_examples=100)), seed=3)
+    b = load_splits(**data_arguments(DataConfig(max_train_examples=100)), seed=3)
     assert len(a.train) == 100 and torch.equal(a.train.source_indices, b.train.source_indices)
     assert torch.bincount(a.train.labels, minlength=10).min() >= 9
     assert not set(a.train.source_indices.tolist()) & set(a.holdout.source_indices.tolist())
@@ -100,16 +100,16 @@ def test_label_noise(digits):
     ds.set_epoch(1)
     some = ds.noisy_indices[:5]
     assert [ds[i][1] for i in some.tolist()] == epochs[1][some].tolist()
-    same = load_splits(DataConfig(label_noise=0.3), seed=0).train
+    same = load_splits(**data_arguments(DataConfig(label_noise=0.3)), seed=0).train
     assert torch.equal(same.noisy_indices, ds.noisy_indices)
-    clean = load_splits(DataConfig(), seed=0)
+    clean = load_splits(**data_arguments(DataConfig()), seed=0)
     assert len(clean.train.noisy_indices) == 0 and torch.equal(clean.train.epoch_labels(),
                                                                clean.train.labels)
 
 
 def test_views_and_subset(digits):
     cfg = DataConfig(max_train_examples=50)
-    one, two = load_splits(cfg, seed=0), load_splits(cfg, seed=0, views=2)
+    one, two = load_splits(**data_arguments(cfg), seed=0), load_splits(**data_arguments(cfg), seed=0, views=2)
     x, _ = two.train[5]
     assert x.shape == (2, 3, 32, 32)
     assert torch.equal(x[0], one.train[5][0]) and not torch.equal(x[0], x[1])
@@ -118,7 +118,7 @@ def test_views_and_subset(digits):
 
 
 def test_no_augment(digits):
-    s = load_splits(DataConfig(augment=False, max_train_examples=20), seed=0)
+    s = load_splits(**data_arguments(DataConfig(augment=False, max_train_examples=20)), seed=0)
     s.train.set_epoch(0)
     a = s.train[0][0]
     s.train.set_epoch(1)
@@ -139,22 +139,22 @@ def test_save_to_disk_directory(tmp_path):
     dd.save_to_disk(tmp_path / "dd")
     cfg = DataConfig(source=str(tmp_path / "dd"), image_column="img", label_column="fine",
                      image_size=16, holdout_fraction=0.2)
-    s = load_splits(cfg, seed=0)
+    s = load_splits(**data_arguments(cfg), seed=0)
     assert (len(s.train), len(s.holdout), len(s.test), s.num_classes) == (24, 6, 6, 3)
     assert s.train[0][0].shape == (3, 16, 16)
     with pytest.raises(UserError, match="columns: img, fine"):
-        load_splits(dataclasses.replace(cfg, label_column="label"), seed=0)
+        load_splits(**data_arguments(dataclasses.replace(cfg, label_column="label")), seed=0)
     with pytest.raises(UserError, match="splits: train, test"):
-        load_splits(dataclasses.replace(cfg, holdout_split="validation"), seed=0)
+        load_splits(**data_arguments(dataclasses.replace(cfg, holdout_split="validation")), seed=0)
 
     # a single Dataset with string labels: exposed as split "train"
     single = datasets.Dataset.from_dict({"image": _images(8), "label": ["b", "a"] * 4})
     single.save_to_disk(tmp_path / "single")
     cfg = DataConfig(source=str(tmp_path / "single"), test_split="train", holdout_split=None)
     with pytest.raises(UserError, match="also data.train_split"):
-        load_splits(cfg, seed=0)
+        load_splits(**data_arguments(cfg), seed=0)
     with pytest.raises(UserError, match="splits: train"):
-        load_splits(dataclasses.replace(cfg, test_split="test"), seed=0)
+        load_splits(**data_arguments(dataclasses.replace(cfg, test_split="test")), seed=0)
 
 
 def test_imagefolder_directory(tmp_path):
@@ -164,7 +164,7 @@ def test_imagefolder_directory(tmp_path):
             folder.mkdir(parents=True)
             for i, image in enumerate(_images(n, seed=c)):
                 image.save(folder / f"{i}.png")
-    s = load_splits(DataConfig(source=str(tmp_path / "folder"), image_size=8), seed=0)
+    s = load_splits(**data_arguments(DataConfig(source=str(tmp_path / "folder"), image_size=8)), seed=0)
     assert s.class_names == ["cat", "dog"] and s.num_classes == 2
     assert (len(s.train), len(s.holdout), len(s.test)) == (18, 2, 6)
     assert sorted(s.holdout.labels.tolist()) == [0, 1]
@@ -173,22 +173,22 @@ def test_imagefolder_directory(tmp_path):
 
 def test_bad_sources(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no such directory.*valid: builtin:digits"):
-        load_splits(DataConfig(source=str(tmp_path / "nope")), seed=0)
+        load_splits(**data_arguments(DataConfig(source=str(tmp_path / "nope"))), seed=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a save_to_disk dataset"):
-        load_splits(DataConfig(source=str(tmp_path / "empty")), seed=0)
+        load_splits(**data_arguments(DataConfig(source=str(tmp_path / "empty"))), seed=0)
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        load_splits(DataConfig(source=str(tmp_path / "file.txt")), seed=0)
+        load_splits(**data_arguments(DataConfig(source=str(tmp_path / "file.txt"))), seed=0)
     with pytest.raises(UserError, match="unknown built-in"):
-        load_splits(DataConfig(source="builtin:mnist"), seed=0)
+        load_splits(**data_arguments(DataConfig(source="builtin:mnist")), seed=0)
     import huggingface_hub.constants
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="could not be loaded from the hub") as e:
-        load_splits(DataConfig(source="no-such-owner/no-such-dataset"), seed=0)
+        load_splits(**data_arguments(DataConfig(source="no-such-owner/no-such-dataset")), seed=0)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="data.image_column 'pixels'.*columns: image, label"):
-        load_splits(DataConfig(image_column="pixels"), seed=0)
+        load_splits(**data_arguments(DataConfig(image_column="pixels")), seed=0)
     with pytest.raises(UserError, match="data.test_split 'validation'.*splits: train, test"):
-        load_splits(DataConfig(test_split="validation"), seed=0)
+        load_splits(**data_arguments(DataConfig(test_split="validation")), seed=0)

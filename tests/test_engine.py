@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from collabsurgery import checkpoint, cli, engine
 from collabsurgery.data import load_splits
 from collabsurgery.objectives.consensus import ConsensusLoss
-from collabsurgery.recipe import load_recipe, save_recipe
+from collabsurgery.recipe import data_arguments, load_recipe, save_recipe
 from collabsurgery.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def test_two_process_cpu_run(tmp_path):
     _, _, progress = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))
     assert progress.epoch == 1 and progress.global_step == STEPS_PER_EPOCH // 2
     # evaluation gathered both ranks' examples exactly once
-    splits = load_splits(load_recipe(recipe_file).data, 0)
+    splits = load_splits(**data_arguments(load_recipe(recipe_file).data), seed=0)
     assert summary["final"]["test"]["examples"] == len(splits.test)
     assert summary["final"]["holdout"]["examples"] == len(splits.holdout)
 
@@ -200,9 +200,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     calls = {"n": 0}
     original = ConsensusLoss.head_losses
 
-    def poisoned(self, logits, labels):
+    def poisoned(self, logits, labels, context):
         calls["n"] += 1
-        per_head, parts = original(self, logits, labels)
+        per_head, parts = original(self, logits, labels, context)
         return (per_head * float("nan") if calls["n"] >= 3 else per_head), parts
 
     monkeypatch.setattr(ConsensusLoss, "head_losses", poisoned)
@@ -318,7 +318,7 @@ def test_export_best_head_of_a_run(straight, tmp_path, capsys):
     model.load_state_dict(load_file(str(out)), strict=True)
     net, run_history = load_run(run_dir)
     assert run_history == history
-    test = load_splits(recipe.data, recipe.seed).test
+    test = load_splits(**data_arguments(recipe.data), seed=recipe.seed).test
     images = torch.stack([test[i][0] for i in range(16)])
     with torch.no_grad():
         exported, graph = model.eval()(images), net.eval()(images)[best]
@@ -366,8 +366,8 @@ def test_bf16_on_cpu_with_loss_rescaling(tmp_path, monkeypatch):
     original_forward = ConsensusLoss.forward
     original_backward = Accelerator.backward
 
-    def forward(self, logits, labels):
-        out = original_forward(self, logits, labels)
+    def forward(self, out, labels, step=None):
+        out = original_forward(self, out, labels, step)
         seen["objective"].append(out.loss.detach().clone())
         return out
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from collabsurgery.engine import build_net, build_objective_from
 from collabsurgery.errors import UserError
 from collabsurgery.recipe import (DataConfig, Recipe, load_recipe, parse_overrides,
                                   recipe_from_dict, recipe_to_dict, save_recipe)
@@ -40,21 +41,17 @@ def test_yaml_quirks_are_accepted(tmp_path):
     ("train:\n  epochs: 2.5\n", "train.epochs"),              # float for int
     ("train:\n  nesterov: 1\n", "train.nesterov"),            # int for bool
     ("train:\n  epochs: true\n", "train.epochs"),             # bool is not an int
-    ("graph:\n  split: layer2\n", "graph.split"),             # str for list
-    ("graph:\n  split: [layer2, 3]\n", "graph.split[1]"),     # wrong element type
-    ("graph:\n  heads: 0\n", "graph.heads"),                  # impossible values
-    ("objective:\n  beta: 1.5\n", "objective.beta"),
-    ("objective:\n  beta: 0\n", "objective.beta"),
-    ("objective:\n  temperature: 0\n", "objective.temperature"),
     ("train:\n  lr: -0.1\n", "train.lr"),
     ("train:\n  epochs: 0\n", "train.epochs"),
     ("data:\n  label_noise: 1.0\n", "data.label_noise"),
     ("data:\n  holdout_fraction: 0\n", "data.holdout_fraction"),
     ("graph:\n  pattern: trees\n", "graph.pattern"),          # unknown enum value
     ("train:\n  mixed_precision: fp8\n", "train.mixed_precision"),
-    ("graph:\n  split: []\n", "graph.split"),                 # tree with 4 heads needs a split
-    ("graph:\n  split: [a, b]\n  branches: [2, 3]\n", "graph.branches"),
-    ("graph:\n  pattern: instances\n  branches: [4]\n", "graph.branches"),
+    ("graph:\n  pattern: instances\n  branches: [4]\n", "graph.branches"),  # not an argument
+    ("graph:\n  pattern: peers\n  split: [layer1]\n", "graph.split"),         # of the pattern
+    ("graph:\n  input_size: [3, 8, 8]\n", "graph.input_size"),   # set from data.image_size
+    ("objective:\n  smoothing: 0.1\n", "objective.smoothing"),   # not consensus's argument
+    ("objective:\n  name: consensu\n", "objective.name"),
     ("train:\n  schedule: step\n", "train.milestones"),
     ("train:\n  schedule: step\n  milestones: [5, 2]\n", "train.milestones"),
     ("model:\n  kwargs: 3\n", "model.kwargs"),
@@ -66,6 +63,25 @@ def test_errors_name_the_key(tmp_path, text, key):
         load_recipe(write(tmp_path, text))
 
 
+@pytest.mark.parametrize("text, key", [
+    ("graph:\n  split: [layer2, 3]\n", "graph.split"),        # wrong element type
+    ("graph:\n  split: [layer1, layer1]\n", "graph.split"),   # twice
+    ("graph:\n  heads: 0\n", "graph.heads"),                  # impossible values
+    ("graph:\n  split: []\n", "graph.split"),                 # tree with 4 heads needs a split
+    ("graph:\n  split: [layer1, layer2]\n  branches: [2, 3]\n", "graph.branches"),
+    ("graph:\n  execution: fast\n", "graph.execution"),
+    ("objective:\n  beta: 1.5\n", "objective.beta"),
+    ("objective:\n  temperature: 0\n", "objective.temperature"),
+])
+def test_argument_values_are_checked_by_the_builder_naming_the_key(tmp_path, text, key):
+    """Graph and objective arguments pass through to their builder/constructor, whose complaint
+    names the recipe key (before a run writes anything)."""
+    recipe = load_recipe(write(tmp_path, text))
+    with pytest.raises(UserError, match=re.escape(f"recipe key '{key}'")):
+        build_net(recipe, num_classes=10)
+        build_objective_from(recipe)
+
+
 def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
     with pytest.raises(UserError) as e:
         load_recipe(write(tmp_path, "train:\n  epoch: 3\n"))
@@ -73,17 +89,19 @@ def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
     assert "did you mean 'train.epochs'" in msg and "batch_size" in msg and "\n" not in msg
     with pytest.raises(UserError, match="did you mean 'objective.beta'"):
         load_recipe(None, ["graph.beta=0.3"])
-    with pytest.raises(UserError, match="must be one of tree, instances"):
+    with pytest.raises(UserError, match="must be one of tree, instances, peers"):
         load_recipe(None, ["graph.pattern=trees"])
 
 
 def test_valid_edge_values(tmp_path):
-    r = load_recipe(None, ["graph.pattern=instances", "graph.split=[]", "objective.beta=1",
+    r = load_recipe(None, ["graph.pattern=instances", "graph.split=null", "objective.beta=1",
                            "graph.heads=1", "train.schedule=step", "train.milestones=[2, 5]",
                            "data.max_train_examples=100", "train.grad_clip=1"])
-    assert r.graph.split == [] and r.objective.beta == 1.0 and r.train.grad_clip == 1.0
+    assert r.graph.args == {"heads": 1} and r.objective.args == {"beta": 1}
+    assert r.train.grad_clip == 1.0
     r = load_recipe(None, ["graph.heads=1", "graph.split=[]"])
-    assert r.graph.heads == 1
+    assert r.graph.args == {"heads": 1, "split": []}
+    assert build_net(r, num_classes=10).num_heads == 1
 
 
 def test_file_errors(tmp_path):
@@ -99,7 +117,7 @@ def test_overrides_apply(tmp_path):
     path = write(tmp_path, "train:\n  epochs: 5\n")
     r = load_recipe(path, ["train.epochs=1", "graph.split=[layer1,layer3]", "data.source=/x/y",
                            "model.kwargs.drop_rate=0.2", "run.name=", "train.mixed_precision=bf16"])
-    assert r.train.epochs == 1 and r.graph.split == ["layer1", "layer3"]
+    assert r.train.epochs == 1 and r.graph.args["split"] == ["layer1", "layer3"]
     assert r.data.source == "/x/y" and r.model.kwargs == {"drop_rate": 0.2}
     assert r.run.name is None and r.train.mixed_precision == "bf16"
     assert parse_overrides(["a.b=[1, 2]", "c=x=y"]) == [(["a", "b"], [1, 2]), (["c"], "x=y")]

@@ -1,7 +1,21 @@
-"""Training graphs built from a backbone."""
-from .build import PATTERNS, even_branches, rebuild, splits, wrap
-from .execution import EXECUTION_MODES
-from .tree import RESCALE_MODES, TreeNet, WrapConfig, scale_grad
+"""Training graphs built from a backbone, behind one contract (:mod:`.base`).
 
-__all__ = ["EXECUTION_MODES", "PATTERNS", "RESCALE_MODES", "TreeNet", "WrapConfig",
-           "even_branches", "rebuild", "scale_grad", "splits", "wrap"]
+Importing this package registers every graph kind: ``tree`` and ``instances`` (:mod:`.build`),
+``peers`` (:mod:`.peers`).
+"""
+from . import build, peers  # noqa: F401  (registers the kinds)
+from .base import (GRAPH_KINDS, INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph,
+                   build_graph, builder_arguments, rebuild, register_graph)
+from .build import even_branches
+from .execution import EXECUTION_MODES
+from .peers import PeerGroup
+from .staged import StagedGraph
+from .tree import RESCALE_MODES, TreeNet, scale_grad
+from .wrap import splits, wrap
+
+PATTERNS = tuple(GRAPH_KINDS)
+
+__all__ = ["EXECUTION_MODES", "GRAPH_KINDS", "INPUT", "PATTERNS", "RESCALE_MODES", "CostPiece",
+           "GraphConfig", "GraphOutput", "PeerGroup", "StagedGraph", "TrainingGraph", "TreeNet",
+           "build_graph", "builder_arguments", "even_branches", "rebuild", "register_graph",
+           "scale_grad", "splits", "wrap"]

@@ -1,22 +1,20 @@
-"""``wrap``: turn a backbone into a training graph of the requested pattern."""
+"""Builders of the tree-shaped graph kinds: ``tree`` (shared trunk, hierarchical heads) and
+``instances`` (H independent copies of the whole model)."""
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .. import backbones
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from ..surgery import Stage, cut_graph, resolve_splits, split_points, trace
+from .base import GraphConfig, register_graph
 from .execution import check_mode
-from .tree import RESCALE_MODES, TreeNet, WrapConfig
-
-PATTERNS = ("tree", "instances")
-
+from .tree import RESCALE_MODES, TreeNet
 
 def _prime_factors(n: int) -> list[int]:
     factors, p = [], 2
@@ -48,52 +46,31 @@ def _parse_split(split: str | Sequence[str] | None) -> tuple[str, ...]:
         return ()
     if isinstance(split, str):
         split = split.split(",")
-    return tuple(s.strip() for s in split if s.strip())
-
-
-def _check_arguments(heads: int, pattern: str, rescale: str) -> None:
-    if not isinstance(heads, int) or heads < 1:
-        raise UserError(f"heads must be an integer >= 1, got {heads!r}")
-    if pattern not in PATTERNS:
-        raise UserError(f"unknown pattern '{pattern}'; valid: {', '.join(PATTERNS)}")
-    if rescale not in RESCALE_MODES:
-        raise UserError(f"unknown rescale '{rescale}'; valid: {', '.join(RESCALE_MODES)}")
+    if not all(isinstance(s, str) for s in split):
+        raise ArgumentError("split", f"must be split point names, got {list(split)!r}")
+    names = tuple(s.strip() for s in split if s.strip())
+    if len(set(names)) != len(names):
+        raise ArgumentError("split", f"must list distinct split points, got {list(names)}")
+    return names
 
 
 def _fanouts(heads: int, split: tuple[str, ...], branches: Sequence[int] | None) -> tuple[int, ...]:
     if branches is None:
         branches = even_branches(heads, len(split))
-    branches = tuple(int(b) for b in branches)
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in branches):
+        raise ArgumentError("branches", f"must be integers, got {list(branches)!r}")
+    branches = tuple(branches)
     if len(branches) != len(split):
-        raise UserError(f"branches {branches} must give one fan-out per split point "
-                        f"({len(split)}: {', '.join(split)})")
+        raise ArgumentError("branches", f"{branches} must give one fan-out per split point "
+                                        f"({len(split)}: {', '.join(split)})")
     if any(b < 1 for b in branches) or math.prod(branches) != heads:
-        raise UserError(f"branches {branches} must be >= 1 and multiply to heads={heads}")
+        raise ArgumentError("branches", f"{branches} must be >= 1 and multiply to heads={heads}")
     return (1, *branches)
 
 
-def _fresh_state_factory(module: nn.Module, spec: backbones.BackboneSpec
-                         ) -> Callable[[], dict[str, torch.Tensor]]:
-    """Returns a function drawing a newly initialised state_dict of the same model.
-
-    Copies of a stage must not start from the same weights, or sibling heads that see the same
-    input would stay identical. A named model is simply created again by its factory; a ready
-    module is deep-copied and every submodule with ``reset_parameters`` is reset.
-    """
-    if spec.library in ("timm", "torchvision"):
-        return lambda: backbones.create(spec).state_dict()
-
-    def reset_copy() -> dict[str, torch.Tensor]:
-        fresh = copy.deepcopy(module)
-        for sub in fresh.modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
-        return fresh.state_dict()
-    return reset_copy
-
-
-def _reinitialise_copies(net: TreeNet, fresh_state: Callable[[], dict[str, torch.Tensor]]) -> None:
-    """Give every stage copy beyond the first its own initial weights."""
+def _reinitialise_copies(net: TreeNet, module: nn.Module, spec: backbones.BackboneSpec) -> None:
+    """Give every stage copy beyond the first its own initial weights (see
+    :func:`~collabsurgery.backbones.fresh_instance`)."""
     fresh_by_head: dict[int, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for i, copies in enumerate(net.stages):
@@ -101,88 +78,100 @@ def _reinitialise_copies(net: TreeNet, fresh_state: Callable[[], dict[str, torch
             for c in range(1, len(copies)):
                 owner = c * leaves_per_copy  # the first head running this copy
                 if owner not in fresh_by_head:
-                    fresh_by_head[owner] = fresh_state()
+                    fresh_by_head[owner] = backbones.fresh_instance(module, spec).state_dict()
                 state = fresh_by_head[owner]
                 for key, tensor in copies[c].state_dict(keep_vars=True).items():
                     if key in state:
                         tensor.copy_(state[key])
 
 
-def wrap(model: str | nn.Module, split: str | Sequence[str] | None = None, heads: int = 2,
-         pattern: str = "tree", branches: Sequence[int] | None = None, rescale: str = "backprop",
-         num_classes: int | None = None, input_size: Sequence[int] | None = None,
-         execution: str = "auto", checkpoint_branches: bool = False,
-         **model_kwargs: Any) -> TreeNet:
-    """Rewrite ``model`` into a training graph with ``heads`` classifier heads.
+def _check_heads(heads: int, rescale: str) -> None:
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ArgumentError("heads", f"must be an integer >= 1, got {heads!r}")
+    if rescale not in RESCALE_MODES:
+        raise ArgumentError("rescale", f"must be one of {', '.join(RESCALE_MODES)}, got "
+                                       f"{rescale!r}")
 
-    Args:
-        model: a timm name, ``"torchvision.<name>"``, or an ``nn.Module`` (whose parameters
-            become head 0's; other heads get fresh copies).
-        split: split point names (``"layer2,layer3"`` or a sequence), in execution order.
-        heads: number of heads H.
-        pattern: ``"tree"`` (shared trunk, hierarchical with several splits) or ``"instances"``.
-        branches: fan-out at each split point; default an even factorisation of ``heads``.
-        rescale: ``"backprop"`` (gradient x 1/children at each branch), ``"loss"`` (1/H per head
-            loss, applied by the engine through ``net.loss_weight``) or ``"none"``.
-        num_classes: passed to the model factory.
-        input_size: (C, H, W) for the tracing probe; default from the model's pretrained_cfg.
-        execution: how sibling copies run: ``"loop"``, ``"fused"``, ``"packed"`` or ``"auto"``
-            (see :mod:`collabsurgery.graphs.execution`); ``net.set_execution`` changes it later.
-        checkpoint_branches: recompute branch stages in backward (activation checkpointing).
-        model_kwargs: other factory arguments (``drop_path_rate``...).
-    Returns:
-        a :class:`TreeNet`; ``net(x)`` gives ``[H, B, C]``.
-    """
-    split = _parse_split(split)
-    _check_arguments(heads, pattern, rescale)
-    check_mode(execution)
-    if num_classes is not None:
-        model_kwargs["num_classes"] = num_classes
-    module, spec = backbones.resolve(model, **model_kwargs)
-    size = tuple(input_size) if input_size else backbones.default_input_size(module)
-    config = WrapConfig(spec.qualified_name, dict(spec.kwargs), split, heads, pattern,
-                        tuple(branches) if branches is not None else None, rescale, size)
-    reference_keys = list(module.state_dict().keys())
-    common = dict(rescale=rescale, spec=spec, reference_keys=reference_keys, config=config)
 
-    if pattern == "instances" or (not split and heads == 1):
-        if split:
-            raise UserError("pattern 'instances' takes no split points (each head is a whole "
-                            "model); use pattern 'tree' to share layers")
-        net = TreeNet([module], [heads], stage_names=["input..output"], **common)
-    else:
-        traced = trace(module, size)
-        if not split:
-            raise UserError(f"pattern 'tree' with {heads} heads needs split points; valid split "
-                            f"points: {', '.join(split_points(traced))}")
-        fanouts = _fanouts(heads, split, branches)
-        cuts = resolve_splits(traced, split)
-        train_graphs = cut_graph(traced.train.graph, [t for t, _ in cuts])
-        eval_graphs = cut_graph(traced.eval.graph, [e for _, e in cuts])
-        stages = [Stage(module, tg, eg, deinplace=i > 0)
-                  for i, (tg, eg) in enumerate(zip(train_graphs, eval_graphs))]
-        bounds = ["input", *split, "output"]
-        names = [f"{a}..{b}" for a, b in zip(bounds, bounds[1:])]
-        covered = set().union(*(s.state_dict().keys() for s in stages))
-        full_state = module.state_dict()
-        unused = {k: full_state[k] for k in reference_keys if k not in covered}
-        net = TreeNet(stages, fanouts, stage_names=names, unused_state=unused, **common)
-    _reinitialise_copies(net, _fresh_state_factory(module, spec))
+def _config(kind: str, spec: backbones.BackboneSpec, size: tuple[int, ...], **args: Any
+            ) -> GraphConfig:
+    """The JSON config of a graph built from one backbone (tuples stored as lists)."""
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+    return GraphConfig(kind, {"model": spec.qualified_name, "model_kwargs": dict(spec.kwargs),
+                              "input_size": list(size), **plain})
+
+
+def _finish(net: TreeNet, module: nn.Module, spec: backbones.BackboneSpec, execution: str,
+            checkpoint_branches: bool) -> TreeNet:
+    _reinitialise_copies(net, module, spec)
     net.set_execution(execution, checkpoint_branches)
     net.train(module.training)
     return net
 
 
-def rebuild(config: WrapConfig) -> TreeNet:
-    """Build the training graph a :class:`WrapConfig` describes (weights freshly initialised)."""
-    return wrap(config.model, split=config.split, heads=config.heads, pattern=config.pattern,
-                branches=config.branches, rescale=config.rescale, input_size=config.input_size,
-                **config.model_kwargs)
+def _tree_example(backbone: str, points: Sequence[str]) -> dict[str, Any]:
+    middle = len(points) // 2
+    return {"split": [points[middle - 1], points[middle]], "heads": 4}
 
 
-def splits(model: str | nn.Module, input_size: Sequence[int] | None = None,
-           **model_kwargs: Any) -> list[str]:
-    """Clean split points of ``model`` (module names), in execution order."""
-    module, _ = backbones.resolve(model, **model_kwargs)
+@register_graph("tree", example=_tree_example)
+def build_tree(model: str | nn.Module, split: str | Sequence[str] | None = None, heads: int = 2,
+               branches: Sequence[int] | None = None, rescale: str = "backprop",
+               input_size: Sequence[int] | None = None, execution: str = "auto",
+               checkpoint_branches: bool = False, model_kwargs: dict | None = None) -> TreeNet:
+    """Shared trunk up to the first split point; with several split points the heads branch
+    hierarchically, ``branches`` (default: an even factorisation of ``heads``) giving the
+    fan-out at each. ``heads=1`` without split points is the plain model.
+
+    ``rescale``: ``"backprop"`` (gradient x 1/children at each branch point), ``"loss"`` (1/H per
+    head loss, through ``net.loss_weight``) or ``"none"``; ``execution`` and
+    ``checkpoint_branches`` choose how sibling copies run (:mod:`.execution`).
+    """
+    split = _parse_split(split)
+    _check_heads(heads, rescale)
+    check_mode(execution)
+    module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
-    return split_points(trace(module, size))
+    config = _config("tree", spec, size, split=split, heads=heads,
+                     branches=tuple(branches) if branches is not None else None, rescale=rescale,
+                     execution=execution, checkpoint_branches=checkpoint_branches)
+    reference_keys = list(module.state_dict().keys())
+    if not split:
+        if heads > 1:
+            raise ArgumentError("split", f"is empty, but pattern 'tree' with {heads} heads needs "
+                                         "split points; valid split points: "
+                                         f"{', '.join(split_points(trace(module, size)))}")
+        net = TreeNet([module], [1], rescale, spec, reference_keys, config, ["input..output"])
+        return _finish(net, module, spec, execution, checkpoint_branches)
+    traced = trace(module, size)
+    fanouts = _fanouts(heads, split, branches)
+    cuts = resolve_splits(traced, split)
+    train_graphs = cut_graph(traced.train.graph, [t for t, _ in cuts])
+    eval_graphs = cut_graph(traced.eval.graph, [e for _, e in cuts])
+    stages = [Stage(module, tg, eg, deinplace=i > 0)
+              for i, (tg, eg) in enumerate(zip(train_graphs, eval_graphs))]
+    bounds = ["input", *split, "output"]
+    names = [f"{a}..{b}" for a, b in zip(bounds, bounds[1:])]
+    covered = set().union(*(s.state_dict().keys() for s in stages))
+    full_state = module.state_dict()
+    unused = {k: full_state[k] for k in reference_keys if k not in covered}
+    net = TreeNet(stages, fanouts, rescale, spec, reference_keys, config, names, unused)
+    return _finish(net, module, spec, execution, checkpoint_branches)
+
+
+@register_graph("instances", example=lambda backbone, points: {"heads": 2})
+def build_instances(model: str | nn.Module, heads: int = 2, rescale: str = "backprop",
+                    input_size: Sequence[int] | None = None, execution: str = "auto",
+                    checkpoint_branches: bool = False, model_kwargs: dict | None = None
+                    ) -> TreeNet:
+    """``heads`` independent copies of the whole model (paper 000, Fig. 1b); each head may run
+    on its own batch (``[H, B, ...]`` input). ``rescale="loss"`` weights each head's loss 1/H."""
+    _check_heads(heads, rescale)
+    check_mode(execution)
+    module, spec = backbones.resolve(model, **(model_kwargs or {}))
+    size = tuple(input_size) if input_size else backbones.default_input_size(module)
+    config = _config("instances", spec, size, heads=heads, rescale=rescale, execution=execution,
+                     checkpoint_branches=checkpoint_branches)
+    net = TreeNet([module], [heads], rescale, spec, list(module.state_dict().keys()), config,
+                  ["input..output"])
+    return _finish(net, module, spec, execution, checkpoint_branches)

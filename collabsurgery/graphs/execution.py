@@ -36,19 +36,14 @@ import copy
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from ..surgery import Stage, trace
 from .fused import FusedStage
 from .packed import PackedStage, Unsupported
-
-if TYPE_CHECKING:
-    from .tree import TreeNet
 
 EXECUTION_MODES = ("loop", "fused", "packed", "auto")
 CANDIDATES = ("loop", "fused", "packed")
@@ -72,7 +67,8 @@ def untimed_choice(x: torch.Tensor) -> str:
 def check_mode(mode: str) -> str:
     """``mode`` if it is an execution mode, else a UserError naming the valid ones."""
     if mode not in EXECUTION_MODES:
-        raise UserError(f"unknown execution mode '{mode}'; valid: {', '.join(EXECUTION_MODES)}")
+        raise ArgumentError("execution", f"'{mode}' is an unknown execution mode; valid: "
+                                         f"{', '.join(EXECUTION_MODES)}")
     return mode
 
 
@@ -200,10 +196,11 @@ def _compiled(plan: Plan, options: dict) -> Plan:
 
 
 class Executor:
-    """The execution mode of a :class:`TreeNet`'s branch stages, with its built plans.
+    """The execution mode of a staged graph's branch stages, with its built plans.
 
-    Holds no modules: plans reference the net's copies and are rebuilt after a deep copy,
-    a pickle round trip or ``clear()`` (called by ``TreeNet._apply``).
+    Holds no modules: it is handed each stage's copies, and its plans reference them; plans are
+    rebuilt after a deep copy, a pickle round trip or ``clear()`` (called when the graph's
+    tensors move).
     """
 
     def __init__(self, mode: str = "auto", checkpoint_branches: bool = False,
@@ -231,10 +228,10 @@ class Executor:
     def __deepcopy__(self, memo: dict) -> "Executor":
         return Executor(**self.__getstate__())
 
-    def run_stage(self, net: "TreeNet", index: int, parents: list[torch.Tensor]
+    def run_stage(self, index: int, copies: Sequence[nn.Module], parents: list[torch.Tensor]
                   ) -> list[torch.Tensor]:
-        """Outputs of every copy of stage ``index``; copy ``c`` reads ``parents[c // fanout]``."""
-        copies = net.stages[index]
+        """Outputs of every copy of stage ``index``; copy ``c`` reads ``parents[c // fanout]``
+        (the copies reading one parent are a sibling group)."""
         fanout = len(copies) // len(parents)
         ckpt = self.checkpoint_branches and len(copies) > 1 and torch.is_grad_enabled()
         outputs: list[torch.Tensor] = []
@@ -297,18 +294,19 @@ class Executor:
         self.timings[index], self.chosen[index] = times, best
         return best
 
-    def describe(self, net: "TreeNet") -> str:
-        """One line per stage: copies, the requested and the running mode, and why."""
+    def describe(self, stage_names: Sequence[str], copies: Sequence[int],
+                 group_sizes: Sequence[int]) -> str:
+        """One line per stage (its name, copies and sibling-group size): the requested and the
+        running mode, and why."""
         lines = [f"execution: {self.mode}" +
                  (", branch stages checkpointed" if self.checkpoint_branches else "") +
                  (", every sibling group compiled" if self.compile else "")]
-        for i, name in enumerate(net.stage_names):
-            copies = net.copies(i)
-            if net.fanouts[i] == 1:
-                lines.append(f"  {name}: {copies} cop{'y' if copies == 1 else 'ies'}, loop")
+        for i, (name, count, group) in enumerate(zip(stage_names, copies, group_sizes)):
+            if group == 1:
+                lines.append(f"  {name}: {count} cop{'y' if count == 1 else 'ies'}, loop")
                 continue
             used = self.used.get(i, "not run yet")
-            line = f"  {name}: {copies} copies in groups of {net.fanouts[i]}, running {used}"
+            line = f"  {name}: {count} copies in groups of {group}, running {used}"
             if i in self.timings:
                 line += " (timed: " + ", ".join(f"{m} {t * 1e3:.1f} ms"
                                                 for m, t in self.timings[i].items()) + ")"

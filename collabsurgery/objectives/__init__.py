@@ -1,4 +1,4 @@
-"""Loss functions that see only logits ``[H, B, C]`` and labels ``[B]``."""
+"""Objectives: losses over a training graph's output (see :mod:`.base` for the contract)."""
 
 from __future__ import annotations
 
@@ -6,35 +6,68 @@ import inspect
 from typing import Any
 
 from collabsurgery.errors import UserError
-from collabsurgery.objectives.base import LossOutput, Objective
+from collabsurgery.objectives.base import LossContext, LossOutput, Objective, Step
 from collabsurgery.objectives.consensus import ConsensusLoss
+from collabsurgery.objectives.distill import DistillationLoss
+from collabsurgery.objectives.mutual import MutualLoss
 from collabsurgery.objectives.single import LabelSmoothingLoss, SingleLoss
 
-OBJECTIVES: dict[str, type[Objective]] = {
-    "consensus": ConsensusLoss,
-    "single": SingleLoss,
-    "label_smoothing": LabelSmoothingLoss,
-}
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
+    """Make ``cls`` buildable by ``name``; a name registered twice is an error."""
+    if name in OBJECTIVES:
+        raise ValueError(f"objective '{name}' is already registered")
+    OBJECTIVES[name] = cls
+    return cls
+
+
+for _name, _cls in (("consensus", ConsensusLoss), ("single", SingleLoss),
+                    ("label_smoothing", LabelSmoothingLoss), ("dml", MutualLoss),
+                    ("kd", DistillationLoss)):
+    register_objective(_name, _cls)
+
+
+def objective_arguments(name: str) -> list[str]:
+    """The constructor arguments of objective ``name``; UserError for an unknown name."""
+    if name not in OBJECTIVES:
+        raise UserError(f"unknown objective {name!r}; valid: {', '.join(sorted(OBJECTIVES))}")
+    return list(inspect.signature(OBJECTIVES[name]).parameters)
+
+
+def check_objective_arguments(name: str, args: dict[str, Any], where: str = "argument") -> None:
+    """UserError naming an argument that objective ``name`` does not take."""
+    valid = objective_arguments(name)
+    for key in args:
+        if key not in valid:
+            raise UserError(f"objective '{name}' takes no {where} '{key}'; valid: "
+                            f"{', '.join(valid) or 'none'}")
 
 
 def build_objective(name: str, **kwargs: Any) -> Objective:
     """Build an objective by name; an unknown name or keyword is a UserError."""
-    if name not in OBJECTIVES:
-        raise UserError(f"unknown objective {name!r}; valid: {', '.join(sorted(OBJECTIVES))}")
-    cls = OBJECTIVES[name]
+    check_objective_arguments(name, kwargs)
     try:
-        inspect.signature(cls).bind(**kwargs)
+        inspect.signature(OBJECTIVES[name]).bind(**kwargs)
     except TypeError as e:
         raise UserError(f"bad arguments for objective {name!r}: {e}") from None
-    return cls(**kwargs)
+    return OBJECTIVES[name](**kwargs)
 
 
 __all__ = [
     "OBJECTIVES",
     "ConsensusLoss",
+    "DistillationLoss",
     "LabelSmoothingLoss",
+    "LossContext",
     "LossOutput",
+    "MutualLoss",
     "Objective",
     "SingleLoss",
+    "Step",
     "build_objective",
+    "check_objective_arguments",
+    "objective_arguments",
+    "register_objective",
 ]

@@ -1,18 +1,51 @@
-"""The objective contract: an ``nn.Module`` that maps every head's logits to one loss.
+"""The objective contract: an ``nn.Module`` that maps a training graph's output to one loss.
 
-``objective(logits, labels) -> LossOutput`` with ``logits: Tensor[H, B, C]`` (head 0 first) and
-``labels: LongTensor[B]``. Objectives see only logits; anything else they need (a gate, a
-ramp-up) they own themselves, which is why they are modules.
+``objective(out, labels, step) -> LossOutput`` where ``out`` is the graph's
+:class:`~collabsurgery.graphs.GraphOutput` (or just its logits ``[H, B, C]``), ``labels`` is
+``[B]`` (every head sees the same examples) or ``[H, B]`` (per-head subsets), and ``step`` says
+where training is (for ramp-ups and per-step random choices).
+
+- ``wants``: the named graph features the objective needs (``"input"``, a split point, ...);
+  the engine asks the graph for exactly these.
+- Random choices (sub-groups, routes, ...) come from ``step.generator(...)``: seeded by
+  (seed, epoch, batch) and never by the process rank, so every process draws the same and a
+  resumed run replays them.
+- An objective may own modules (a gate, attention, auxiliary heads): the engine optimises,
+  syncs and checkpoints graph + objective together; an export holds only the graph's head.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from collabsurgery.errors import UserError
+from collabsurgery.graphs.base import GraphOutput
+from collabsurgery.seeding import generator
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where training is: ``batch`` of epoch ``epoch`` (both from 0) out of ``epochs`` epochs
+    of ``batches`` batches each, in a run seeded by ``seed``."""
+
+    seed: int = 0
+    epoch: int = 0
+    batch: int = 0
+    epochs: int = 1
+    batches: int = 1
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1] (for ramp-ups)."""
+        return min(1.0, (self.epoch + self.batch / max(self.batches, 1)) / max(self.epochs, 1))
+
+    def generator(self, *key: Any) -> torch.Generator:
+        """A CPU generator for this step's random choices, the same on every process."""
+        return generator("objective", self.seed, self.epoch, self.batch, *key)
 
 
 @dataclass
@@ -30,46 +63,84 @@ class LossOutput:
     parts: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LossContext:
+    """What an objective may look at besides logits and labels: the graph's features (the
+    names in ``wants``) and the step."""
+
+    features: dict[str, Tensor]
+    step: Step
+
+
 class Objective(nn.Module):
     """Base class: checks shapes, turns autocast off and computes in float32.
 
-    Subclasses implement :meth:`head_losses`, which gets float32 logits ``[H, B, C]`` and returns
-    ``(per_head_losses [H], parts)`` where ``parts`` maps names to per-head tensors ``[H]``.
+    Subclasses implement :meth:`head_losses`, which gets float32 logits ``[H, B, C]``, labels
+    ``[H, B]`` and a :class:`LossContext`, and returns ``(per_head_losses [H], parts)`` where
+    ``parts`` maps names to per-head tensors ``[H]``.
     """
 
     min_heads: int = 1
+    wants: tuple[str, ...] = ()
 
-    def forward(self, logits: Tensor, labels: Tensor) -> LossOutput:
+    def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None
+                ) -> LossOutput:
+        if isinstance(out, Tensor):
+            out = GraphOutput(out)
+        logits = out.logits
         if logits.dim() != 3:
             raise UserError(f"logits must be [H, B, C], got shape {tuple(logits.shape)}")
-        if labels.dim() != 1 or labels.shape[0] != logits.shape[1]:
-            raise UserError(
-                f"labels must be [B] with B={logits.shape[1]}, got shape {tuple(labels.shape)}"
-            )
-        if logits.shape[0] < self.min_heads:
-            raise UserError(
-                f"{type(self).__name__} needs at least {self.min_heads} heads, "
-                f"got {logits.shape[0]}"
-            )
+        h, b = logits.shape[:2]
+        if labels.shape not in ((b,), (h, b)):
+            raise UserError(f"labels must be [B] or [H, B] with H={h}, B={b}, got shape "
+                            f"{tuple(labels.shape)}")
+        self.check_compatible(h, logits.shape[2])
+        context = LossContext(out.features, step or Step())
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            per_head, parts = self.head_losses(logits.float(), labels)
+            per_head, parts = self.head_losses(logits.float(), labels.expand(h, b), context)
         return LossOutput(
             loss=per_head.sum(),
             per_head=per_head.detach(),
             parts={k: v.detach().sum() for k, v in parts.items()},
         )
 
-    def head_losses(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def check_compatible(self, num_heads: int, num_classes: int) -> None:
+        """UserError when this objective cannot train a graph of ``num_heads`` heads predicting
+        ``num_classes`` classes (the engine calls it before training starts)."""
+        if num_heads < self.min_heads:
+            raise UserError(f"{type(self).__name__} needs at least {self.min_heads} heads, "
+                            f"got {num_heads}")
+
+    def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
 
 def cross_entropy_per_head(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean-over-batch CE of every head: ``[H, B, C], [B] -> [H]``."""
+    """Mean-over-batch CE of every head: ``[H, B, C]``, labels ``[B]`` or ``[H, B]`` -> ``[H]``."""
     h, b, c = logits.shape
     ce = nn.functional.cross_entropy(
         logits.reshape(h * b, c),
-        labels.repeat(h),
+        labels.expand(h, b).reshape(h * b),
         reduction="none",
         label_smoothing=label_smoothing,
     )
     return ce.view(h, b).mean(1)
+
+
+def soft_cross_entropy(target: Tensor, logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * mean_b( -sum_c target[b, c] * log softmax(z[b] / T)_c )`` per head, ``[H]``.
+
+    ``target`` (probabilities, ``[H, B, C]``) is used as given: detach it where the method
+    says so. Against a fixed target this differs from ``KL(target || p)`` only by the target's
+    entropy, a constant, so the gradients are the KL's.
+    """
+    log_p = torch.log_softmax(logits / temperature, dim=-1)
+    return -(target * log_p).sum(-1).mean(-1) * temperature**2
+
+
+def kl_per_head(target: Tensor, logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(target || softmax(z / T))``, batchmean, per head ``[H]`` (target as given)."""
+    log_p = torch.log_softmax(logits / temperature, dim=-1)
+    kl = (target * (target.clamp_min(1e-30).log() - log_p)).sum(-1)
+    return kl.mean(-1) * temperature**2

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from collabsurgery.errors import UserError
-from collabsurgery.objectives.base import Objective, cross_entropy_per_head
+from collabsurgery.errors import ArgumentError
+from collabsurgery.objectives.base import (LossContext, Objective, cross_entropy_per_head,
+                                           soft_cross_entropy)
 
 
 class ConsensusLoss(Objective):
@@ -28,19 +29,19 @@ class ConsensusLoss(Objective):
     def __init__(self, temperature: float = 2.0, beta: float = 0.5) -> None:
         super().__init__()
         if temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {temperature}")
+            raise ArgumentError("temperature", f"must be > 0, got {temperature}")
         if not 0.0 <= beta <= 1.0:
-            raise UserError(f"beta must be in [0, 1], got {beta}")
+            raise ArgumentError("beta", f"must be in [0, 1], got {beta}")
         self.temperature = float(temperature)
         self.beta = float(beta)
 
-    def head_losses(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
         t, beta, h = self.temperature, self.beta, logits.shape[0]
         with torch.no_grad():
             others = (logits.sum(0, keepdim=True) - logits) / (h - 1)  # [H, B, C]
             q = torch.softmax(others / t, dim=-1)
-        log_p = torch.log_softmax(logits / t, dim=-1)
-        soft = -(q * log_p).sum(-1).mean(-1) * t**2  # [H], batchmean
+        soft = soft_cross_entropy(q, logits, t)  # [H], batchmean
         hard = cross_entropy_per_head(logits, labels)
         total = beta * hard + (1.0 - beta) * soft
         return total, {"hard": hard, "soft": soft}

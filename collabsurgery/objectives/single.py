@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from collabsurgery.errors import UserError
-from collabsurgery.objectives.base import Objective, cross_entropy_per_head
+from collabsurgery.errors import ArgumentError
+from collabsurgery.objectives.base import LossContext, Objective, cross_entropy_per_head
 
 
 class SingleLoss(Objective):
@@ -14,7 +14,8 @@ class SingleLoss(Objective):
     H=1 is the single-model baseline; H>1 is independent training with no collaboration.
     """
 
-    def head_losses(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
         hard = cross_entropy_per_head(logits, labels)
         return hard, {"hard": hard}
 
@@ -29,10 +30,11 @@ class LabelSmoothingLoss(Objective):
     def __init__(self, smoothing: float = 0.1) -> None:
         super().__init__()
         if not 0.0 <= smoothing < 1.0:
-            raise UserError(f"smoothing must be in [0, 1), got {smoothing}")
+            raise ArgumentError("smoothing", f"must be in [0, 1), got {smoothing}")
         self.smoothing = float(smoothing)
 
-    def head_losses(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
         hard = cross_entropy_per_head(logits, labels, label_smoothing=self.smoothing)
         return hard, {"hard": hard}
 

@@ -1,0 +1,55 @@
+"""``wrap``: turn one backbone (or several, for peers) into a training graph of any kind."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn as nn
+
+from .. import backbones
+from ..surgery import split_points, trace
+from .base import GRAPH_KINDS, TrainingGraph, build_graph, builder_arguments
+
+
+def wrap(model: str | nn.Module | Sequence[str | nn.Module], split: str | Sequence[str] | None = None,
+         heads: int | None = None, pattern: str = "tree", num_classes: int | None = None,
+         input_size: Sequence[int] | None = None, **kwargs: Any) -> TrainingGraph:
+    """Rewrite ``model`` into a training graph of kind ``pattern``.
+
+    Args:
+        model: a timm name, ``"torchvision.<name>"`` or an ``nn.Module`` (its parameters become
+            head 0's; other copies are freshly initialised); for ``pattern="peers"`` a list of
+            them, one per student.
+        split: split point names (``"layer2,layer3"`` or a sequence), in execution order.
+        heads: number of heads (tree, instances).
+        pattern: a registered graph kind: ``"tree"``, ``"instances"``, ``"peers"``, ...
+        num_classes: passed to the model factory.
+        input_size: (C, H, W) for tracing and costs; default from the model's pretrained_cfg.
+        kwargs: arguments of the pattern's builder (``branches``, ``rescale``, ``execution``,
+            ``checkpoint_branches``, ...); any other keyword goes to the model factory
+            (``drop_path_rate``...).
+    Returns:
+        a :class:`~collabsurgery.graphs.base.TrainingGraph`; ``net(x)`` gives ``[H, B, C]``.
+    """
+    takes = builder_arguments(pattern)
+    # None means "unset" for an argument of any graph kind (branches=None with instances)
+    graph_words = {a for kind in GRAPH_KINDS for a in builder_arguments(kind)}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k not in graph_words}
+    args = {k: v for k, v in kwargs.items() if k in takes}
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in takes}
+    if num_classes is not None:
+        model_kwargs["num_classes"] = num_classes
+    for name, value in (("split", split), ("heads", heads), ("input_size", input_size)):
+        if value is not None:
+            args[name] = value
+    if model_kwargs:
+        args["model_kwargs"] = model_kwargs
+    return build_graph(pattern, model, **args)
+
+
+def splits(model: str | nn.Module, input_size: Sequence[int] | None = None,
+           **model_kwargs: Any) -> list[str]:
+    """Clean split points of ``model`` (module names), in execution order."""
+    module, _ = backbones.resolve(model, **model_kwargs)
+    size = tuple(input_size) if input_size else backbones.default_input_size(module)
+    return split_points(trace(module, size))
