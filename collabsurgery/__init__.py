@@ -4,6 +4,7 @@
 >>> cs.splits("resnet50")[:3]                     # clean split points, in execution order
 >>> net = cs.wrap("resnet50", split="layer2,layer3", heads=4)
 >>> net(x).shape                                  # [H, B, C], head 0 first
+>>> peers = cs.wrap(["resnet18", "torchvision.mobilenet_v2"], pattern="peers", num_classes=10)
 >>> cs.export(net, head=0, path="resnet50_cl.safetensors")
 >>> model = cs.load_backbone("resnet50_cl.safetensors")
 """
@@ -11,7 +12,8 @@ __version__ = "0.1.0"
 
 from .errors import UserError  # noqa: E402
 from .export import export, load_backbone  # noqa: E402
-from .graphs import TreeNet, rebuild, splits, wrap  # noqa: E402
+from .graphs import (GraphConfig, GraphOutput, TrainingGraph, TreeNet, rebuild,  # noqa: E402
+                     register_graph, splits, wrap)
 
-__all__ = ["TreeNet", "UserError", "__version__", "export", "load_backbone", "rebuild",
-           "splits", "wrap"]
+__all__ = ["GraphConfig", "GraphOutput", "TrainingGraph", "TreeNet", "UserError", "__version__",
+           "export", "load_backbone", "rebuild", "register_graph", "splits", "wrap"]

@@ -98,7 +98,8 @@ def describe(net: TrainingGraph, plain: nn.Module | None = None) -> str:
         base, graph = measure(plain, size), measure(net, size)
         pieces = net.eval().cost_pieces(torch.zeros(1, *size))
     net.train(was_training)
-    lines = [f"training graph: {net.config.kind}, {net.num_heads} heads, "
+    models = dict.fromkeys(net.head_spec(h).qualified_name for h in range(net.num_heads))
+    lines = [f"training graph: {', '.join(models)} as {net.config.kind}, {net.num_heads} heads, "
              f"input {'x'.join(map(str, size))}", *net.describe_structure(), "",
              f"{'piece':<36} {'copies':>6} {'M params':>9} {'GFLOPs/image':>13}  (each copy)"]
     total_params = total_flops = 0
