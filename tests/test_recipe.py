@@ -72,6 +72,8 @@ def test_errors_name_the_key(tmp_path, text, key):
     ("graph:\n  execution: fast\n", "graph.execution"),
     ("objective:\n  beta: 1.5\n", "objective.beta"),
     ("objective:\n  temperature: 0\n", "objective.temperature"),
+    ("objective:\n  temperature: abc\n", "objective.temperature"),  # a string, not a number
+    ("objective:\n  name: label_smoothing\n  smoothing: true\n", "objective.smoothing"),
 ])
 def test_argument_values_are_checked_by_the_builder_naming_the_key(tmp_path, text, key):
     """Graph and objective arguments pass through to their builder/constructor, whose complaint

@@ -16,13 +16,14 @@ where training is (for ramp-ups and per-step random choices).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from collabsurgery.errors import UserError
+from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.graphs.base import GraphOutput
 from collabsurgery.seeding import generator
 
@@ -94,7 +95,8 @@ class Objective(nn.Module):
         if labels.shape not in ((b,), (h, b)):
             raise UserError(f"labels must be [B] or [H, B] with H={h}, B={b}, got shape "
                             f"{tuple(labels.shape)}")
-        self.check_compatible(h, logits.shape[2])
+        if h < self.min_heads:
+            raise UserError(f"{type(self).__name__} needs at least {self.min_heads} heads, got {h}")
         context = LossContext(out.features, step or Step())
         with torch.autocast(device_type=logits.device.type, enabled=False):
             per_head, parts = self.head_losses(logits.float(), labels.expand(h, b), context)
@@ -114,6 +116,22 @@ class Objective(nn.Module):
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+
+def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite number in the interval, else an ArgumentError
+    naming ``name`` and the interval (recipes can hold any YAML value, "1" and true included)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value)
+            and (low < value if low_open else low <= value)
+            and (value < high if high_open else value <= high)):
+        if high == math.inf:
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ArgumentError(name, f"must be a number {interval}, got {value!r}")
+    return float(value)
 
 
 def cross_entropy_per_head(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from collabsurgery.errors import ArgumentError
-from collabsurgery.objectives.base import (LossContext, Objective, cross_entropy_per_head,
-                                           soft_cross_entropy)
+from collabsurgery.objectives.base import (LossContext, Objective, check_number,
+                                           cross_entropy_per_head, soft_cross_entropy)
 
 
 class ConsensusLoss(Objective):
@@ -28,12 +27,8 @@ class ConsensusLoss(Objective):
 
     def __init__(self, temperature: float = 2.0, beta: float = 0.5) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ArgumentError("temperature", f"must be > 0, got {temperature}")
-        if not 0.0 <= beta <= 1.0:
-            raise ArgumentError("beta", f"must be in [0, 1], got {beta}")
-        self.temperature = float(temperature)
-        self.beta = float(beta)
+        self.temperature = check_number("temperature", temperature, 0, low_open=True)
+        self.beta = check_number("beta", beta, 0, 1)
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from collabsurgery.errors import ArgumentError
-from collabsurgery.objectives.base import LossContext, Objective, cross_entropy_per_head
+from collabsurgery.objectives.base import (LossContext, Objective, check_number,
+                                           cross_entropy_per_head)
 
 
 class SingleLoss(Objective):
@@ -29,9 +29,7 @@ class LabelSmoothingLoss(Objective):
 
     def __init__(self, smoothing: float = 0.1) -> None:
         super().__init__()
-        if not 0.0 <= smoothing < 1.0:
-            raise ArgumentError("smoothing", f"must be in [0, 1), got {smoothing}")
-        self.smoothing = float(smoothing)
+        self.smoothing = check_number("smoothing", smoothing, 0, 1, high_open=True)
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:
