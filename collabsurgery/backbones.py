@@ -93,6 +93,9 @@ def resolve(model: str | nn.Module, **kwargs: Any) -> tuple[nn.Module, BackboneS
     A ready module keeps its identity; its spec has library "module", so loading an export
     of it needs the caller to pass a module to load into.
     """
+    if not isinstance(model, (str, nn.Module)):
+        raise UserError(f"model must be a timm name, torchvision.<name> or an nn.Module, got "
+                        f"{model!r}; several models form a peer group: use pattern 'peers'")
     if isinstance(model, nn.Module):
         if kwargs:
             raise UserError("factory keyword arguments only apply to a model given by name")

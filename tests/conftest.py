@@ -10,8 +10,14 @@ import os
 # (``pretrained_cfg_overlay=dict(file=...)``) must never try to reach the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import math  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from collabsurgery.objectives import Objective, register_objective  # noqa: E402
+from collabsurgery.objectives.base import cross_entropy_per_head  # noqa: E402
 
 
 def make_input(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -23,6 +29,38 @@ def assert_same_logits(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Bit-equal where the op order is identical, else float32 tolerance (DESIGN 3)."""
     if not torch.equal(actual, expected):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def calibrate_batchnorm(net: nn.Module, size: int) -> None:
+    """Give every BatchNorm the statistics of one train-mode batch (cumulative average).
+
+    With its initial statistics (mean 0, var 1) eval-mode BatchNorm shrinks some backbones'
+    logits to ~1e-10 (torchvision mobilenet_v2), which would make every eval comparison at
+    1e-5 vacuous.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(make_input(8, size, seed=99))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+def stop_then_resume(make_recipe, run_dir, stop: int, capsys) -> None:
+    """Train ``make_recipe(*overrides)`` until optimizer step ``stop`` (a checkpoint there), then
+    resume it with ``run.resume=auto`` to the end, checking that it did resume from there."""
+    from collabsurgery import checkpoint, engine
+
+    engine.train(make_recipe(f"train.max_steps={stop}"))
+    ckpt = run_dir / "checkpoints" / f"ckpt-{stop:08d}"
+    assert checkpoint.latest(run_dir / "checkpoints") == ckpt
+    capsys.readouterr()
+    engine.train(make_recipe("run.resume=auto"))
+    assert f"resumed from {ckpt}" in capsys.readouterr().out
 
 
 def one_line_error(stderr: str) -> str:
@@ -46,3 +84,21 @@ def one_thread():
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class LearntTemperatureCE(Objective):
+    """Cross entropy of ``logits / T`` per head, summed; ``T = exp(log_temperature)`` is a
+    parameter the objective owns (as gates, attention or auxiliary heads would be: trained,
+    checkpointed, never exported)."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+
+    def head_losses(self, logits, labels, context):
+        ce = cross_entropy_per_head(logits / self.log_temperature.exp(), labels)
+        return ce, {"hard": ce}
+
+
+TEST_OBJECTIVE = "test_learnt_temperature"  # recipes select it with objective={name: ...}
+register_objective(TEST_OBJECTIVE, LearntTemperatureCE)

@@ -23,6 +23,7 @@ from collabsurgery.data import load_splits
 from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.recipe import data_arguments, load_recipe, save_recipe
 from collabsurgery.runs import load_run
+from conftest import stop_then_resume
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 8  # 128 training examples / batch 16, drop_last
@@ -82,14 +83,9 @@ def straight(tmp_path_factory):
 def test_resume_mid_epoch_is_bit_exact(straight, tmp_path, capsys):
     _, run_a = straight
     same = [*RANDOM, "run.name=resumed", "run.checkpoint_every=5", "run.log_with=[tensorboard]"]
-    stop = STEPS_PER_EPOCH + 3  # in the middle of epoch 2
-    engine.train(tiny(tmp_path, *same, f"train.max_steps={stop}"))
     run_b = tmp_path / "resumed"
-    assert checkpoint.latest(run_b / "checkpoints").name == f"ckpt-{stop:08d}"
-    capsys.readouterr()
-
-    engine.train(tiny(tmp_path, *same, "run.resume=auto"))
-    assert f"resumed from {run_b / 'checkpoints' / f'ckpt-{stop:08d}'}" in capsys.readouterr().out
+    stop_then_resume(lambda *more: tiny(tmp_path, *same, *more), run_b,
+                     STEPS_PER_EPOCH + 3, capsys)  # stopped in the middle of epoch 2
     assert checkpoint.latest(run_b / "checkpoints").name == f"ckpt-{2 * STEPS_PER_EPOCH:08d}"
 
     a, b = final_weights(run_a), final_weights(run_b)

@@ -269,7 +269,9 @@ class Executor:
               x: torch.Tensor) -> Plan | None:
         """The cached plan, or None when ``mode`` cannot run this stage (reason in notes)."""
         training = group[0].training
-        key = (index, parent, mode, training)
+        # the group is part of the key: a graph taking shared and per-head batches runs stage
+        # 0 as one group of all copies or as one group per copy
+        key = (index, parent, len(group), mode, training)
         if key not in self._plans:
             if (index, mode) in self.notes:
                 return None
