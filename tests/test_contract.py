@@ -250,3 +250,22 @@ def test_resume_after_one_sgd_step_from_config_and_checkpoint_is_bit_equal_to_tw
         straight.parameters()))
     assert all(torch.equal(momenta_a[i]["momentum_buffer"], momenta_b[i]["momentum_buffer"])
                for i in momenta_a)
+
+
+def test_registries_refuse_a_kind_or_objective_registered_twice():
+    from collabsurgery.graphs import register_graph
+    from collabsurgery.objectives import OBJECTIVES, register_objective
+
+    with pytest.raises(ValueError, match="graph kind 'tree' is already registered"):
+        register_graph("tree", example=lambda backbone, points: {})(lambda model: None)
+    assert GRAPH_KINDS["tree"].__name__ == "build_tree"  # the first registration stands
+    with pytest.raises(ValueError, match="objective 'consensus' is already registered"):
+        register_objective("consensus", type(build_objective("single")))
+    assert OBJECTIVES["consensus"].__name__ == "ConsensusLoss"
+
+
+def test_a_config_that_is_not_a_graph_config_is_a_user_error():
+    with pytest.raises(cs.UserError, match="not a graph config"):
+        GraphConfig.from_json('{"model": "resnet18"}')
+    with pytest.raises(cs.UserError, match="unknown pattern 'spiral'"):
+        rebuild(GraphConfig("spiral", {"model": "resnet18"}))

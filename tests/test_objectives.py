@@ -223,3 +223,18 @@ def test_build_objective() -> None:
         build_objective("consensus", temprature=2.0)
     with pytest.raises(UserError):
         ConsensusLoss(temperature=0.0)
+
+
+def test_step_draws_depend_on_seed_epoch_batch_only() -> None:
+    """Per-step random choices (sub-groups, routes) must be the same on every process and on a
+    resumed run: they come from (seed, epoch, batch), never from the global RNG or the rank."""
+    def draw(step: Step) -> torch.Tensor:
+        return torch.rand(5, generator=step.generator("subgroup"))
+
+    torch.manual_seed(1)
+    first = draw(Step(seed=3, epoch=2, batch=7, epochs=10, batches=20))
+    torch.manual_seed(2)  # another process or a resumed run has another global RNG state
+    assert torch.equal(first, draw(Step(seed=3, epoch=2, batch=7, epochs=10, batches=20)))
+    for other in (Step(3, 2, 8), Step(3, 1, 7), Step(4, 2, 7)):
+        assert not torch.equal(first, draw(other))
+    assert Step(0, 4, 10, epochs=10, batches=20).progress == pytest.approx(0.45)
