@@ -13,9 +13,7 @@ from .staged import StagedGraph
 from .tree import RESCALE_MODES, TreeNet, scale_grad
 from .wrap import splits, wrap
 
-PATTERNS = tuple(GRAPH_KINDS)
-
-__all__ = ["EXECUTION_MODES", "GRAPH_KINDS", "INPUT", "PATTERNS", "RESCALE_MODES", "CostPiece",
+__all__ = ["EXECUTION_MODES", "GRAPH_KINDS", "INPUT", "RESCALE_MODES", "CostPiece",
            "GraphConfig", "GraphOutput", "PeerGroup", "StagedGraph", "TrainingGraph", "TreeNet",
            "build_graph", "builder_arguments", "even_branches", "rebuild", "register_graph",
            "scale_grad", "splits", "wrap"]
