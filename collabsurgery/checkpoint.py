@@ -91,6 +91,22 @@ def latest(directory: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def split_state(state: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's weights as (graph state, objective state).
+
+    Checkpoints hold graph + objective under ``graph.`` / ``objective.``; those written before
+    objectives could own modules hold the graph's keys alone.
+    """
+    if not any(k.startswith("graph.") for k in state):
+        return dict(state), {}
+    parts: dict[str, dict[str, torch.Tensor]] = {"graph": {}, "objective": {}}
+    for key, value in state.items():
+        owner, _, name = key.partition(".")
+        parts[owner][name] = value
+    return parts["graph"], parts["objective"]
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], Progress]:
     """Model weights, other state dicts by name, and progress of checkpoint ``path``."""
     model_state = load_file(str(path / "model.safetensors"))

@@ -226,7 +226,9 @@ def setup(recipe: Recipe) -> Session:
 
 def _restore(session: Session, path: Path) -> None:
     model_state, states, progress = checkpoint.load(path)
-    session.collaboration.load_state_dict(model_state)
+    graph_state, objective_state = checkpoint.split_state(model_state)
+    session.collaboration.graph.load_state_dict(graph_state)
+    session.collaboration.objective.load_state_dict(objective_state)
     session.optimizer.load_state_dict(states["optimizer"])
     session.scheduler.load_state_dict(states["scheduler"])
     scaler = session.accelerator.scaler

@@ -12,7 +12,6 @@ from .export import export
 from .graphfile import config_from_json, load_graph
 from .graphs import TrainingGraph, rebuild
 
-GRAPH_PREFIX = "graph."  # checkpoints hold graph + objective (engine.Collaboration)
 
 
 def parse_head(text: str, num_heads: int) -> int | None:
@@ -38,9 +37,8 @@ def load_run(run_dir: Path) -> tuple[TrainingGraph, list[dict]]:
     if latest is None:
         raise UserError(f"{run_dir} has no complete checkpoint yet")
     net = rebuild(config_from_json((run_dir / "graph.json").read_text()))
-    state = load_file(str(latest / "model.safetensors"))
-    net.load_state_dict({k[len(GRAPH_PREFIX):]: v for k, v in state.items()
-                         if k.startswith(GRAPH_PREFIX)}, strict=True)
+    graph_state, _ = checkpoint.split_state(load_file(str(latest / "model.safetensors")))
+    net.load_state_dict(graph_state, strict=True)
     history = json.loads((latest / "state.json").read_text())["history"]
     return net.eval(), history
 

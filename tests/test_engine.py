@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import timm
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from collabsurgery import checkpoint, cli, engine
 from collabsurgery.data import load_splits
@@ -320,6 +321,29 @@ def test_export_best_head_of_a_run(straight, tmp_path, capsys):
         exported, graph = model.eval()(images), net.eval()(images)[best]
     if not torch.equal(exported, graph):
         torch.testing.assert_close(exported, graph, rtol=0, atol=1e-5)
+
+
+def test_a_first_wave_run_without_objective_keys_still_exports_and_resumes(straight, tmp_path):
+    """Runs written before objectives could own modules hold the graph's keys unprefixed and a
+    tree-only graph.json; export and resume read them."""
+    recipe, run_dir = straight
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    (old / "graph.json").write_text(json.dumps({
+        "model": "cifar_resnet20", "model_kwargs": {"num_classes": 10}, "split": ["layer1"],
+        "heads": 2, "pattern": "tree", "branches": None, "rescale": "backprop",
+        "input_size": [3, 16, 16]}))
+    latest = checkpoint.latest(old / "checkpoints")
+    state = load_file(str(latest / "model.safetensors"))
+    save_file({k.removeprefix("graph."): v for k, v in state.items()},
+              str(latest / "model.safetensors"))
+    out = tmp_path / "head0.safetensors"
+    assert cli.main(["export", str(old), "--head", "0", "-o", str(out)]) == 0
+    net, _ = load_run(run_dir)
+    assert all(torch.equal(v, net.head_state_dict(0)[k]) for k, v in load_file(str(out)).items())
+    session = engine.setup(tiny(tmp_path, *RANDOM, "run.name=old", "run.resume=auto"))
+    resumed = session.collaboration.graph.state_dict()
+    assert all(torch.equal(resumed[k], net.state_dict()[k]) for k in resumed)
 
 
 # ---------------------------------------------------------------------------- 8. run outputs
