@@ -9,6 +9,7 @@ from collabsurgery.errors import UserError
 from collabsurgery.objectives.base import LossContext, LossOutput, Objective, Step
 from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.objectives.distill import DistillationLoss
+from collabsurgery.objectives.ensemble import EnsembleTargetLoss
 from collabsurgery.objectives.mutual import MutualLoss
 from collabsurgery.objectives.single import LabelSmoothingLoss, SingleLoss
 
@@ -25,7 +26,7 @@ def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
 
 for _name, _cls in (("consensus", ConsensusLoss), ("single", SingleLoss),
                     ("label_smoothing", LabelSmoothingLoss), ("dml", MutualLoss),
-                    ("kd", DistillationLoss)):
+                    ("kd", DistillationLoss), ("kdcl", EnsembleTargetLoss)):
     register_objective(_name, _cls)
 
 
@@ -59,6 +60,7 @@ __all__ = [
     "OBJECTIVES",
     "ConsensusLoss",
     "DistillationLoss",
+    "EnsembleTargetLoss",
     "LabelSmoothingLoss",
     "LossContext",
     "LossOutput",
