@@ -319,15 +319,19 @@ def train_epoch(session: Session) -> bool:
 def end_epoch(session: Session) -> dict[str, Any]:
     """Evaluate, record, log and checkpoint the epoch just finished; returns its record."""
     accelerator, progress, recipe = session.accelerator, session.progress, session.recipe
+    objective = session.collaboration.objective
+    holdout_outputs: list | None = [] if objective.wants_holdout else None
     record = {
         "epoch": progress.epoch + 1,
         "step": progress.global_step,
         "lr": session.scheduler.get_last_lr()[0],
         "train_loss": accelerator.reduce(session.loss_sum, "mean").item()
         / max(session.loss_count, 1),
-        "holdout": evaluate(session.graph, session.holdout, accelerator),
+        "holdout": evaluate(session.graph, session.holdout, accelerator, holdout_outputs),
         "test": evaluate(session.graph, session.test, accelerator),
     }
+    if holdout_outputs is not None:
+        objective.end_epoch(*holdout_outputs)
     progress.history.append(record)
     progress.epoch, progress.batch = progress.epoch + 1, 0
     if recipe.run.log_with:

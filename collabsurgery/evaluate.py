@@ -8,22 +8,28 @@ from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict:
+def evaluate(net: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
+             outputs: list | None = None) -> dict:
     """Per-head accuracy/loss and the ensemble's (mean of the heads' logits), in eval mode.
 
     Counts are gathered over all processes (``gather_for_metrics`` drops the padding that
-    even sharding adds), so every rank returns the same numbers.
+    even sharding adds), so every rank returns the same numbers. When ``outputs`` is a list,
+    it receives every head's logits ``[H, N, C]`` (float32) and the labels ``[N]`` of the whole
+    split, the same on every rank.
     """
     was_training = net.training
     net.eval()
     correct = loss_sum = ensemble_correct = None
     total = 0
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     for images, labels in loader:
         with accelerator.autocast():
             logits = net(images)
         # Gather batch-first: gather_for_metrics concatenates (and trims) along dim 0.
         per_example, labels = accelerator.gather_for_metrics((logits.float().transpose(0, 1), labels))
         logits = per_example.transpose(0, 1)
+        if outputs is not None:
+            kept.append((logits, labels))
         heads = logits.shape[0]
         if correct is None:
             correct = torch.zeros(heads, dtype=torch.long, device=logits.device)
@@ -35,6 +41,8 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, accelerator: Accelerator)
         ensemble_correct += (logits.mean(0).argmax(-1) == labels).sum()
         total += labels.numel()
     net.train(was_training)
+    if outputs is not None:
+        outputs += [torch.cat([k[0] for k in kept], 1), torch.cat([k[1] for k in kept])]
     head_acc = (correct.double() / total).tolist()
     best = max(range(len(head_acc)), key=head_acc.__getitem__)
     return {

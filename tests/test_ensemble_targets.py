@@ -12,17 +12,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from collabsurgery import engine
+from collabsurgery import checkpoint, engine
 from collabsurgery.errors import UserError
 from collabsurgery.objectives import EnsembleTargetLoss, build_objective
-from collabsurgery.objectives.ensemble import (linear_weights, minlogit_logits, naive_logits,
-                                               project_to_simplex)
+from collabsurgery.objectives.ensemble import (general_weights, linear_weights, minlogit_logits,
+                                               naive_logits, project_to_simplex)
 from collabsurgery.recipe import load_recipe
 from collabsurgery.runs import load_run
+from conftest import stop_then_resume
 from test_peer_objectives import _data, _kl, _log_softmax, _softmax
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ["naive", "linear", "minlogit"]
+LOGIT_TARGETS = ["naive", "linear", "minlogit"]  # built from logits; general from probabilities
+TARGETS = [*LOGIT_TARGETS, "general"]
 Nested = list[list[list[float]]]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,7 +171,7 @@ def ref_kdcl(z: torch.Tensor, y: torch.Tensor, zt: list[list[float]], t: float
     return out
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", LOGIT_TARGETS)
 @pytest.mark.parametrize("t,lam", [(2.0, 1.0), (1.0, 0.5), (4.0, 3.0)])
 def test_loss_matches_loop_reference(target: str, t: float, lam: float) -> None:
     z, y = _data(h=3, b=4, c=5, seed=4)
@@ -181,7 +183,7 @@ def test_loss_matches_loop_reference(target: str, t: float, lam: float) -> None:
     assert out.loss.dim() == 0 and not out.per_head.requires_grad
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", LOGIT_TARGETS)
 def test_gradient_is_the_hand_formula_with_the_target_held_fixed(target: str) -> None:
     z, y = _data(h=3, b=4, c=5, seed=6)
     t, lam, (k_n, b_n, c) = 2.0, 0.7, z.shape
@@ -209,9 +211,8 @@ def test_defaults_are_the_papers_cifar_setting() -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"target": "mean"}, r"target must be one of linear, minlogit, naive, got 'mean'"),
-    ({"target": ["naive"]}, r"target must be one of linear, minlogit, naive"),
-    ({"target": "general"}, r"target 'general' \(KDCL-General\) is not available yet; valid: "),
+    ({"target": "mean"}, r"target must be one of general, linear, minlogit, naive, got 'mean'"),
+    ({"target": ["naive"]}, r"target must be one of general, linear, minlogit, naive"),
     ({"temperature": 0}, "temperature must be a number > 0"),
     ({"temperature": -1.0}, "temperature must be a number > 0"),
     ({"temperature": float("nan")}, "temperature must be a number > 0"),
@@ -237,6 +238,57 @@ def test_bad_input_and_bf16() -> None:
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
             out = EnsembleTargetLoss(target)(_data()[0].bfloat16(), _data()[1])
         assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------------------- general
+
+def _holdout(right_probs: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-class hold-out logits whose right-class (class 0) probability is ``right_probs[k][n]``
+    for student k on example n (1.0 through a logit gap of 100)."""
+    p = torch.tensor(right_probs, dtype=torch.float64)
+    logits = torch.stack([p.clamp_max(1 - 1e-300).log(), (1 - p).clamp_min(1e-44).log()], -1)
+    return logits, torch.zeros(p.shape[1], dtype=torch.long)
+
+
+def test_general_weights_from_a_known_covariance() -> None:
+    # errors f - 1: student 0 (-0.1, 0), student 1 (0, -0.2): C = diag(0.005, 0.02), so eq. 11
+    # gives w = (1/0.005, 1/0.02) / (200 + 50) = (0.8, 0.2)
+    w = general_weights(*_holdout([[0.9, 1.0], [1.0, 0.8]]))
+    torch.testing.assert_close(w, torch.tensor([0.8, 0.2], dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_general_weights_are_projected_when_eq_11_goes_negative() -> None:
+    # errors (-0.1, -0.1) and (-0.2, -0.3): C = [[0.01, 0.025], [0.025, 0.065]], det 2.5e-5;
+    # C^-1 1 = (0.065 - 0.025, 0.01 - 0.025) / det = (1600, -600), eq. 11: (1.6, -0.6)
+    raw_first = (0.065 - 0.025) / ((0.065 - 0.025) + (0.01 - 0.025))
+    assert raw_first == pytest.approx(1.6) and raw_first > 1
+    w = general_weights(*_holdout([[0.9, 0.9], [0.8, 0.7]]))
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_general_weights_of_identical_students_are_equal_despite_a_singular_covariance() -> None:
+    w = general_weights(*_holdout([[0.9, 0.6, 0.7]] * 3))
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_general_target_is_the_weighted_mean_of_probabilities() -> None:
+    z, y = _data(h=3, b=4, c=5)
+    loss = EnsembleTargetLoss("general", temperature=2.0, weight=0.5)
+    loss.check_compatible(3, 5)
+    assert torch.equal(loss.general_weights, torch.full((3,), 1 / 3))  # before any update
+    holdout, labels = _data(h=3, b=30, c=5, seed=1)
+    loss.end_epoch(holdout, labels)
+    w = general_weights(holdout, labels).float()
+    torch.testing.assert_close(loss.general_weights, w)
+    zs, ys = z.tolist(), y.tolist()
+    for k in range(3):
+        target = [sum(w[j].item() * _softmax(zs[j][b], 2.0)[c] for j in range(3))
+                  for b in range(4) for c in range(5)]
+        target = [target[b * 5:(b + 1) * 5] for b in range(4)]
+        soft = sum(_kl(target[b], _log_softmax(zs[k][b], 2.0)) for b in range(4)) / 4 * 4.0
+        hard = sum(_ce(zs[k][b], ys[b]) for b in range(4)) / 4
+        assert loss(z, y).per_head[k].item() == pytest.approx(hard + 0.5 * soft, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- engine
@@ -270,3 +322,23 @@ def test_demo_recipe_loads() -> None:
     assert recipe.name == "demo-kdcl" and recipe.objective.name == "kdcl"
     assert recipe.objective.args == {"target": "minlogit", "temperature": 2.0, "weight": 1.0}
     assert len(recipe.model.name) == 2 and len(set(recipe.model.name)) == 2
+
+
+def test_general_weights_update_each_epoch_are_checkpointed_and_resume_bit_exactly(
+        tmp_path, capsys) -> None:
+    def recipe(name: str, *more: str):
+        return load_recipe(None, [
+            "data.image_size=16", "data.max_train_examples=64", "train.batch_size=16",
+            "run.progress=false", "train.epochs=2", "graph={pattern: peers}",
+            "model.name=[cifar_resnet20, cifar_wrn16_2]", "model.kwargs={drop_rate: 0.2}",
+            "objective={name: kdcl, target: general}", f"run.dir={tmp_path}",
+            f"run.name={name}", *more])
+
+    straight = engine.train(recipe("straight"))
+    stop_then_resume(lambda *more: recipe("resumed", *more), tmp_path / "resumed", 6, capsys)
+    a, b = (load_file(str(checkpoint.latest(d / "checkpoints") / "model.safetensors"))
+            for d in (straight, tmp_path / "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    weights = a["objective.general_weights"]
+    assert weights.shape == (2,) and weights.sum().item() == pytest.approx(1.0)
+    assert not torch.equal(weights, torch.full((2,), 0.5))  # updated from the hold-out split

@@ -83,6 +83,7 @@ class Objective(nn.Module):
 
     min_heads: int = 1
     wants: tuple[str, ...] = ()
+    wants_holdout: bool = False  # end_epoch gets every head's hold-out logits
 
     def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None
                 ) -> LossOutput:
@@ -112,6 +113,11 @@ class Objective(nn.Module):
         if num_heads < self.min_heads:
             raise UserError(f"{type(self).__name__} needs at least {self.min_heads} heads, "
                             f"got {num_heads}")
+
+    def end_epoch(self, holdout_logits: Tensor, holdout_labels: Tensor) -> None:
+        """With ``wants_holdout``: called after every epoch with every head's eval-mode logits
+        ``[H, N, C]`` and labels ``[N]`` of the whole hold-out split (the same on every process),
+        before the checkpoint is written, so state updated here (buffers) is checkpointed."""
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -91,6 +91,28 @@ def linear_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.einsum("k,kbc->bc", linear_weights(logits, labels).to(logits.dtype), logits)
 
 
+def general_weights(holdout_logits: Tensor, labels: Tensor, ridge: float = 1e-6) -> Tensor:
+    """Eqs. (8)-(11): weights ``[K]`` from the students' hold-out errors, in float64.
+
+    With ``f_k(x)`` student k's probability of the right class and ``t = 1`` the ideal, the
+    error covariance is ``C_ij = mean_n (f_i - 1)(f_j - 1)`` (eq. 10) and eq. (11) gives
+    ``w = C^{-1} 1 / (1^T C^{-1} 1)``, the weights minimising the ensemble's squared error
+    under ``sum w = 1``. Two guards: a ridge of ``ridge * mean(diag C)`` on the diagonal keeps a
+    singular ``C`` (students that agree perfectly, or a perfect one) solvable, and eq. (11) can
+    give negative weights (or weights above 1), which would make the target no probability
+    distribution, so ``w`` is projected onto the simplex (exact Euclidean projection).
+    """
+    z = holdout_logits.double()
+    right = torch.softmax(z, -1).gather(-1, labels.view(1, -1, 1).expand(z.shape[0], -1, 1))
+    errors = right.squeeze(-1) - 1.0                                # [K, N]
+    cov = errors @ errors.T / errors.shape[1]                        # eq. (10)
+    k = cov.shape[0]
+    cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(k, dtype=cov.dtype,
+                                                                            device=cov.device)
+    inverse_rows = torch.linalg.solve(cov, torch.ones(k, dtype=cov.dtype, device=cov.device))
+    return project_to_simplex(inverse_rows / inverse_rows.sum())     # eq. (11), then projected
+
+
 TARGETS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "linear": linear_logits,
     "minlogit": minlogit_logits,
@@ -112,8 +134,11 @@ class EnsembleTargetLoss(Objective):
     naive (eq. 4): z_t = the z_k with the lowest CE on the batch. linear (eq. 5): z_t =
     sum_k w_k z_k with the convex w minimising CE(y, z_t) on the batch. minlogit (eqs. 6-7):
     z_t[b, c] = min_k (z_k[b, c] - z_k[b, y_b]). The paper's CIFAR setting is T=2, lambda=1.
-    parts: "hard" = CE, "soft" = T^2 KL (before lambda). KDCL-General (weights from a
-    held-out split, updated each epoch) is not available yet.
+    general (eqs. 8-11): p_t = sum_k w_k softmax(z_k / T), a weighted average of
+    PROBABILITIES, with ``w`` from :func:`general_weights` on the students' hold-out outputs,
+    recomputed after every epoch (equal weights before the first update); ``w`` is a buffer,
+    so it is checkpointed and a resumed run uses the same weights.
+    parts: "hard" = CE, "soft" = T^2 KL (before lambda).
     """
 
     min_heads = 2
@@ -121,13 +146,13 @@ class EnsembleTargetLoss(Objective):
     def __init__(self, target: str = "minlogit", temperature: float = 2.0,
                  weight: float = 1.0) -> None:
         super().__init__()
-        valid = ", ".join(sorted(TARGETS))
-        if target == "general":
-            raise ArgumentError("target", f"'general' (KDCL-General) is not available yet; "
-                                          f"valid: {valid}")
-        if not isinstance(target, str) or target not in TARGETS:
-            raise ArgumentError("target", f"must be one of {valid}, got {target!r}")
+        valid = sorted([*TARGETS, "general"])
+        if not isinstance(target, str) or target not in valid:
+            raise ArgumentError("target", f"must be one of {', '.join(valid)}, got {target!r}")
         self.target = target
+        self.wants_holdout = target == "general"
+        if target == "general":  # sized by check_compatible (the engine) or the first batch
+            self.register_buffer("general_weights", torch.ones(0))
         self.temperature = check_number("temperature", temperature, 0, low_open=True)
         self.weight = check_number("weight", weight, 0)
 
@@ -139,11 +164,29 @@ class EnsembleTargetLoss(Objective):
             raise UserError("kdcl builds one target from all students, so every student must "
                             "see the same examples; got different labels per head")
         with torch.no_grad():
-            z_t = TARGETS[self.target](logits, labels[0])
-            p_t = torch.softmax(z_t / t, dim=-1).expand_as(logits)
+            if self.target == "general":
+                self.check_compatible(*logits.shape[::2])
+                w = self.general_weights.to(logits.dtype).view(-1, 1, 1)
+                p_t = (w * torch.softmax(logits / t, dim=-1)).sum(0).expand_as(logits)
+            else:
+                z_t = TARGETS[self.target](logits, labels[0])
+                p_t = torch.softmax(z_t / t, dim=-1).expand_as(logits)
         soft = kl_per_head(p_t, logits, t)
         hard = cross_entropy_per_head(logits, labels)
         return hard + self.weight * soft, {"hard": hard, "soft": soft}
+
+    def check_compatible(self, num_heads: int, num_classes: int) -> None:
+        """Also sizes General's weights: equal until the first hold-out update."""
+        super().check_compatible(num_heads, num_classes)
+        if self.target == "general" and self.general_weights.numel() != num_heads:
+            self.general_weights = torch.full((num_heads,), 1.0 / num_heads,
+                                              device=self.general_weights.device)
+
+    def end_epoch(self, holdout_logits: Tensor, holdout_labels: Tensor) -> None:
+        """KDCL-General: new weights from this epoch's hold-out outputs."""
+        if self.target == "general":
+            w = general_weights(holdout_logits, holdout_labels)
+            self.general_weights.copy_(w.to(self.general_weights))
 
     def extra_repr(self) -> str:
         return f"target={self.target}, temperature={self.temperature}, weight={self.weight}"
