@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export one head as a plain backbone (safetensors)")
     p.add_argument("source", help="a training run directory or a training graph file")
-    p.add_argument("--head", default="best", help="head index, or 'best' (best on hold-out)")
+    p.add_argument("--head", default="best",
+                   help="head index, 'best' (best on hold-out), or for a peer group a student's "
+                        "architecture (resnet18)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_export)
 

@@ -172,6 +172,10 @@ def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
             raise UserError(f"data.views=per_head needs a graph whose heads run on their own "
                             f"batch (instances, peers); pattern '{recipe.graph.pattern}' shares "
                             "layers between heads")
+        if not recipe.data.augment:
+            raise UserError("data.views=per_head gives each head its own augmentation of the "
+                            "same images, but data.augment is false (every view would be the "
+                            "same); set data.augment=true or data.views=shared")
         splits.train.views = graph.num_heads
     return SharedBatches(splits.train, t.batch_size, recipe.data.num_workers)
 

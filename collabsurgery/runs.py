@@ -13,17 +13,26 @@ from .graphfile import config_from_json, load_graph
 from .graphs import TrainingGraph, rebuild
 
 
-
-def parse_head(text: str, num_heads: int) -> int | None:
-    """``"best"`` -> None; an index -> int in range; anything else a UserError."""
+def parse_head(text: str, net: TrainingGraph) -> int | None:
+    """``"best"`` -> None; an index in range, or the architecture of exactly one head (a peer
+    group's ``resnet18``) -> its index; anything else a UserError naming what is valid."""
     if text == "best":
         return None
+    names = [net.head_spec(h).qualified_name for h in range(net.num_heads)]
+    if text in names:
+        if names.count(text) > 1:
+            raise UserError(f"head '{text}' names {names.count(text)} heads; give an index: "
+                            + ", ".join(f"{h}={n}" for h, n in enumerate(names)))
+        return names.index(text)
     try:
         head = int(text)
     except ValueError:
         head = -1
-    if not 0 <= head < num_heads:
-        raise UserError(f"head '{text}' out of range; valid: best or 0..{num_heads - 1}")
+    if not 0 <= head < net.num_heads:
+        by_name = f" or a head's architecture ({', '.join(dict.fromkeys(names))})" \
+            if len(set(names)) > 1 else ""
+        raise UserError(f"head '{text}' out of range; valid: best or 0..{net.num_heads - 1}"
+                        f"{by_name}")
     return head
 
 
@@ -45,7 +54,7 @@ def load_run(run_dir: Path) -> tuple[TrainingGraph, list[dict]]:
 
 def _export_run(run_dir: Path, head_text: str, output: Path) -> tuple[Path, int]:
     net, history = load_run(run_dir)
-    head = parse_head(head_text, net.num_heads)
+    head = parse_head(head_text, net)
     if head is None:
         if not history:
             raise UserError(f"{run_dir} has no evaluated epoch yet, so no best head; "
@@ -70,7 +79,7 @@ def export_from_source(source: Path, head_text: str, output: Path) -> tuple[Path
     if not source.is_file():
         raise UserError(f"no such file or run directory: {source}")
     net = load_graph(source)
-    head = parse_head(head_text, net.num_heads)
+    head = parse_head(head_text, net)
     if head is None:
         raise UserError("head 'best' needs a training run with hold-out metrics; "
                         f"give a head index 0..{net.num_heads - 1}")

@@ -134,7 +134,7 @@ def mixed_runs(tmp_path_factory):
             "restored": restored}
 
 
-@pytest.mark.parametrize("head_text", ["0", "1", "best"])
+@pytest.mark.parametrize("head_text", ["0", "1", "best", "torchvision.mobilenet_v2"])
 def test_cli_exports_each_student_as_its_own_architecture_and_load_backbone_rebuilds_it(
         mixed_runs, tmp_path, capsys, head_text):
     run_dir = mixed_runs["resumed"]
@@ -142,7 +142,8 @@ def test_cli_exports_each_student_as_its_own_architecture_and_load_backbone_rebu
     assert cli.main(["export", str(run_dir), "--head", head_text, "-o", str(out)]) == 0
     assert f"to {out}" in capsys.readouterr().out
     net, history = load_run(run_dir)
-    head = history[-1]["holdout"]["best_head"] if head_text == "best" else int(head_text)
+    head = {"best": history[-1]["holdout"]["best_head"], "torchvision.mobilenet_v2": 1}.get(
+        head_text) if not head_text.isdigit() else int(head_text)
     metadata = metadata_of(out)
     assert int(metadata["head"]) == head
     expected = {0: ("timm", "cifar_resnet20"), 1: ("torchvision", "mobilenet_v2")}[head]
@@ -301,7 +302,11 @@ def test_different_class_counts_error_names_each_peer_and_the_fix(capsys):
     (["data.views=per_head"], "data.views=per_head"),    # a tree shares layers between heads
     (["objective.bogus=1"], "objective.bogus"),           # consensus takes no 'bogus'
     (["model.name=[cifar_resnet20, cifar_resnet20]"], "peers"),  # students need peers
-], ids=["per-head-views-with-tree", "unknown-objective-argument", "two-models-tree"])
+    (["graph={pattern: peers}", "model.name=[cifar_resnet20, cifar_resnet32]",
+      "data.views=per_head", "data.augment=false"], "data.augment"),  # views would be equal
+    (["graph={pattern: peers}", "model.name=[cifar_resnet20]"], "at least two models"),
+], ids=["per-head-views-with-tree", "unknown-objective-argument", "two-models-tree",
+        "per-head-views-without-augmentation", "peer-group-of-one"])
 def test_bad_train_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, overrides,
                                                                 named):
     runs = tmp_path / "runs"
@@ -318,3 +323,15 @@ def test_unknown_objective_argument_is_refused_when_the_recipe_loads():
         load_recipe(None, ["objective={name: consensus}", "objective.bogus=1"])
     with pytest.raises(UserError, match="objective.bogus"):
         load_recipe(None, [f"objective={{name: {TEST_OBJECTIVE}}}", "objective.bogus=1"])
+
+
+def test_a_head_name_shared_by_two_students_or_unknown_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "peers.safetensors"
+    assert cli.main(["wrap", "cifar_resnet20,cifar_resnet20", "--pattern", "peers",
+                     "--input-size", "16", "--save", str(path)]) == 0
+    capsys.readouterr()
+    for head, match in (("cifar_resnet20", "names 2 heads; give an index: 0=cifar_resnet20"),
+                        ("resnet18", "valid: best or 0..1")):
+        assert cli.main(["export", str(path), "--head", head, "-o", str(tmp_path / "x")]) == 2
+        assert match in one_line_error(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peers.safetensors"]
