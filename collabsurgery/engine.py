@@ -190,6 +190,7 @@ def setup(recipe: Recipe) -> Session:
     graph = build_net(recipe, splits.num_classes)
     objective = build_objective_from(recipe)
     objective.check_compatible(graph.num_heads, splits.num_classes)
+    objective.attach(graph)
     # Accelerate keeps mixed precision in a process-wide singleton and refuses a second
     # Accelerator with another setting; forget it (not the process group) so that train() can
     # be called again in the same process with another recipe.

@@ -104,6 +104,12 @@ class TrainingGraph(nn.Module):
         return 1.0
 
     @property
+    def trunk(self) -> str | None:
+        """The feature every head shares (a split point's name: the output of a shared trunk),
+        or None when heads share no layers (instances, peers)."""
+        return None
+
+    @property
     def input_size(self) -> tuple[int, ...]:
         """The shape of one input example, e.g. (3, 224, 224)."""
         return tuple(self.config.args["input_size"])

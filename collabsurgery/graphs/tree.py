@@ -81,6 +81,11 @@ class TreeNet(StagedGraph):
         """Only independent instances (one stage) can run each head on its own batch."""
         return len(self.fanouts) == 1
 
+    @property
+    def trunk(self) -> str | None:
+        """The first split point when the first stage is shared by every head."""
+        return self.feature_names[0] if self.feature_names and self.fanouts[0] == 1 else None
+
     def head_path(self, head: int) -> list[int]:
         """The copy index of every stage that head ``head`` runs through."""
         self.check_head(head)

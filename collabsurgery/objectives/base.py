@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from collabsurgery.errors import ArgumentError, UserError
-from collabsurgery.graphs.base import GraphOutput
+from collabsurgery.graphs.base import GraphOutput, TrainingGraph
 from collabsurgery.seeding import generator
 
 
@@ -113,6 +113,11 @@ class Objective(nn.Module):
         if num_heads < self.min_heads:
             raise UserError(f"{type(self).__name__} needs at least {self.min_heads} heads, "
                             f"got {num_heads}")
+
+    def attach(self, graph: TrainingGraph) -> None:
+        """Called once by the engine (and by users of the API) before the optimizer is made:
+        an objective whose modules depend on the graph (a gate sized by the trunk's channels)
+        builds them here and may set ``wants``; UserError if the graph does not suit it."""
 
     def end_epoch(self, holdout_logits: Tensor, holdout_labels: Tensor) -> None:
         """With ``wants_holdout``: called after every epoch with every head's eval-mode logits
