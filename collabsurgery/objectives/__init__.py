@@ -11,6 +11,7 @@ from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.objectives.distill import DistillationLoss
 from collabsurgery.objectives.ensemble import EnsembleTargetLoss
 from collabsurgery.objectives.mutual import MutualLoss
+from collabsurgery.objectives.native_ensemble import NativeEnsembleLoss
 from collabsurgery.objectives.single import LabelSmoothingLoss, SingleLoss
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -26,7 +27,8 @@ def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
 
 for _name, _cls in (("consensus", ConsensusLoss), ("single", SingleLoss),
                     ("label_smoothing", LabelSmoothingLoss), ("dml", MutualLoss),
-                    ("kd", DistillationLoss), ("kdcl", EnsembleTargetLoss)):
+                    ("kd", DistillationLoss), ("kdcl", EnsembleTargetLoss),
+                    ("one", NativeEnsembleLoss)):
     register_objective(_name, _cls)
 
 
@@ -65,6 +67,7 @@ __all__ = [
     "LossContext",
     "LossOutput",
     "MutualLoss",
+    "NativeEnsembleLoss",
     "Objective",
     "SingleLoss",
     "Step",
