@@ -180,24 +180,6 @@ class TrainDataset(ImageDataset):
         return torch.stack([self._augment(x, v, row) for v in range(self.views)]), self._label(row)
 
 
-@dataclass(frozen=True)
-class _Options:
-    """:func:`load_splits`'s arguments, in one object for its helpers."""
-
-    source: str
-    image_column: str
-    label_column: str
-    train_split: str
-    test_split: str
-    holdout_split: str | None
-    holdout_fraction: float
-    image_size: int
-    augment: bool
-    hflip: bool
-    label_noise: float
-    max_train_examples: int | None
-
-
 @dataclass
 class Splits:
     """What :func:`load_splits` returns; ``mean``/``std`` are the normalisation constants."""
@@ -334,66 +316,63 @@ def load_splits(source: str = BUILTIN_DIGITS, seed: int = 0, *, image_column: st
     keeps a stratified, seeded subset of what remains for training. ``views`` is the number of
     augmented views per training example (``> 1``: ``[views, 3, S, S]`` tensors).
     """
-    cfg = _Options(source, image_column, label_column, train_split, test_split, holdout_split,
-                   holdout_fraction, image_size, augment, hflip, label_noise, max_train_examples)
-    dd = _load_source(cfg.source)
-    wanted = {"train_split": cfg.train_split, "test_split": cfg.test_split}
-    if cfg.holdout_split is not None:
-        wanted["holdout_split"] = cfg.holdout_split
+    dd = _load_source(source)
+    wanted = {"train_split": train_split, "test_split": test_split}
+    if holdout_split is not None:
+        wanted["holdout_split"] = holdout_split
     for key, split in wanted.items():
         if split not in dd:
-            raise UserError(f"data.{key} '{split}' is not a split of '{cfg.source}'; "
+            raise UserError(f"data.{key} '{split}' is not a split of '{source}'; "
                             f"splits: {', '.join(dd)}")
     for key in ("test_split", "holdout_split"):
-        if wanted.get(key) == cfg.train_split:
-            raise UserError(f"data.{key} '{cfg.train_split}' is also data.train_split; "
+        if wanted.get(key) == train_split:
+            raise UserError(f"data.{key} '{train_split}' is also data.train_split; "
                             f"give a different split (or holdout_split: null to carve one)")
     parts = {split: dd[split] for split in wanted.values()}
     for split, ds in parts.items():
-        for key in ("image_column", "label_column"):
-            column = getattr(cfg, key)
+        for key, column in (("image_column", image_column), ("label_column", label_column)):
             if column not in ds.column_names:
                 raise UserError(f"data.{key} '{column}' is not a column of split '{split}' of "
-                                f"'{cfg.source}'; columns: {', '.join(ds.column_names)}")
+                                f"'{source}'; columns: {', '.join(ds.column_names)}")
         if len(ds) == 0:
-            raise UserError(f"split '{split}' of '{cfg.source}' is empty")
-    labels, class_names = _encode_labels(parts, cfg.label_column, cfg.source)
+            raise UserError(f"split '{split}' of '{source}' is empty")
+    labels, class_names = _encode_labels(parts, label_column, source)
 
-    train_hf, train_y = parts[cfg.train_split], labels[cfg.train_split]
-    if cfg.holdout_split is not None:
-        hold_hf, hold_y = parts[cfg.holdout_split], labels[cfg.holdout_split]
+    train_hf, train_y = parts[train_split], labels[train_split]
+    if holdout_split is not None:
+        hold_hf, hold_y = parts[holdout_split], labels[holdout_split]
         hold = torch.arange(len(hold_y))
         keep = torch.arange(len(train_y))
     else:
         n = len(train_y)
-        n_hold = max(1, round(cfg.holdout_fraction * n))
+        n_hold = max(1, round(holdout_fraction * n))
         if n_hold >= n:
-            raise UserError(f"data.holdout_fraction {cfg.holdout_fraction} leaves no training "
+            raise UserError(f"data.holdout_fraction {holdout_fraction} leaves no training "
                             f"examples out of {n}; use a smaller fraction or a holdout_split")
         hold = _stratified_pick(train_y, n_hold, "holdout", seed)
         is_hold = torch.zeros(n, dtype=torch.bool)
         is_hold[hold] = True
         hold_hf, hold_y = train_hf.select(hold.tolist()), train_y[hold]
         keep = (~is_hold).nonzero().flatten()
-    if cfg.max_train_examples is not None and cfg.max_train_examples < len(keep):
-        keep = keep[_stratified_pick(train_y[keep], cfg.max_train_examples, "subset", seed)]
+    if max_train_examples is not None and max_train_examples < len(keep):
+        keep = keep[_stratified_pick(train_y[keep], max_train_examples, "subset", seed)]
     train_hf, train_y = train_hf.select(keep.tolist()), train_y[keep]
 
-    size, column = cfg.image_size, cfg.image_column
+    size, column = image_size, image_column
     try:
         _to_uint8(train_hf[0][column], size)
     except (TypeError, ValueError, OSError) as e:
-        raise UserError(f"data.image_column '{column}' of '{cfg.source}' does not hold images "
+        raise UserError(f"data.image_column '{column}' of '{source}' does not hold images "
                         f"({type(e).__name__}: {_first_line(e)})") from e
     raw = ImageDataset(train_hf, column, train_y, size, (0.0,) * 3, (1.0,) * 3)
     raw.cache()
     mean, std = _channel_stats(raw)
     train = TrainDataset(train_hf, column, train_y, size, mean, std, keep,
-                         num_classes=len(class_names), seed=seed, augment=cfg.augment,
-                         hflip=cfg.hflip, label_noise=cfg.label_noise, views=views)
+                         num_classes=len(class_names), seed=seed, augment=augment,
+                         hflip=hflip, label_noise=label_noise, views=views)
     train.cached = raw.cached
     holdout = ImageDataset(hold_hf, column, hold_y, size, mean, std, hold)
-    test = ImageDataset(parts[cfg.test_split], column, labels[cfg.test_split], size, mean, std)
+    test = ImageDataset(parts[test_split], column, labels[test_split], size, mean, std)
     holdout.cache()
     test.cache()
     return Splits(train=train, holdout=holdout, test=test, num_classes=len(class_names),

@@ -52,14 +52,19 @@ def load_run(run_dir: Path) -> tuple[TrainingGraph, list[dict]]:
     return net.eval(), history
 
 
+def best_head(run_dir: Path, history: list[dict], num_heads: int) -> int:
+    """The run's best head on hold-out at its last evaluated epoch; UserError before one."""
+    if not history:
+        raise UserError(f"{run_dir} has no evaluated epoch yet, so no best head; "
+                        f"give a head index 0..{num_heads - 1}")
+    return history[-1]["holdout"]["best_head"]
+
+
 def _export_run(run_dir: Path, head_text: str, output: Path) -> tuple[Path, int]:
     net, history = load_run(run_dir)
     head = parse_head(head_text, net)
     if head is None:
-        if not history:
-            raise UserError(f"{run_dir} has no evaluated epoch yet, so no best head; "
-                            f"give a head index 0..{net.num_heads - 1}")
-        head = history[-1]["holdout"]["best_head"]
+        head = best_head(run_dir, history, net.num_heads)
     metrics = {}
     if history:
         last = history[-1]

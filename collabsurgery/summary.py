@@ -61,18 +61,6 @@ def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values()) // x.shape[0]
 
 
-def measure(model: nn.Module, input_size: tuple[int, int, int]) -> Cost:
-    """Cost of ``model`` (plain or training graph) at ``input_size``."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, *input_size))
-    model.train(was_training)
-    params = sum(p.numel() for p in model.parameters())
-    activations = _saved_activation_bytes(model, torch.randn(2, *input_size))
-    return Cost(params, counter.get_total_flops(), activations)
-
-
 def _piece_cost(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(parameters, forward FLOPs per image) of one piece of a graph on its input."""
     was_training = module.training
@@ -81,6 +69,12 @@ def _piece_cost(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
         module(x[:1])
     module.train(was_training)
     return sum(p.numel() for p in module.parameters()), counter.get_total_flops()
+
+
+def measure(model: nn.Module, input_size: tuple[int, int, int]) -> Cost:
+    """Cost of ``model`` (plain or training graph) at ``input_size``."""
+    params, flops = _piece_cost(model, torch.randn(1, *input_size))
+    return Cost(params, flops, _saved_activation_bytes(model, torch.randn(2, *input_size)))
 
 
 def describe(net: TrainingGraph, plain: nn.Module | None = None) -> str:

@@ -20,7 +20,8 @@ from collabsurgery.objectives.ensemble import (general_weights, linear_weights, 
 from collabsurgery.recipe import load_recipe
 from collabsurgery.runs import load_run
 from conftest import stop_then_resume
-from test_peer_objectives import _data, _kl, _log_softmax, _softmax
+from test_objectives import _log_softmax, _softmax
+from test_peer_objectives import _data, _kl
 
 REPO = Path(__file__).resolve().parents[1]
 LOGIT_TARGETS = ["naive", "linear", "minlogit"]  # built from logits; general from probabilities

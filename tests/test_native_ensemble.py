@@ -25,7 +25,8 @@ from collabsurgery.objectives.base import LossContext, Step
 from collabsurgery.objectives.native_ensemble import sigmoid_rampup
 from collabsurgery.recipe import load_recipe
 from conftest import one_line_error, stop_then_resume
-from test_peer_objectives import _data, _kl, _log_softmax, _softmax
+from test_objectives import _log_softmax, _softmax
+from test_peer_objectives import _data, _kl
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET = {"model_kwargs": {"num_classes": 10}}

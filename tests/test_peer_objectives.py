@@ -20,6 +20,7 @@ from collabsurgery.graphs import GraphOutput
 from collabsurgery.objectives import DistillationLoss, MutualLoss, build_objective
 from collabsurgery.recipe import load_recipe, save_recipe
 from collabsurgery.runs import export_from_source, load_run
+from test_objectives import _log_softmax, _softmax
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (3, 16, 16)
@@ -36,17 +37,6 @@ def _forget_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
-
-
-def _log_softmax(z: list[float], t: float = 1.0) -> list[float]:
-    zs = [v / t for v in z]
-    m = max(zs)
-    lse = m + math.log(sum(math.exp(v - m) for v in zs))
-    return [v - lse for v in zs]
-
-
-def _softmax(z: list[float], t: float = 1.0) -> list[float]:
-    return [math.exp(v) for v in _log_softmax(z, t)]
 
 
 def _kl(p: list[float], log_q: list[float]) -> float:

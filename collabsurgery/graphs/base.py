@@ -157,8 +157,8 @@ class TrainingGraph(nn.Module):
                             f"{', '.join((INPUT, *available))}")
 
     def cost_pieces(self, x: torch.Tensor) -> list[CostPiece]:
-        """The graph's work in pieces (for the stage-time limit); default: each head's whole
-        backbone is a piece of its own."""
+        """The graph's work in pieces for the stage-time limit: modules with their inputs and
+        copy counts (stages of head 0's path; each student of a peer group)."""
         raise NotImplementedError
 
     def set_execution(self, mode: str | None = None, checkpoint_branches: bool | None = None,
@@ -217,7 +217,7 @@ def builder_arguments(kind: str) -> list[str]:
     return [p for p in inspect.signature(builder_for(kind)).parameters if p != "model"]
 
 
-def check_graph_arguments(kind: str, args: dict[str, Any], where: str = "argument") -> None:
+def check_graph_arguments(kind: str, args: dict[str, Any]) -> None:
     """UserError naming an argument that ``kind``'s builder does not take."""
     valid = builder_arguments(kind)
     for name in args:
@@ -225,7 +225,7 @@ def check_graph_arguments(kind: str, args: dict[str, Any], where: str = "argumen
             raise UserError(f"pattern '{kind}' takes no split points (each head is a whole "
                             f"model); valid arguments: {', '.join(valid)}")
         if name not in valid:
-            raise UserError(f"pattern '{kind}' takes no {where} '{name}'; valid: "
+            raise UserError(f"pattern '{kind}' takes no argument '{name}'; valid: "
                             f"{', '.join(valid)}")
 
 

@@ -118,8 +118,8 @@ class StagedGraph(TrainingGraph):
     def describe_structure(self) -> list[str]:
         """One line per stage: copies, which heads share each copy, and the modules it runs."""
         lines = [f"{'stage':<24} {'copies':>6}  {'heads per copy':<28} modules"]
-        for i, name in enumerate(self.stage_names):
-            sharing = " ".join("{" + ",".join(map(str, hs)) + "}" for hs in self.describe_heads()[i])
+        for i, (name, heads) in enumerate(zip(self.stage_names, self.describe_heads())):
+            sharing = " ".join("{" + ",".join(map(str, hs)) + "}" for hs in heads)
             lines.append(f"{name:<24} {self.copies(i):>6}  {sharing:<28} "
                          f"{' '.join(self._stage_modules(i))}")
         return lines

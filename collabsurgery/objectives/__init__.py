@@ -39,12 +39,12 @@ def objective_arguments(name: str) -> list[str]:
     return list(inspect.signature(OBJECTIVES[name]).parameters)
 
 
-def check_objective_arguments(name: str, args: dict[str, Any], where: str = "argument") -> None:
+def check_objective_arguments(name: str, args: dict[str, Any]) -> None:
     """UserError naming an argument that objective ``name`` does not take."""
     valid = objective_arguments(name)
     for key in args:
         if key not in valid:
-            raise UserError(f"objective '{name}' takes no {where} '{key}'; valid: "
+            raise UserError(f"objective '{name}' takes no argument '{key}'; valid: "
                             f"{', '.join(valid) or 'none'}")
 
 

@@ -14,7 +14,7 @@ from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.export import load_backbone, load_state
 from collabsurgery.objectives.base import (LossContext, Objective, check_number,
                                            cross_entropy_per_head, kl_per_head)
-from collabsurgery.runs import load_run
+from collabsurgery.runs import best_head, load_run
 
 _VALID_TEACHERS = ("valid: a file written by collabsurgery export, a training run directory, "
                    "or a model name (timm or torchvision.<name>) with teacher_weights")
@@ -51,11 +51,7 @@ def _teacher_from_run(run_dir: Path, head: int | None) -> nn.Module:
     """Head ``head`` of a training run (default: its best head on hold-out) as a plain model."""
     graph, history = load_run(run_dir)
     if head is None:
-        if not history:
-            raise ArgumentError("teacher_head", f"is needed: teacher run {run_dir} has no "
-                                "evaluated epoch yet, so no best head; valid: "
-                                f"0..{graph.num_heads - 1}")
-        head = history[-1]["holdout"]["best_head"]
+        head = best_head(run_dir, history, graph.num_heads)
     if not 0 <= head < graph.num_heads:
         raise ArgumentError("teacher_head", f"must be a head of the teacher run, got {head}; "
                                             f"valid: 0..{graph.num_heads - 1}")
