@@ -218,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export one head as a plain backbone (safetensors)")
     p.add_argument("source", help="a training run directory or a training graph file")
-    p.add_argument("--head", default="best",
+    p.add_argument("--head", default=None,
                    help="head index, 'best' (best on hold-out), or for a peer group a student's "
-                        "architecture (resnet18)")
+                        "architecture (resnet18); default: the head the run's method keeps "
+                        "(OKDDip: the leader, the last head; otherwise best)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_export)
 

@@ -190,6 +190,11 @@ def setup(recipe: Recipe) -> Session:
     graph = build_net(recipe, splits.num_classes)
     objective = build_objective_from(recipe)
     objective.check_compatible(graph.num_heads, splits.num_classes)
+    if objective.wants_holdout and recipe.data.holdout_split == recipe.data.test_split:
+        raise UserError(f"objective '{recipe.objective.name}' learns from the hold-out split, "
+                        f"which must not be the test split '{recipe.data.test_split}'; set "
+                        "data.holdout_split: null (a data.holdout_fraction carved from training) "
+                        "or another split")
     objective.attach(graph)
     # Accelerate keeps mixed precision in a process-wide singleton and refuses a second
     # Accelerator with another setting; forget it (not the process group) so that train() can
@@ -353,6 +358,15 @@ def end_epoch(session: Session) -> dict[str, Any]:
     return record
 
 
+def head_names(collaboration: Collaboration) -> list[str]:
+    """Each head's role for the method and, in a mixed peer group, its architecture."""
+    graph, objective = collaboration.graph, collaboration.objective
+    archs = [graph.head_spec(h).qualified_name for h in range(graph.num_heads)]
+    mixed = len(set(archs)) > 1
+    return [", ".join(t for t in (arch if mixed else "", role) if t)
+            for arch, role in zip(archs, objective.head_roles(graph.num_heads))]
+
+
 def _finish(session: Session) -> None:
     accelerator, history = session.accelerator, session.progress.history
     if accelerator.is_main_process and history:
@@ -361,7 +375,7 @@ def _finish(session: Session) -> None:
             {**reporting.headline(final), "final": final,
              "num_processes": accelerator.num_processes}, indent=1))
         reporting.plot_history(history, run_dir / "accuracy.png", run_dir.name)
-        accelerator.print(reporting.summary_table(final))
+        accelerator.print(reporting.summary_table(final, head_names(session.collaboration)))
     accelerator.end_training()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,22 @@ def flat_scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def summary_table(record: dict[str, Any]) -> str:
-    """Accuracy of every head and of the ensemble on hold-out and test, as aligned text."""
-    lines = [f"{'':<14} {'hold-out acc':>12} {'test acc':>9} {'test loss':>9}"]
+def summary_table(record: dict[str, Any], names: Sequence[str] = ()) -> str:
+    """Accuracy of every head and of the ensemble on hold-out and test, as aligned text;
+    ``names`` (optional, one per head) says what each head is (an architecture, "leader")."""
+    rows = []
     best = record["holdout"]["best_head"]
     for h, (hold, test, loss) in enumerate(zip(record["holdout"]["head_acc"],
                                                record["test"]["head_acc"],
                                                record["test"]["head_loss"])):
-        tag = " (best)" if h == best else ""
-        lines.append(f"{f'head {h}{tag}':<14} {hold:>12.4f} {test:>9.4f} {loss:>9.4f}")
-    lines.append(f"{'ensemble':<14} {record['holdout']['ensemble_acc']:>12.4f} "
-                 f"{record['test']['ensemble_acc']:>9.4f}")
+        tags = ", ".join(t for t in (names[h] if names else "", "best" if h == best else "") if t)
+        rows.append((f"head {h}" + (f" ({tags})" if tags else ""), f"{hold:>12.4f}",
+                     f"{test:>9.4f}", f"{loss:>9.4f}"))
+    rows.append(("ensemble", f"{record['holdout']['ensemble_acc']:>12.4f}",
+                 f"{record['test']['ensemble_acc']:>9.4f}", ""))
+    width = max(14, *(len(r[0]) for r in rows))
+    lines = [f"{'':<{width}} {'hold-out acc':>12} {'test acc':>9} {'test loss':>9}"]
+    lines += [f"{r[0]:<{width}} {r[1]} {r[2]} {r[3]}".rstrip() for r in rows]
     return "\n".join(lines)
 
 

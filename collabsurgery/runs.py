@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from safetensors.torch import load_file
 
 from . import checkpoint
@@ -60,11 +62,28 @@ def best_head(run_dir: Path, history: list[dict], num_heads: int) -> int:
     return history[-1]["holdout"]["best_head"]
 
 
-def _export_run(run_dir: Path, head_text: str, output: Path) -> tuple[Path, int]:
+def default_head(run_dir: Path, history: list[dict], num_heads: int) -> int:
+    """The head a run's method keeps for inference: its objective's ``default_export``
+    (OKDDip: the leader, the last head), else the best head on hold-out."""
+    from .objectives import OBJECTIVES
+
+    recipe_file = run_dir / "recipe.yaml"
+    raw = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
+    name = (raw or {}).get("objective", {}).get("name") if isinstance(raw, dict) else None
+    objective = OBJECTIVES.get(name) if isinstance(name, str) else None
+    if objective is not None and objective.default_export == "last":
+        return num_heads - 1
+    return best_head(run_dir, history, num_heads)
+
+
+def _export_run(run_dir: Path, head_text: str | None, output: Path) -> tuple[Path, int]:
     net, history = load_run(run_dir)
-    head = parse_head(head_text, net)
-    if head is None:
-        head = best_head(run_dir, history, net.num_heads)
+    if head_text is None:
+        head = default_head(run_dir, history, net.num_heads)
+    else:
+        head = parse_head(head_text, net)
+        if head is None:
+            head = best_head(run_dir, history, net.num_heads)
     metrics = {}
     if history:
         last = history[-1]
@@ -77,14 +96,15 @@ def _export_run(run_dir: Path, head_text: str, output: Path) -> tuple[Path, int]
     return export(net, head, output, extra_metadata=extra), head
 
 
-def export_from_source(source: Path, head_text: str, output: Path) -> tuple[Path, int]:
-    """Export ``head_text`` of a run directory or graph file to ``output``; (path, head)."""
+def export_from_source(source: Path, head_text: str | None, output: Path) -> tuple[Path, int]:
+    """Export ``head_text`` of a run directory or graph file to ``output``; (path, head).
+    ``None``: a run's :func:`default_head`; a graph file needs an index."""
     if source.is_dir():
         return _export_run(source, head_text, output)
     if not source.is_file():
         raise UserError(f"no such file or run directory: {source}")
     net = load_graph(source)
-    head = parse_head(head_text, net)
+    head = parse_head(head_text or "best", net)
     if head is None:
         raise UserError("head 'best' needs a training run with hold-out metrics; "
                         f"give a head index 0..{net.num_heads - 1}")

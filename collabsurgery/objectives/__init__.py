@@ -12,6 +12,7 @@ from collabsurgery.objectives.distill import DistillationLoss
 from collabsurgery.objectives.ensemble import EnsembleTargetLoss
 from collabsurgery.objectives.mutual import MutualLoss
 from collabsurgery.objectives.native_ensemble import NativeEnsembleLoss
+from collabsurgery.objectives.peer_attention import PeerAttentionLoss
 from collabsurgery.objectives.single import LabelSmoothingLoss, SingleLoss
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -28,7 +29,7 @@ def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
 for _name, _cls in (("consensus", ConsensusLoss), ("single", SingleLoss),
                     ("label_smoothing", LabelSmoothingLoss), ("dml", MutualLoss),
                     ("kd", DistillationLoss), ("kdcl", EnsembleTargetLoss),
-                    ("one", NativeEnsembleLoss)):
+                    ("one", NativeEnsembleLoss), ("okddip", PeerAttentionLoss)):
     register_objective(_name, _cls)
 
 
@@ -69,6 +70,7 @@ __all__ = [
     "MutualLoss",
     "NativeEnsembleLoss",
     "Objective",
+    "PeerAttentionLoss",
     "SingleLoss",
     "Step",
     "build_objective",

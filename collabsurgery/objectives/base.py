@@ -84,6 +84,7 @@ class Objective(nn.Module):
     min_heads: int = 1
     wants: tuple[str, ...] = ()
     wants_holdout: bool = False  # end_epoch gets every head's hold-out logits
+    default_export: str = "best"  # the head export takes unless told: "best" (on hold-out), "last"
 
     def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None
                 ) -> LossOutput:
@@ -118,6 +119,10 @@ class Objective(nn.Module):
         """Called once by the engine (and by users of the API) before the optimizer is made:
         an objective whose modules depend on the graph (a gate sized by the trunk's channels)
         builds them here and may set ``wants``; UserError if the graph does not suit it."""
+
+    def head_roles(self, num_heads: int) -> list[str]:
+        """What each head is to the method, for reports ("" when all heads are alike)."""
+        return [""] * num_heads
 
     def end_epoch(self, holdout_logits: Tensor, holdout_labels: Tensor) -> None:
         """With ``wants_holdout``: called after every epoch with every head's eval-mode logits
@@ -173,3 +178,36 @@ def kl_per_head(target: Tensor, logits: Tensor, temperature: float) -> Tensor:
     log_p = torch.log_softmax(logits / temperature, dim=-1)
     kl = (target * (target.clamp_min(1e-30).log() - log_p)).sum(-1)
     return kl.mean(-1) * temperature**2
+
+
+def sigmoid_rampup(t: float, length: float) -> float:
+    """``exp(-5 (1 - min(1, t / length))^2)``: 0.0067 at ``t = 0``, 1 from ``t = length`` on
+    (1 throughout when ``length`` is 0), the ramp-up of the KL terms in
+    ONE's and OKDDip's reference code and of CGL (paper 002)."""
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(1.0, max(0.0, t) / length)
+    return math.exp(-5.0 * phase * phase)
+
+
+@torch.no_grad()
+def probe(graph: TrainingGraph, wants: tuple[str, ...]) -> GraphOutput:
+    """``graph``'s eval-mode output with the features in ``wants`` on two fixed random images
+    (the global RNG untouched): what an objective's :meth:`~Objective.attach` reads to size its
+    modules and check the graph suits it."""
+    device = next(graph.parameters(), torch.zeros(0)).device
+    images = torch.randn(2, *graph.input_size, generator=torch.Generator().manual_seed(0))
+    training = graph.training
+    graph.eval()
+    try:
+        return graph.run(images.to(device), wants=wants)
+    finally:
+        graph.train(training)
+
+
+def require_shared_batch(labels: Tensor, method: str) -> None:
+    """UserError unless every head sees the same examples (labels ``[H, B]`` all equal rows):
+    ``method`` combines the heads' outputs example by example."""
+    if labels.stride(0) != 0 and not torch.equal(labels, labels[:1].expand_as(labels)):
+        raise UserError(f"{method} combines the heads' outputs on each example, so every head "
+                        "must see the same examples; got different labels per head")

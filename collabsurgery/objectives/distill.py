@@ -14,7 +14,7 @@ from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.export import load_backbone, load_state
 from collabsurgery.objectives.base import (LossContext, Objective, check_number,
                                            cross_entropy_per_head, kl_per_head)
-from collabsurgery.runs import best_head, load_run
+from collabsurgery.runs import default_head, load_run
 
 _VALID_TEACHERS = ("valid: a file written by collabsurgery export, a training run directory, "
                    "or a model name (timm or torchvision.<name>) with teacher_weights")
@@ -48,10 +48,11 @@ def _check_types(teacher: Any, head: Any, weights: Any, kwargs: Any) -> None:
 
 
 def _teacher_from_run(run_dir: Path, head: int | None) -> nn.Module:
-    """Head ``head`` of a training run (default: its best head on hold-out) as a plain model."""
+    """Head ``head`` of a training run (default: the head its method keeps, see
+    :func:`~collabsurgery.runs.default_head`) as a plain model."""
     graph, history = load_run(run_dir)
     if head is None:
-        head = best_head(run_dir, history, graph.num_heads)
+        head = default_head(run_dir, history, graph.num_heads)
     if not 0 <= head < graph.num_heads:
         raise ArgumentError("teacher_head", f"must be a head of the teacher run, got {head}; "
                                             f"valid: 0..{graph.num_heads - 1}")
@@ -82,8 +83,8 @@ def load_teacher(teacher: str | nn.Module, teacher_head: int | None = None,
                  teacher_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """The teacher as a plain model in eval mode with ``requires_grad`` off.
 
-    ``teacher`` is an export file, a run directory (head ``teacher_head``, default the best
-    head on hold-out), or a model name whose weights are the safetensors file
+    ``teacher`` is an export file, a run directory (head ``teacher_head``, default the head
+    its method keeps: the best on hold-out, OKDDip's leader), or a model name whose weights are the safetensors file
     ``teacher_weights`` (factory arguments ``teacher_kwargs``); from Python also a ready
     module, used as it is. UserError for anything else.
     """

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from collabsurgery.errors import UserError
 from collabsurgery.graphs.base import TrainingGraph
 from collabsurgery.objectives.base import (LossContext, Objective, check_number,
-                                           cross_entropy_per_head, kl_per_head)
-
-
-def sigmoid_rampup(t: float, length: float) -> float:
-    """``exp(-5 (1 - min(1, t / length))^2)``: 0.0067 at ``t = 0``, 1 from ``t = length`` on
-    (1 throughout when ``length`` is 0), as ONE's reference code weights its KL term."""
-    if length <= 0:
-        return 1.0
-    phase = 1.0 - min(1.0, max(0.0, t) / length)
-    return math.exp(-5.0 * phase * phase)
+                                           cross_entropy_per_head, kl_per_head, probe,
+                                           require_shared_batch, sigmoid_rampup)
 
 
 def make_gate(channels: int, branches: int) -> nn.Sequential:
@@ -65,23 +55,14 @@ class NativeEnsembleLoss(Objective):
             raise UserError(f"ONE needs a shared trunk: pattern tree with a split point; got "
                             f"pattern {graph.config.kind}")
         self.wants = (graph.trunk,)
-        device = next(graph.parameters(), torch.zeros(0)).device
-        training = graph.training
-        graph.eval()
-        try:
-            with torch.no_grad():
-                probe = graph.run(torch.zeros(2, *graph.input_size, device=device),
-                                  wants=self.wants)
-        finally:
-            graph.train(training)
-        feature = probe.features[graph.trunk]
+        feature = probe(graph, self.wants).features[graph.trunk]
         if feature.dim() != 5:
             raise UserError(f"ONE gates on a convolutional trunk feature [B, C, h, w]; the "
                             f"trunk '{graph.trunk}' gives {tuple(feature.shape[1:])}")
         channels, branches = feature.shape[2], graph.num_heads
         linear = self.gate[2] if self.gate is not None else None
         if linear is None or (linear.in_features, linear.out_features) != (channels, branches):
-            self.gate = make_gate(channels, branches).to(device)
+            self.gate = make_gate(channels, branches).to(feature.device)
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -89,9 +70,7 @@ class NativeEnsembleLoss(Objective):
             raise UserError("NativeEnsembleLoss has no gate yet: call attach(graph) first (the "
                             "engine does)")
         k, t, step = logits.shape[0], self.temperature, context.step
-        if labels.stride(0) != 0 and not torch.equal(labels, labels[:1].expand_as(labels)):
-            raise UserError("ONE trains one ensemble of all branches, so every branch must see "
-                            "the same examples; got different labels per head")
+        require_shared_batch(labels, "ONE")
         g = self.gate(context.features[self.wants[0]][0].float())         # [B, K]
         ensemble = torch.einsum("bk,kbc->bc", g, logits)
         with torch.no_grad():
