@@ -1,6 +1,7 @@
 """KDCL (Guo et al. 2020): its three ensemble targets and its loss against hand computations
-(plain Python loops), the detached target, bad arguments, and a peer group of three
-architectures trained through the engine with each target."""
+(plain Python loops), the detached target, bad arguments, a peer group of three architectures
+trained through the engine with each target (resumed mid-epoch bit-exactly, every student
+exported and reloaded), and the paper-scale recipes."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from collabsurgery import checkpoint, engine
+import collabsurgery as cs
+from collabsurgery import backbones, checkpoint, cli, engine
 from collabsurgery.errors import UserError
+from collabsurgery.export import read_metadata
 from collabsurgery.objectives import EnsembleTargetLoss, build_objective
 from collabsurgery.objectives.ensemble import (general_weights, linear_weights, minlogit_logits,
                                                naive_logits, project_to_simplex)
 from collabsurgery.recipe import load_recipe
 from collabsurgery.runs import load_run
-from conftest import stop_then_resume
+from conftest import assert_same_logits, make_input, one_line_error, stop_then_resume
 from test_objectives import _log_softmax, _softmax
 from test_peer_objectives import _data, _kl
 
@@ -294,28 +297,104 @@ def test_general_target_is_the_weighted_mean_of_probabilities() -> None:
 
 # ---------------------------------------------------------------------------- engine
 
-THREE = "model.name=[cifar_resnet20, cifar_wrn16_2, torchvision.mobilenet_v3_small]"
+THREE = ["cifar_resnet20", "cifar_wrn16_2", "torchvision.mobilenet_v3_small"]
+THREE_EXPORTED = [("timm", "cifar_resnet20"), ("timm", "cifar_wrn16_2"),
+                  ("torchvision", "mobilenet_v3_small")]  # (library, architecture) per head
+THREE_STEPS, THREE_STOP = 4, 3  # 2 epochs of 2 steps; stopped in the middle of epoch 2
+
+
+def _three(root: Path, target: str, name: str, *more: str):
+    # 32 examples in batches of 16: two epochs of two steps, a checkpoint after each step
+    return load_recipe(None, [
+        "data.image_size=16", "data.max_train_examples=32", "train.batch_size=16",
+        "run.progress=false", "train.epochs=2", "run.checkpoint_every=1",
+        "graph={pattern: peers}", f"model.name=[{', '.join(THREE)}]",
+        # randomness a resume must replay (torchvision's MobileNetV3 ignores drop_rate and has
+        # dropout 0.2 of its own)
+        "model.kwargs={drop_rate: 0.2}", "data.label_noise=0.2",
+        f"objective={{name: kdcl, target: {target}}}", f"run.dir={root}", f"run.name={name}",
+        *more])
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_peer_group_of_three_architectures_trains(tmp_path, target: str) -> None:
-    recipe = load_recipe(None, [
-        # 32 examples in batches of 16: one epoch of two steps, a checkpoint after each
-        "data.image_size=16", "data.max_train_examples=32", "train.batch_size=16",
-        "run.progress=false", "train.epochs=1", "run.checkpoint_every=1",
-        "graph={pattern: peers}", THREE, f"objective={{name: kdcl, target: {target}}}",
-        f"run.dir={tmp_path}", "run.name=kdcl"])
-    run_dir = engine.train(recipe)
-    (record,) = engine.history_of(run_dir)
-    assert record["step"] == 2 and math.isfinite(record["train_loss"])
-    ckpts = run_dir / "checkpoints"
-    before = load_file(str(ckpts / "ckpt-00000001" / "model.safetensors"))
-    after = load_file(str(ckpts / "ckpt-00000002" / "model.safetensors"))
-    graph, _ = load_run(run_dir)
+def test_peer_group_of_three_architectures_resumes_bit_exactly_and_exports_every_student(
+        tmp_path, capsys, target: str) -> None:
+    straight = engine.train(_three(tmp_path, target, "straight"))
+    resumed = tmp_path / "resumed"
+    stop_then_resume(lambda *more: _three(tmp_path, target, "resumed", *more), resumed,
+                     THREE_STOP, capsys)
+
+    # it trained: two epochs, every student's every parameter moved in the last step
+    history = engine.history_of(straight)
+    assert [r["step"] for r in history] == [2, THREE_STEPS]
+    assert all(math.isfinite(r["train_loss"]) for r in history)
+    ckpts = straight / "checkpoints"
+    before, after = (load_file(str(ckpts / f"ckpt-{s:08d}" / "model.safetensors"))
+                     for s in (THREE_STEPS - 1, THREE_STEPS))
+    graph, _ = load_run(resumed)
     assert graph.num_heads == 3
     for k, student in enumerate(graph.students):
         names = [f"graph.students.{k}.{n}" for n, _ in student.named_parameters()]
         assert names and all(not torch.equal(before[n], after[n]) for n in names), k
+
+    # a. resumed mid-epoch == straight, bit for bit: weights, BN statistics, what the objective
+    # owns (General's weights), momenta, scheduler and every epoch's record
+    a, b = after, load_file(str(checkpoint.latest(resumed / "checkpoints") / "model.safetensors"))
+    assert checkpoint.latest(resumed / "checkpoints").name == f"ckpt-{THREE_STEPS:08d}"
+    assert a.keys() == b.keys() and any(k.startswith("graph.students.2.") for k in a)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+    states_a, states_b = (checkpoint.load(checkpoint.latest(d / "checkpoints"))[1]
+                          for d in (straight, resumed))
+    assert states_a["scheduler"] == states_b["scheduler"]
+    momenta_a, momenta_b = states_a["optimizer"]["state"], states_b["optimizer"]["state"]
+    assert momenta_a.keys() == momenta_b.keys() and momenta_a
+    assert all(torch.equal(momenta_a[i]["momentum_buffer"], momenta_b[i]["momentum_buffer"])
+               for i in momenta_a)
+    assert engine.history_of(resumed) == history
+    objective_keys = sorted(k for k in a if not k.startswith("graph."))
+    if target == "general":
+        # updated after epoch 1 (so epoch 2, where the run was stopped, used learnt weights),
+        # and again after epoch 2
+        assert objective_keys == ["objective.general_weights"]
+        w1, w2 = before["objective.general_weights"], a["objective.general_weights"]
+        assert w1.shape == (3,) and w1.sum().item() == pytest.approx(1.0)
+        assert not torch.equal(w1, torch.full((3,), 1 / 3)) and not torch.equal(w1, w2)
+    else:
+        assert objective_keys == []
+
+    # b. every student exports as its own architecture, loads strictly into the unmodified
+    # backbone, and gives the run's logits for its head
+    names = [graph.head_spec(h).qualified_name for h in range(3)]
+    assert names == THREE
+    x = make_input(4, 16, seed=7)
+    with torch.no_grad():
+        logits = graph(x)
+    assert all((logits[h] - logits[j]).abs().max() > 1e-3 for h in range(3) for j in range(h))
+    assert all(logits[h].std() > 1e-3 for h in range(3))  # not squashed by eval-mode BN
+    exported = {}
+    for h in range(3):
+        out = tmp_path / f"head{h}.safetensors"
+        assert cli.main(["export", str(resumed), "--head", str(h), "-o", str(out)]) == 0
+        assert f"exported head {h} to {out}" in capsys.readouterr().out
+        metadata = read_metadata(out)
+        assert int(metadata["head"]) == h
+        assert (metadata["library"], metadata["architecture"]) == THREE_EXPORTED[h]
+        plain = backbones.create(graph.head_spec(h))
+        exported[h] = load_file(str(out))
+        assert exported[h].keys() == plain.state_dict().keys()
+        model = cs.load_backbone(out)  # from the file alone: metadata + strict load
+        assert type(model) is type(plain) and not model.training
+        with torch.no_grad():
+            assert_same_logits(model(x), logits[h])
+    # ... and by its architecture's name
+    out = tmp_path / "by-name.safetensors"
+    assert cli.main(["export", str(resumed), "--head", THREE[2], "-o", str(out)]) == 0
+    assert "exported head 2 to" in capsys.readouterr().out
+    by_name = load_file(str(out))
+    assert int(read_metadata(out)["head"]) == 2
+    assert by_name.keys() == exported[2].keys()
+    assert all(torch.equal(by_name[k], exported[2][k]) for k in by_name)
 
 
 def test_demo_recipe_loads() -> None:
@@ -323,6 +402,45 @@ def test_demo_recipe_loads() -> None:
     assert recipe.name == "demo-kdcl" and recipe.objective.name == "kdcl"
     assert recipe.objective.args == {"target": "minlogit", "temperature": 2.0, "weight": 1.0}
     assert len(recipe.model.name) == 2 and len(set(recipe.model.name)) == 2
+
+
+# paper 003, section 4.2 (CIFAR-100) and 4.1 (ImageNet): name -> (students, target, epochs,
+# milestones, lr, batch per optimizer step, weight decay)
+PAPER_RECIPES = {
+    "cifar100-resnet32-wrn16-2-kdcl": (["cifar_resnet32", "cifar_wrn16_2"], "general", 200,
+                                       [100, 150], 0.1, 128, 5e-4),
+    "imagenet-resnet50-resnet18-kdcl": (["resnet50", "resnet18"], "minlogit", 200,
+                                        [60, 120, 180], 0.8, 2048, 1e-4),
+    "imagenet-resnet50-mobilenetv2-kdcl": (["resnet50", "mobilenetv2_100"], "minlogit", 200,
+                                           [60, 120, 180], 0.8, 2048, 1e-4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
+def test_paper_recipes_load_with_the_papers_values(name: str) -> None:
+    students, target, epochs, milestones, lr, batch, decay = PAPER_RECIPES[name]
+    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
+    assert recipe.name == name and recipe.graph.pattern == "peers"
+    assert recipe.model.name == students
+    for student in students:  # names that resolve without building (or downloading) anything
+        assert backbones.parse_model_name(student).library == "timm"
+    assert recipe.objective.name == "kdcl"
+    assert recipe.objective.args == {"target": target, "temperature": 2.0, "weight": 1.0}
+    t = recipe.train
+    assert (t.epochs, t.milestones, t.gamma, t.schedule) == (epochs, milestones, 0.1, "step")
+    assert (t.lr, t.batch_size * t.grad_accum, t.weight_decay) == (lr, batch, decay)
+    assert (t.momentum, t.nesterov, t.mixed_precision) == (0.9, False, "bf16")
+    d = recipe.data
+    assert d.augment and d.hflip and d.views == "shared"
+    if name.startswith("cifar100"):
+        # 5,000 of the 50,000 training images held out for KDCL-General (50 per class)
+        assert (d.image_size, d.label_column, t.warmup_epochs) == (32, "fine_label", 0)
+        assert round(d.holdout_fraction * 50_000) == 5_000
+    else:
+        # warm-up to lr 0.8 over 5 epochs; 20,000 of ImageNet's 1,281,167 training images held out
+        assert (d.image_size, d.test_split, t.warmup_epochs, t.channels_last) == \
+            (224, "val", 5, True)
+        assert round(d.holdout_fraction * 1_281_167) == 20_000
 
 
 def test_general_weights_update_each_epoch_are_checkpointed_and_resume_bit_exactly(
@@ -343,3 +461,14 @@ def test_general_weights_update_each_epoch_are_checkpointed_and_resume_bit_exact
     weights = a["objective.general_weights"]
     assert weights.shape == (2,) and weights.sum().item() == pytest.approx(1.0)
     assert not torch.equal(weights, torch.full((2,), 0.5))  # updated from the hold-out split
+
+
+def test_general_on_the_test_split_is_one_line_exit_2_and_writes_nothing(tmp_path,
+                                                                         capsys) -> None:
+    argv = ["train", "--recipe", str(REPO / "recipes" / "demo-kdcl.yaml"),
+            "objective.target=general", "data.holdout_split=test", "data.max_train_examples=64",
+            "train.batch_size=16", f"run.dir={tmp_path / 'runs'}", "run.progress=false"]
+    assert cli.main(argv) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "learns from the hold-out split, which must not be the test split 'test'" in line
+    assert not (tmp_path / "runs").exists()
