@@ -233,12 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a paper study (a grid of recipes over seeds, "
                        "resumable) and write report.md with plots")
     p.__class__ = _IntermixedParser  # options and key=value overrides in any order
-    p.add_argument("study", help="clilr-table1, clilr-rescaling or clilr-noise")
+    p.add_argument("study", help="clilr-table1, clilr-rescaling, clilr-noise or kdcl-table7")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="runs per row, seeds 0..N-1 (default: 3 small, 5 full)")
     p.add_argument("--budget", choices=("small", "full"), default="small",
-                   help="small: built-in digits, CPU-sized; full: the paper's CIFAR-10 setting "
-                        "(give data.source=...)")
+                   help="small: built-in digits, CPU-sized; full: paper 000's CIFAR-10 setting "
+                        "(give data.source=...; clilr studies only)")
     p.add_argument("--dir", default="studies",
                    help="the study goes to DIR/<study>-<budget>/ (default: studies)")
     p.add_argument("--max-runs", type=int, default=None, metavar="N",

@@ -25,6 +25,10 @@ made with other settings (say, another ``train.epochs``) is an error, never sile
 aggregates per row (mean and sample std over seeds of the test error, ``100 * (1 - accuracy)``,
 of head 0, of the best head on hold-out and of the ensemble), and times each row's training graph
 against the plain model with :mod:`collabsurgery.bench` at the study's image size and batch.
+A study whose students differ (a ResNet and a WRN, say) gives each row :class:`Cell` entries:
+one column per student, each cell reading one head (an index, ``best`` on hold-out, or
+``last``), beside the paper's number and the mean difference to the column's baseline row over
+paired seeds.
 
 **How the small budget was chosen** (2 shared CPU cores, ``--seeds 3``, about 30 minutes a
 study): the digits are 8x8 images, so 12 px loses nothing and costs about half of 16 px; one torch
@@ -59,8 +63,8 @@ from .errors import TrainingStopped, UserError
 from .graphfile import config_from_json
 from .recipe import Recipe, load_recipe, parse_overrides, recipe_to_dict
 
-__all__ = ["BUDGETS", "STUDIES", "Budget", "Row", "Study", "collect", "get_study",
-           "measure_costs", "recipe_for", "run_state", "run_study", "study_directory",
+__all__ = ["BUDGETS", "STUDIES", "Budget", "Cell", "Row", "Study", "collect", "get_study",
+           "head_error", "measure_costs", "recipe_for", "run_state", "run_study", "study_directory",
            "write_report"]
 
 
@@ -90,6 +94,34 @@ def shared(heads: int, split: str, branches: str = "null", rescale: str = "backp
 SIMPLE2 = shared(2, "layer1")
 HIER4 = shared(4, "layer1,layer2", "[2,2]")
 
+#: paper 003's two students, each its own network (ResNet-20 stands in for its ResNet-32)
+PEERS = ("graph={pattern: peers}", "model.name=[cifar_resnet20, cifar_wrn16_2]")
+SHARED_VIEWS = ("data.views=shared",)
+
+
+def kdcl(target: str, icl: bool = False) -> tuple[str, ...]:
+    """Paper 003's KDCL with ensemble target ``target``; ``icl``: each student its own view."""
+    return (*PEERS, f"objective={{name: kdcl, target: {target}}}",
+            f"data.views={'per_head' if icl else 'shared'}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A row's entry in one column of a per-student table: the test error of one head."""
+
+    column: str                 # the column's label, the same in every row
+    head: str                   # "0", "1", ...: that head; "best": best on hold-out; "last"
+    paper: float | None = None  # the paper's test error % there (None: not in the paper)
+    baseline: bool = False      # differences in this column are taken against this row
+
+
+def head_error(summary: dict[str, Any], head: str) -> float:
+    """Test error % of the head that ``head`` selects in a run's ``summary.json``."""
+    final = summary["final"]
+    accs = final["test"]["head_acc"]
+    index = {"best": final["holdout"]["best_head"], "last": len(accs) - 1}.get(head)
+    return 100 * (1 - accs[int(head) if index is None else index])
+
 
 @dataclass(frozen=True)
 class Row:
@@ -102,6 +134,7 @@ class Row:
     series: str | None = None  # line plots: the curve this row belongs to ...
     x: float | None = None     # ... and its x value
     budgets: tuple[str, ...] = ("small", "full")
+    cells: tuple[Cell, ...] = ()  # per-student columns (students of different architectures)
 
 
 @dataclass(frozen=True)
@@ -115,6 +148,17 @@ class Study:
     baseline: str | None = None  # the row that differences are taken against
     x_label: str | None = None   # rows with series/x: plot error against this
     needs: str | None = None
+    notes: str = ""              # for the report: what was left out, time per seed, ...
+
+    def __post_init__(self) -> None:
+        cells = [c for row in self.rows for c in row.cells]
+        for c in cells:
+            if not (c.head.isdigit() or c.head in ("best", "last")):
+                raise ValueError(f"study {self.name}: head selector {c.head!r} is not an "
+                                 "index, 'best' or 'last'")
+        for column in {c.column for c in cells}:
+            if sum(c.baseline for c in cells if c.column == column) > 1:
+                raise ValueError(f"study {self.name}: column {column!r} has several baselines")
 
     def rows_for(self, budget: str) -> tuple[Row, ...]:
         return tuple(r for r in self.rows if budget in r.budgets)
@@ -165,6 +209,34 @@ _NOISE_SETUPS = (("single", "single model", SINGLE, ("small", "full")),
                  ("hier4", "4 heads, hierarchical sharing", HIER4, ("small", "full")),
                  ("instances2", "2 instances", instances(2), ("small", "full")))
 
+# paper 003 (KDCL) Table 7: a ResNet and a WRN student, one column each
+_RESNET, _WRN = "ResNet-20 (paper: ResNet-32)", "WRN-16-2"
+
+
+def _err(accuracy: float) -> float:
+    """The paper's accuracy % as test error %."""
+    return round(100 - accuracy, 2)
+
+
+def _students(resnet: float, wrn: float) -> tuple[Cell, Cell]:
+    """Peers: head 0 is the ResNet, head 1 the WRN (the papers' accuracies %)."""
+    return Cell(_RESNET, "0", _err(resnet)), Cell(_WRN, "1", _err(wrn))
+
+
+#: paper 003 Table 7's KDCL rows: (target, label, accuracies %, accuracies % with ICL)
+_KDCL_ROWS = (("naive", "Naive", (73.7, 74.8), (73.8, 74.9)),
+              ("linear", "Linear", (73.4, 74.6), (73.6, 74.9)),
+              ("minlogit", "MinLogit", (73.0, 74.1), (73.5, 74.6)),
+              ("general", "General", (74.0, 75.2), (74.3, 75.5)))
+_SMALL = ("small",)  # a full budget would need paper 003's CIFAR-100 recipe
+# ONE and OKDDip ramp their KL weight up over 4 of the 15 epochs: the share of their reference
+# code's 80 of 300 (their default, 80 epochs, would leave it near 0 on the small budget)
+_ONE = ("model.name=cifar_resnet20", "graph={pattern: tree, heads: 3, split: [layer2]}",
+        "objective={name: one, rampup_epochs: 4}", *SHARED_VIEWS)
+_OKDDIP = ("model.name=cifar_resnet20",
+           "graph={pattern: tree, heads: 4, split: [layer2, global_pool], branches: [4, 1]}",
+           "objective={name: okddip, rampup_epochs: 4}", *SHARED_VIEWS)
+
 STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("clilr-table1", "CL-ILR: training graphs against individual learning", _T1,
           baseline="single", rows=(
@@ -191,8 +263,33 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
               for key, label, overrides, budgets in _NOISE_SETUPS for level in _NOISE_LEVELS)),
     Study("cgl-ablation", "CGL ablation", "paper 002",
           needs="CGL (collaborative group learning, paper 002)"),
-    Study("kdcl-targets", "KDCL ensemble targets", "paper 003",
-          needs="KDCL (ensemble soft targets: MinLogit, Linear, General)"),
+    Study("kdcl-table7", "KDCL: ensemble targets and invariant collaborative learning (ICL) "
+          "against DML, ONE and OKDDip, per student",
+          "paper 003 Table 7 (CIFAR-100, ResNet-32 and WRN-16-2 students; test error = 100 - "
+          "the paper's accuracy, median of 5 runs, no std)",
+          notes="Table 7's '2 distill 1' and '1 distill 2' rows (KD from a pre-trained teacher) "
+                "are left out; OKDDip is not in Table 7 (no paper number), its ResNet column is "
+                "the group leader (the last head). ICL: each student sees its own augmentation "
+                "of the same images (data.views=per_head). Time on the small budget, one torch "
+                "thread: one seed (13 runs, 13-30 s each) took about 5 minutes on an idle 2-core "
+                "CPU, up to twice that on a busy one; --seeds 3: 15-30 minutes.",
+          rows=(
+              Row("vanilla-resnet", "vanilla ResNet", (*SINGLE, "model.name=cifar_resnet20",
+                                                       *SHARED_VIEWS), budgets=_SMALL,
+                  cells=(Cell(_RESNET, "0", _err(69.9), baseline=True),)),
+              Row("vanilla-wrn", "vanilla WRN", (*SINGLE, "model.name=cifar_wrn16_2",
+                                                 *SHARED_VIEWS), budgets=_SMALL,
+                  cells=(Cell(_WRN, "0", _err(72.2), baseline=True),)),
+              Row("dml", "DML", (*PEERS, "objective={name: dml}", *SHARED_VIEWS), budgets=_SMALL,
+                  cells=_students(73.3, 74.8)),
+              Row("one", "ONE (3 branches of layer3, best on hold-out)", _ONE, budgets=_SMALL,
+                  cells=(Cell(_RESNET, "best", _err(73.6)),)),
+              *(Row(f"kdcl-{target}{'-icl' * icl}", f"KDCL-{name}{' with ICL' * icl}",
+                    kdcl(target, icl), budgets=_SMALL,
+                    cells=_students(*(with_icl if icl else plain)))
+                for target, name, plain, with_icl in _KDCL_ROWS for icl in (False, True)),
+              Row("okddip", "OKDDip (3 peers + leader, leader reported)", _OKDDIP,
+                  budgets=_SMALL, cells=(Cell(_RESNET, "last"),)))),
     Study("intra-combos", "intra-model collaborative learning", "paper 004",
           needs="intra-model collaborative learning (paper 004)"),
 )}
@@ -246,7 +343,7 @@ def check_overrides(study: Study, budget: Budget, overrides: Sequence[str]) -> N
     for key in given:
         if key in RESERVED:
             raise UserError(f"override '{key}' is set by the study runner ({RESERVED[key]})")
-        if key in row_keys:
+        if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in row_keys):
             raise UserError(f"override '{key}' would change what the rows of study "
                             f"'{study.name}' compare (their keys: {', '.join(sorted(row_keys))})")
     if budget.needs_source:
@@ -370,10 +467,13 @@ def run_study(study: str | Study, *, seeds: int | None = None, budget: str = "sm
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if max_runs is not None and max_runs < 0:
         raise UserError(f"--max-runs must be >= 0, got {max_runs}")
+    rows = study.rows_for(plan.name)
+    if not rows:
+        raise UserError(f"study '{study.name}' has no rows on budget '{plan.name}'; budgets: "
+                        + ", ".join(b for b in BUDGETS if study.rows_for(b)))
     overrides = list(overrides)
     check_overrides(study, plan, overrides)
     study_dir = study_directory(study, plan, root)
-    rows = study.rows_for(plan.name)
     grid = [(row, seed, recipe_for(study, plan, row, seed, study_dir, overrides))
             for seed in range(seeds) for row in rows]  # seed-major: early reports cover all rows
     states = {run_name(row, seed): run_state(recipe) for row, seed, recipe in grid}
@@ -539,14 +639,38 @@ def collect(study_dir: Path, rows: Sequence[Row], seeds: int,
                    "test_examples": s["final"]["test"]["examples"], "best_head": s["best_head"],
                    "wall_s": timings.get(name)}
             run.update({f"{m}_err": 100 * (1 - s[field]) for m, field, _ in METRICS})
+            if row.cells:
+                run["columns"] = {c.column: head_error(s, c.head) for c in row.cells}
             runs.append(run)
         entry: dict[str, Any] = {"key": row.key, "label": row.label, "series": row.series,
                                  "x": row.x, "paper": row.paper, "runs": runs,
                                  "cost": costs.get(_row_cost_key(recipes[row.key]) or "")}
         for m, _, _ in METRICS:
             entry[f"{m}_err"] = _mean_std([r[f"{m}_err"] for r in runs])
+        if row.cells:
+            entry["columns"] = {c.column: {"head": c.head, "paper": c.paper, "err": _mean_std(
+                [r["columns"][c.column] for r in runs])} for c in row.cells}
         out.append(entry)
+    _column_differences(rows, out)
     return out
+
+
+def _column_differences(rows: Sequence[Row], results: list[dict[str, Any]]) -> None:
+    """Per column, each row minus the column's baseline row: the mean over paired seeds (the
+    same seed index finished in both) and the number of pairs; and the paper's difference."""
+    baselines = {c.column: r for row, r in zip(rows, results) for c in row.cells if c.baseline}
+    for r in results:
+        for column, cell in r.get("columns", {}).items():
+            base = baselines.get(column)
+            if base is None or base is r:
+                continue
+            theirs = {run["seed"]: run["columns"][column] for run in base["runs"]}
+            diffs = [run["columns"][column] - theirs[run["seed"]] for run in r["runs"]
+                     if run["seed"] in theirs]
+            papers = cell["paper"], base["columns"][column]["paper"]
+            cell.update(baseline=base["key"], pairs=len(diffs),
+                        diff=statistics.fmean(diffs) if diffs else None,
+                        paper_diff=None if None in papers else papers[0] - papers[1])
 
 
 # ---------------------------------------------------------------------------- writing
@@ -561,17 +685,20 @@ def _ratio(cost: dict | None, key: str) -> str:
     return "—" if not cost else f"{cost[key]:.2f}"
 
 
-def _settings_line(recipe: Recipe, plan: Budget, results: list[dict]) -> str:
+def _settings_line(recipe: Recipe, plan: Budget, results: list[dict], per_row: bool = False
+                   ) -> str:
     r, d, t = recipe, recipe.data, recipe.train
     examples = next((run["test_examples"] for row in results for run in row["runs"]), None)
     test = f", {examples} test examples" if examples else ""
     train = f"{d.max_train_examples} training examples" if d.max_train_examples \
         else "all training examples"
+    model = "each row's networks (Setups, below)" if per_row else f"`{r.model.name}`"
+    objective = "" if per_row else f"; objective `{r.objective.name}`" + "".join(
+        f", {k}={v}" for k, v in sorted(r.objective.args.items()))
     return (f"Budget **{plan.name}**: {plan.dataset}, data.source `{d.source}`, {train}{test}, "
-            f"`{r.model.name}` at {d.image_size} px, {t.epochs} epochs, batch {t.batch_size}, "
+            f"{model} at {d.image_size} px, {t.epochs} epochs, batch {t.batch_size}, "
             f"lr {t.lr:g} ({t.schedule}), weight decay {t.weight_decay:g}, "
-            f"precision {t.mixed_precision}; objective `{r.objective.name}`"
-            + "".join(f", {k}={v}" for k, v in sorted(r.objective.args.items())) + ".")
+            f"precision {t.mixed_precision}{objective}.")
 
 
 def write_report(study: Study, plan: Budget, study_dir: Path, rows: Sequence[Row],
@@ -589,24 +716,31 @@ def write_report(study: Study, plan: Budget, study_dir: Path, rows: Sequence[Row
     done = sum(len(r["runs"]) for r in results)
     total = seeds * len(rows)
     base = next((r for r in results if r["key"] == study.baseline), None)
+    per_student = any(row.cells for row in rows)
     lines = [f"# {study.name}: {study.title}", "",
-             _settings_line(recipes[rows[0].key][0], plan, results) + f" Why: {plan.why}", "",
+             _settings_line(recipes[rows[0].key][0], plan, results, per_student)
+             + f" Why: {plan.why}", "",
              f"Paper numbers: {study.source}." + (
                  " On this budget the data and the network differ from the paper's: compare "
                  "orderings and differences, not absolute errors." if plan.needs_source is False
-                 else ""), "",
-             f"Runs finished: {done} of {total} ({seeds} seed(s) x {len(rows)} rows)"
-             + ("" if done == total else " — **incomplete**: run the same command again to "
-                                         "continue") + ".", "",
-             "## Test error (%), mean ± std over seeds", ""]
-    head = ["setup", "runs", "head 0", "paper"]
+                 else ""), ""]
+    lines += [study.notes, ""] if study.notes else []
+    lines += [f"Runs finished: {done} of {total} ({seeds} seed(s) x {len(rows)} rows)"
+              + ("" if done == total else " — **incomplete**: run the same command again to "
+                                          "continue") + ".", ""]
+    if per_student:
+        lines += _student_lines(rows, results, seeds)
+    lines += [f"## {'Every head: t' if per_student else 'T'}est error (%), mean ± std over seeds",
+              ""]
+    head = ["setup", "runs", "head 0"] + ([] if per_student else ["paper"])
     if base:
         head += [f"head 0 − {base['key']}", f"paper − {base['key']}"]
     head += ["best head on hold-out", "ensemble", "time ×", "memory ×", "FLOPs ×"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         paper = "—" if r["paper"] is None else f"{r['paper'][0]:.2f} ± {r['paper'][1]:.2f}"
-        cells = [r["label"], f"{len(r['runs'])}/{seeds}", _pm(r["head0_err"]), paper]
+        cells = [r["label"], f"{len(r['runs'])}/{seeds}", _pm(r["head0_err"])]
+        cells += [] if per_student else [paper]
         if base:
             ours = r["head0_err"]["mean"], base["head0_err"]["mean"]
             cells.append("—" if None in ours else f"{ours[0] - ours[1]:+.2f}")
@@ -615,16 +749,63 @@ def write_report(study: Study, plan: Budget, study_dir: Path, rows: Sequence[Row
         cells += [_pm(r["best_err"]), _pm(r["ensemble_err"]), _ratio(r["cost"], "time_ratio"),
                   _ratio(r["cost"], "mem_ratio"), _ratio(r["cost"], "flop_ratio")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "head 0: the first head, as the paper evaluates; best head: the head with the "
-              "best hold-out accuracy, its test error; ensemble: the mean of all heads' logits. "
-              "One head means all three are the same model.", ""]
+    lines += ["", "head 0: the first head" + ("" if per_student else ", as the paper evaluates")
+              + "; best head: the head with the best hold-out accuracy, its test error; "
+              "ensemble: the mean of all heads' logits. One head means all three are the same "
+              "model.", ""]
     lines += _noise_lines(results) + _cost_lines(results)
+    if per_student:
+        lines += ["## Setups", "", "Each row's overrides on top of the budget's:", ""]
+        lines += [f"- `{row.key}`: `{shlex.join(row.overrides)}`" for row in rows] + [""]
     lines += ["## Plots", ""] + ([f"![{p.stem}]({p.name})" for p in plots] or
                                  ["(none yet: no finished run)"]) + [""]
     lines += _run_lines(results) + _provenance_lines(book)
     path = study_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _student_lines(rows: Sequence[Row], results: list[dict], seeds: int) -> list[str]:
+    """The per-student table: per column each row's error, the paper's, and the differences
+    to the column's baseline row; then which head each cell reads."""
+    columns = list(dict.fromkeys(c.column for row in rows for c in row.cells))
+    baselines = {c.column: row.key for row in rows for c in row.cells if c.baseline}
+    head = ["setup", "runs"]
+    for col in columns:
+        head += [col, "paper"]
+        head += [f"− {baselines[col]} (pairs)", f"paper − {baselines[col]}"] \
+            if col in baselines else []
+    lines = ["## Test error (%) per student, mean ± std over seeds", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["label"], f"{len(r['runs'])}/{seeds}"]
+        for col in columns:
+            c = r.get("columns", {}).get(col)
+            width = 4 if col in baselines else 2
+            if c is None:
+                cells += [""] * width
+                continue
+            cells += [_pm(c["err"]), "—" if c["paper"] is None else f"{c['paper']:.2f}"]
+            if "pairs" in c:
+                cells += ["—" if c["diff"] is None else f"{c['diff']:+.2f} ({c['pairs']})",
+                          "—" if c["paper_diff"] is None else f"{c['paper_diff']:+.2f}"]
+            else:
+                cells += ["baseline", ""][:width - 2]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Each cell is the test error of one head of the row's runs:"]
+    for col in columns:
+        heads: dict[str, list[str]] = {}
+        for row in rows:
+            for c in row.cells:
+                if c.column == col:
+                    heads.setdefault(c.head, []).append(row.key)
+        names = {"best": "the best head on hold-out", "last": "the last head"}
+        lines.append(f"- {col}: " + "; ".join(f"{names.get(h, f'head {h}')} of {', '.join(keys)}"
+                                              for h, keys in heads.items()) + ".")
+    return lines + ["", "− row (pairs): the mean over seeds of this row's error minus that "
+                    "row's on the same seed, over the seeds finished in both (their number in "
+                    "brackets); paper −: the same difference of the paper's numbers; —: not in "
+                    "the paper, or no finished pair; empty: the row has no such student.", ""]
 
 
 def _noise_lines(results: list[dict]) -> list[str]:

@@ -5,6 +5,7 @@ the paper studies; the catalog's real grids are only built and validated, never 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -14,9 +15,11 @@ import pytest
 from PIL import Image
 
 from collabsurgery import cli, studies
+from collabsurgery.objectives import OBJECTIVES
 from collabsurgery.recipe import recipe_to_dict
-from collabsurgery.studies import (BUDGETS, SIMPLE2, SINGLE, STUDIES, Row, Study, recipe_for,
-                                     run_study)
+from collabsurgery.reporting import headline
+from collabsurgery.studies import (BUDGETS, SIMPLE2, SINGLE, STUDIES, Row, Study, get_study,
+                                     head_error, recipe_for, run_study)
 from conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +161,9 @@ def test_cli_report_only(study, monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["nope"], "unknown study 'nope'; valid: clilr-table1"),
     (["cgl-ablation"], "study 'cgl-ablation' needs method CGL"),
-    (["kdcl-targets"], "has not landed yet"),
+    (["kdcl-table7", "--budget", "full"], "has no rows on budget 'full'; budgets: small"),
+    (["kdcl-table7", "data.views=per_head"], "would change what the rows"),
+    (["kdcl-table7", "graph.heads=2"], "would change what the rows"),  # rows set all of graph
     (["intra-combos"], "has not landed yet"),
     (["clilr-table1", "--budget", "full"], "give data.source="),
     (["clilr-table1", "--budget", "full", "data.source=builtin:digits"], "give data.source="),
@@ -173,14 +178,20 @@ def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+OKDDIP = "objective={name: okddip}"
+OKDDIP_MISSING = "okddip" not in OBJECTIVES  # being written in objectives/peer_attention.py
+
+
 @pytest.mark.parametrize("name", [n for n, s in STUDIES.items() if s.needs is None])
 def test_catalog_grids_are_valid_recipes(name, tmp_path):
-    """Every row of every landed study, on both budgets, passes strict validation and differs
-    from the other rows; the full budget is the paper's ResNet-32 CIFAR-10 recipe."""
+    """Every row of every landed study, on each budget it has, passes strict validation and
+    differs from the other rows; the full budget is the paper's ResNet-32 CIFAR-10 recipe.
+    (A row of a not yet registered objective is checked, skipped, in the kdcl-table7 test.)"""
     study = STUDIES[name]
+    assert study.rows_for("small")
     for budget, extra in (("small", []), ("full", ["data.source=/data/cifar10"])):
-        rows = study.rows_for(budget)
-        assert rows
+        rows = tuple(r for r in study.rows_for(budget)
+                     if not (OKDDIP_MISSING and OKDDIP in r.overrides))
         recipes = [recipe_for(study, BUDGETS[budget], row, 0, tmp_path, extra) for row in rows]
         settings = [json.dumps({k: v for k, v in recipe_to_dict(r).items()
                                 if k not in ("name", "run")}, sort_keys=True) for r in recipes]
@@ -211,3 +222,130 @@ def test_a_stopped_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, c
     assert (study_dir / "runs" / "simple2-seed0" / "summary.json").is_file()
     report = (study_dir / "report.md").read_text()
     assert "Runs finished: 1 of 2" in report and "**stopped** single-seed0" in report
+
+
+# ---------------------------------------------------------------------------- kdcl-table7
+
+KDCL = STUDIES["kdcl-table7"]
+RESNET, WRN = "ResNet-20 (paper: ResNet-32)", "WRN-16-2"
+PEER_MODELS = ["cifar_resnet20", "cifar_wrn16_2"]
+#: row -> (graph pattern, objective name, kdcl target, data views, model, columns: head)
+KDCL_ROWS = {
+    "vanilla-resnet": ("tree", "single", None, "shared", "cifar_resnet20", {RESNET: "0"}),
+    "vanilla-wrn": ("tree", "single", None, "shared", "cifar_wrn16_2", {WRN: "0"}),
+    "dml": ("peers", "dml", None, "shared", PEER_MODELS, {RESNET: "0", WRN: "1"}),
+    "one": ("tree", "one", None, "shared", "cifar_resnet20", {RESNET: "best"}),
+    **{f"kdcl-{t}{'-icl' * icl}": ("peers", "kdcl", t, "per_head" if icl else "shared",
+                                   PEER_MODELS, {RESNET: "0", WRN: "1"})
+       for t in ("naive", "linear", "minlogit", "general") for icl in (False, True)},
+    "okddip": ("tree", "okddip", None, "shared", "cifar_resnet20", {RESNET: "last"}),
+}
+
+
+def test_kdcl_table7_has_landed_with_every_table7_row():
+    assert get_study("kdcl-table7") is KDCL
+    assert [row.key for row in KDCL.rows] == list(KDCL_ROWS)
+    assert KDCL.rows_for("small") == KDCL.rows and KDCL.rows_for("full") == ()
+    papers = {row.key: tuple(c.paper for c in row.cells) for row in KDCL.rows}
+    # 100 - Table 7's accuracy; OKDDip is not in Table 7
+    assert papers["vanilla-resnet"] == (30.1,) and papers["vanilla-wrn"] == (27.8,)
+    assert papers["dml"] == (26.7, 25.2) and papers["one"] == (26.4,)
+    assert papers["kdcl-general-icl"] == (25.7, 24.5) and papers["okddip"] == (None,)
+    assert [row.key for row in KDCL.rows for c in row.cells if c.baseline] == \
+        ["vanilla-resnet", "vanilla-wrn"]
+
+
+@pytest.mark.parametrize("key", [
+    pytest.param(key, marks=pytest.mark.skipif(
+        key == "okddip" and OKDDIP_MISSING,
+        reason="objective 'okddip' is not registered yet (objectives/peer_attention.py)"))
+    for key in KDCL_ROWS])
+def test_kdcl_table7_row_recipe(key, tmp_path):
+    """Each row's recipe loads strictly with its graph, objective, views and students."""
+    row = next(r for r in KDCL.rows if r.key == key)
+    r = recipe_for(KDCL, BUDGETS["small"], row, 0, tmp_path)
+    pattern, objective, target, views, model, columns = KDCL_ROWS[key]
+    assert (r.graph.pattern, r.objective.name, r.objective.args.get("target"), r.data.views,
+            r.model.name) == (pattern, objective, target, views, model)
+    assert {c.column: c.head for c in row.cells} == columns
+    assert r.data.augment and r.data.source == "builtin:digits"  # per_head views need augment
+    if key in ("one", "okddip"):  # their KL ramp-up fits the 15 epochs
+        assert r.objective.args["rampup_epochs"] == 4
+    if key == "one":
+        assert r.graph.args == {"heads": 3, "split": ["layer2"]}
+    if key == "okddip":
+        assert r.graph.args == {"heads": 4, "split": ["layer2", "global_pool"],
+                                "branches": [4, 1]}
+
+
+def fake_summary(test_acc: list[float], holdout_acc: list[float]) -> dict:
+    """A run's summary.json as the engine writes it."""
+    def split(accs):
+        return {"head_acc": accs, "ensemble_acc": max(accs), "examples": 359,
+                "best_head": max(range(len(accs)), key=accs.__getitem__)}
+    final = {"epoch": 15, "test": split(test_acc), "holdout": split(holdout_acc)}
+    return {**headline(final), "final": final, "num_processes": 1}
+
+
+def test_head_error_reads_an_index_the_best_on_holdout_or_the_last_head():
+    s = fake_summary([0.71, 0.80, 0.75], [0.90, 0.80, 0.95])
+    assert [round(head_error(s, h), 6) for h in ("0", "1", "best", "last")] == [29, 20, 25, 25]
+
+
+#: run -> (test accuracies, hold-out accuracies): DML's hold-out best is head 1, ONE's
+#: hold-out best (head 2) is not its test best (head 1), OKDDip's leader is the last head
+KDCL_RUNS = {"vanilla-resnet-seed0": ([0.70], [0.7]), "vanilla-resnet-seed1": ([0.72], [0.7]),
+             "vanilla-wrn-seed0": ([0.75], [0.7]),
+             "dml-seed0": ([0.74, 0.77], [0.7, 0.8]), "dml-seed1": ([0.76, 0.78], [0.7, 0.8]),
+             "one-seed0": ([0.71, 0.80, 0.75], [0.90, 0.80, 0.95]),
+             "okddip-seed1": ([0.70, 0.71, 0.72, 0.79], [0.9, 0.8, 0.8, 0.8])}
+
+
+def table_row(report: str, label: str) -> list[str]:
+    line = next(l for l in report.splitlines() if l.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_kdcl_table7_report_has_a_column_per_student_with_paired_differences(tmp_path):
+    study_dir = tmp_path / "kdcl-table7-small"
+    for name, (test, holdout) in KDCL_RUNS.items():
+        (study_dir / "runs" / name).mkdir(parents=True)
+        (study_dir / "runs" / name / "summary.json").write_text(
+            json.dumps(fake_summary(test, holdout)))
+    rows = KDCL.rows_for("small")
+    # recipes only locate the runs: until okddip is registered, its row borrows ONE's objective
+    loadable = {r.key: dataclasses.replace(r, overrides=tuple(
+        o.replace("okddip", "one") if OKDDIP_MISSING else o for o in r.overrides)) for r in rows}
+    recipes = {key: [recipe_for(KDCL, BUDGETS["small"], row, s, study_dir) for s in range(2)]
+               for key, row in loadable.items()}
+    report = studies.write_report(KDCL, BUDGETS["small"], study_dir, rows, 2, recipes).read_text()
+
+    assert f"| setup | runs | {RESNET} | paper | − vanilla-resnet (pairs) | " \
+           f"paper − vanilla-resnet | {WRN} | paper | − vanilla-wrn (pairs) | " \
+           "paper − vanilla-wrn |" in report
+    label = {row.key: row.label for row in rows}
+    empty = ["", "", "", ""]
+    assert table_row(report, label["vanilla-resnet"]) == [
+        label["vanilla-resnet"], "2/2", "29.00 ± 1.41", "30.10", "baseline", "", *empty]
+    assert table_row(report, label["vanilla-wrn"]) == [
+        label["vanilla-wrn"], "1/2", *empty, "25.00", "27.80", "baseline", ""]
+    # head 0 for the ResNet column, head 1 for the WRN; WRN pairs: only seed 0 has a baseline
+    assert table_row(report, "DML") == ["DML", "2/2", "25.00 ± 1.41", "26.70", "-4.00 (2)",
+                                        "-3.40", "22.50 ± 0.71", "25.20", "-2.00 (1)", "-2.60"]
+    assert table_row(report, label["one"]) == [label["one"], "1/2", "25.00", "26.40",
+                                               "-5.00 (1)", "-3.70", *empty]
+    assert table_row(report, label["okddip"]) == [label["okddip"], "1/2", "21.00", "—",
+                                                  "-7.00 (1)", "—", *empty]
+    assert table_row(report, "KDCL-General with ICL") == ["KDCL-General with ICL", "0/2", "—",
+                                                          "25.70", "—", "-4.40", "—", "24.50",
+                                                          "—", "-3.30"]
+    assert f"- {RESNET}: head 0 of vanilla-resnet, dml, kdcl-naive" in report
+    assert "the best head on hold-out of one; the last head of okddip." in report
+    assert f"- {WRN}: head 0 of vanilla-wrn; head 1 of dml, kdcl-naive" in report
+    assert "as the paper evaluates" not in report and "Setups" in report
+    assert "2 distill 1" in report and "minutes" in report  # the study's notes
+    results = json.loads((study_dir / "results.json").read_text())
+    dml = next(r for r in results["rows"] if r["key"] == "dml")
+    assert dml["columns"][WRN]["err"]["mean"] == pytest.approx(22.5)
+    assert (dml["columns"][WRN]["pairs"], dml["columns"][WRN]["diff"]) == (1, pytest.approx(-2))
+    assert dml["runs"][1]["columns"] == {RESNET: pytest.approx(24), WRN: pytest.approx(22)}
