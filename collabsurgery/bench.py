@@ -11,8 +11,8 @@ drifts of a shared machine hit them alike.
 - ``stage_limit_ratio``: the limit of that ratio for the graph's sharing pattern. Each of the
   graph's cost pieces (:meth:`TrainingGraph.cost_pieces`: the stages of head 0's path, or each
   student of a peer group) is timed on its own (forward + backward, input detached and requiring
-  grad except the image), and weighted by the number of copies the graph runs:
-  ``sum(t_i * copies_i) / sum(t_i of the pieces the plain model runs)``.
+  grad except the image), and weighted by the number of times the graph runs them:
+  ``sum(t_i * runs_i) / sum(t_i of the pieces the plain model runs)``.
 - ``flop_ratio``: FLOPs of one training step (forward + backward,
   ``torch.utils.flop_counter.FlopCounterMode``); ``forward_flop_ratio`` beside it.
 - ``mem_ratio``: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a step. On CPU,
@@ -193,7 +193,7 @@ def _flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 def _limit(times: list[float], pieces: list) -> float:
     """The stage-time limit: every piece's time times its copies, over the plain model's pieces."""
-    return sum(t * p.copies for t, p in zip(times, pieces)) / \
+    return sum(t * p.executions for t, p in zip(times, pieces)) / \
         sum(t for t, p in zip(times, pieces) if p.in_plain)
 
 
@@ -263,7 +263,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
     log("measuring memory")
     mem = {name: _peak_bytes(runners[name]) for name in ["plain", *variants]}
     stage_times = [median[f"stage{i}"] for i in range(len(pieces))]
-    copies = [p.copies for p in pieces]
+    copies = [p.executions for p in pieces]
     limit = _limit(stage_times, pieces)
     limit_min = _limit([best[f"stage{i}"] for i in range(len(pieces))], pieces)
     common = dict(stage_limit_ratio=limit, stage_limit_ratio_min=limit_min,

@@ -26,6 +26,10 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
 
 
+def _paths(text: str) -> list[list[int]]:
+    return [list(_int_list(path)) for path in text.split(";")]
+
+
 def _input_size(text: str) -> tuple[int, int, int]:
     try:
         return (3, int(text), int(text))
@@ -48,7 +52,8 @@ def _graph_arguments(args: argparse.Namespace) -> dict:
     """The graph options given on the command line (unset ones take the builder's defaults;
     one the pattern does not take is refused by name)."""
     given = {"split": args.split or None, "heads": args.heads, "branches": args.branches,
-             "rescale": args.rescale}
+             "rescale": args.rescale, "modules": args.modules, "students": args.students,
+             "paths": args.paths, "seed": args.route_seed}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -178,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fan-out per split, e.g. 2,2")
         p.add_argument("--rescale", choices=RESCALE_MODES, default=None,
                        help="backprop (default), loss or none")
+        p.add_argument("--modules", type=int, default=None,
+                       help="routed: modules per stage (default 2)")
+        p.add_argument("--students", type=int, default=None,
+                       help="routed: number of students (default 8)")
+        p.add_argument("--paths", type=_paths, default=None,
+                       help="routed: explicit paths, one module index per stage, students "
+                            "separated by ';', e.g. '0,1,0;1,0,1'")
+        p.add_argument("--route-seed", type=int, default=None,
+                       help="routed: the seed that draws the paths (default 0)")
 
     p = model_command("wrap", "build a training graph and print what it costs")
     graph_options(p)

@@ -32,12 +32,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint, reporting
-from .batches import SharedBatches
+from .batches import SharedBatches, SubsetBatches
 from .data import Splits, load_splits
 from .errors import ArgumentError, TrainingStopped, UserError
 from .evaluate import evaluate
-from .graphs import TrainingGraph, build_graph
-from .objectives import LossOutput, Objective, Step, build_objective
+from .graphs import TrainingGraph, build_graph, builder_arguments
+from .objectives import OBJECTIVES, LossOutput, Objective, Step, build_objective
 from .recipe import Recipe, data_arguments, recipe_to_dict, save_recipe
 from .seeding import derive_seed
 
@@ -55,10 +55,13 @@ def run_directory(recipe: Recipe) -> Path:
 def build_net(recipe: Recipe, num_classes: int) -> TrainingGraph:
     """The training graph a recipe asks for."""
     size = recipe.data.image_size
+    args = dict(recipe.graph.args)
+    if "seed" in builder_arguments(recipe.graph.pattern):  # random structure (routes): seeded
+        args.setdefault("seed", recipe.seed)
     try:
         return build_graph(recipe.graph.pattern, recipe.model.name,
                            model_kwargs={"num_classes": num_classes, **recipe.model.kwargs},
-                           input_size=(3, size, size), **recipe.graph.args)
+                           input_size=(3, size, size), **args)
     except ArgumentError as err:
         raise _recipe_key_error("graph", err) from None
 
@@ -140,7 +143,7 @@ class Session:
     collaboration: Collaboration       # the same, unwrapped
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    batches: SharedBatches
+    batches: SharedBatches | SubsetBatches
     holdout: DataLoader
     test: DataLoader
     progress: checkpoint.Progress = field(default_factory=checkpoint.Progress)
@@ -162,11 +165,27 @@ class Session:
 
 
 def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
-                    processes: int) -> SharedBatches:
-    t, views = recipe.train, recipe.data.views
+                    objective: Objective, processes: int) -> SharedBatches | SubsetBatches:
+    t, data, views = recipe.train, recipe.data, recipe.data.views
     if len(splits.train) < t.batch_size * processes:
         raise UserError(f"train.batch_size={t.batch_size} x {processes} processes exceeds the "
                         f"{len(splits.train)} training examples")
+    if data.subsets:
+        if not graph.per_head_input:
+            raise UserError(f"data.subsets=true gives each head its own batch; pattern "
+                            f"'{recipe.graph.pattern}' shares layers between heads and takes one "
+                            "batch; valid patterns: instances, peers, routed")
+        if not objective.own_examples:
+            raise UserError(f"objective '{recipe.objective.name}' compares the heads example by "
+                            "example, but data.subsets=true gives each head different examples; "
+                            "valid with subsets: objectives " + ", ".join(
+                                n for n, c in OBJECTIVES.items() if c.own_examples))
+        if views == "per_head":
+            raise UserError("data.subsets=true already gives each head its own images, so "
+                            "data.views=per_head (its own view of the same images) cannot apply; "
+                            "set data.views=shared or data.subsets=false")
+        return SubsetBatches(splits.train, graph.num_heads, t.batch_size, data.subset_overlap,
+                             seed=recipe.seed, num_workers=data.num_workers)
     if views == "per_head":
         if not graph.per_head_input:
             raise UserError(f"data.views=per_head needs a graph whose heads run on their own "
@@ -212,7 +231,7 @@ def setup(recipe: Recipe) -> Session:
     collaboration = Collaboration(graph, objective)
     optimizer = torch.optim.SGD(collaboration.parameters(), lr=t.lr, momentum=t.momentum,
                                 nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay)
-    batches = _batch_provider(recipe, splits, graph, accelerator.num_processes)
+    batches = _batch_provider(recipe, splits, graph, objective, accelerator.num_processes)
     loader_args = dict(batch_size=t.batch_size, num_workers=recipe.data.num_workers)
     model, optimizer, holdout, test = accelerator.prepare(
         collaboration, optimizer, DataLoader(splits.holdout, **loader_args),

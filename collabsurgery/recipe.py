@@ -90,6 +90,8 @@ class DataConfig:
     hflip: bool = False  # the built-in digits must not be mirrored; CIFAR recipes turn it on
     label_noise: float = _f(0.0, "[0, 1)")
     views: Literal["shared", "per_head"] = "shared"  # per_head: each head its own augmentation
+    subsets: bool = False  # each head trains on its own subset (paper 002's sub-set data learning)
+    subset_overlap: float = _f(0.0, "[0, 1)")  # subsets also take round(o x share) of the others'
     num_workers: int = _f(0, ">= 0")
     max_train_examples: int | None = _f(None, ">= 1")
 
@@ -423,7 +425,8 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def data_arguments(data: DataConfig) -> dict[str, Any]:
     """The ``data`` section as :func:`collabsurgery.data.load_splits` keyword arguments."""
-    return {k: v for k, v in dataclasses.asdict(data).items() if k not in ("num_workers", "views")}
+    provider_keys = ("num_workers", "views", "subsets", "subset_overlap")
+    return {k: v for k, v in dataclasses.asdict(data).items() if k not in provider_keys}
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:

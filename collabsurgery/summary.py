@@ -95,14 +95,16 @@ def describe(net: TrainingGraph, plain: nn.Module | None = None) -> str:
     models = dict.fromkeys(net.head_spec(h).qualified_name for h in range(net.num_heads))
     lines = [f"training graph: {', '.join(models)} as {net.config.kind}, {net.num_heads} heads, "
              f"input {'x'.join(map(str, size))}", *net.describe_structure(), "",
-             f"{'piece':<36} {'copies':>6} {'M params':>9} {'GFLOPs/image':>13}  (each copy)"]
+             f"{'piece':<36} {'copies':>6} {'runs':>5} {'M params':>9} {'GFLOPs/image':>13}"
+             "  (each copy, each run)"]
     total_params = total_flops = 0
     for piece in pieces:
         params, flops = _piece_cost(piece.module, piece.input)
         total_params += params * piece.copies
-        total_flops += flops * piece.copies
-        lines.append(f"{piece.name:<36} {piece.copies:>6} {params / 1e6:>9.3f} {flops / 1e9:>13.3f}")
-    lines.append(f"{'total, every copy':<36} {'':>6} {total_params / 1e6:>9.3f} "
+        total_flops += flops * piece.executions
+        lines.append(f"{piece.name:<36} {piece.copies:>6} {piece.executions:>5} "
+                     f"{params / 1e6:>9.3f} {flops / 1e9:>13.3f}")
+    lines.append(f"{'total, every copy and run':<36} {'':>6} {'':>5} {total_params / 1e6:>9.3f} "
                  f"{total_flops / 1e9:>13.3f}")
     lines += ["", f"{'':<22} {'plain':>14} {'training graph':>16} {'ratio':>7}"]
     for label, a, b, unit in (("parameters", base.params, graph.params, 1e6),

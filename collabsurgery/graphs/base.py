@@ -74,14 +74,21 @@ class GraphOutput:
 
 @dataclass(frozen=True)
 class CostPiece:
-    """A part of a graph's work for cost limits: ``module`` run ``copies`` times on ``input``;
-    ``in_plain`` when the plain model (head 0's backbone) runs it once too."""
+    """A part of a graph's work for cost limits: ``copies`` instances of ``module`` (its
+    parameters), run ``runs`` times on ``input`` (default: once per copy); ``in_plain`` when
+    the plain model (head 0's backbone) runs it once too."""
 
     name: str
     module: nn.Module
     input: torch.Tensor
     copies: int
     in_plain: bool = True
+    runs: int | None = None
+
+    @property
+    def executions(self) -> int:
+        """How many times the graph runs this piece in one forward on a shared batch."""
+        return self.copies if self.runs is None else self.runs
 
 
 class TrainingGraph(nn.Module):

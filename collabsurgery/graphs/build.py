@@ -143,8 +143,17 @@ def build_tree(model: str | nn.Module, split: str | Sequence[str] | None = None,
                                          f"{', '.join(split_points(trace(module, size)))}")
         net = TreeNet([module], [1], rescale, spec, reference_keys, config, ["input..output"])
         return _finish(net, module, spec, execution, checkpoint_branches)
-    traced = trace(module, size)
     fanouts = _fanouts(heads, split, branches)
+    stages, names, unused = cut_stages(module, size, split)
+    net = TreeNet(stages, fanouts, rescale, spec, reference_keys, config, names, unused)
+    return _finish(net, module, spec, execution, checkpoint_branches)
+
+
+def cut_stages(module: nn.Module, size: tuple[int, ...], split: Sequence[str]
+               ) -> tuple[list[Stage], list[str], dict[str, torch.Tensor]]:
+    """``module`` cut at the split points: its stages (train and eval graphs each), their names
+    ``"a..b"``, and the plain state_dict entries no stage runs (kept so exports stay complete)."""
+    traced = trace(module, size)
     cuts = resolve_splits(traced, split)
     train_graphs = cut_graph(traced.train.graph, [t for t, _ in cuts])
     eval_graphs = cut_graph(traced.eval.graph, [e for _, e in cuts])
@@ -154,9 +163,8 @@ def build_tree(model: str | nn.Module, split: str | Sequence[str] | None = None,
     names = [f"{a}..{b}" for a, b in zip(bounds, bounds[1:])]
     covered = set().union(*(s.state_dict().keys() for s in stages))
     full_state = module.state_dict()
-    unused = {k: full_state[k] for k in reference_keys if k not in covered}
-    net = TreeNet(stages, fanouts, rescale, spec, reference_keys, config, names, unused)
-    return _finish(net, module, spec, execution, checkpoint_branches)
+    unused = {k: v for k, v in full_state.items() if k not in covered}
+    return stages, names, unused
 
 
 @register_graph("instances", example=lambda backbone, points: {"heads": 2})

@@ -85,6 +85,7 @@ class Objective(nn.Module):
     wants: tuple[str, ...] = ()
     wants_holdout: bool = False  # end_epoch gets every head's hold-out logits
     default_export: str = "best"  # the head export takes unless told: "best" (on hold-out), "last"
+    own_examples: bool = False   # heads may train on different examples (data.subsets)
 
     def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None
                 ) -> LossOutput:

@@ -11,8 +11,11 @@ from collabsurgery.objectives.base import (LossContext, Objective, check_number,
 class SingleLoss(Objective):
     """Plain cross entropy per head, summed: ``L = sum_h CE(y, z_h)``.
 
-    H=1 is the single-model baseline; H>1 is independent training with no collaboration.
+    H=1 is the single-model baseline; H>1 is independent training with no collaboration,
+    so heads may each train on their own examples (``data.subsets``).
     """
+
+    own_examples = True
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -26,6 +29,8 @@ class LabelSmoothingLoss(Objective):
     ``L = sum_h CE((1 - eps) * onehot(y) + eps / C, z_h)``, as
     ``F.cross_entropy(..., label_smoothing=eps)``.
     """
+
+    own_examples = True
 
     def __init__(self, smoothing: float = 0.1) -> None:
         super().__init__()

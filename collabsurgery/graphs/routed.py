@@ -1,0 +1,200 @@
+"""Random-routed students over a modular network (Collaborative Group Learning, paper 002).
+
+The backbone is cut at its split points into L stages; every stage holds M modules (copies,
+freshly initialised: module m of every stage comes from the m-th fresh instance of the model, so
+the path (m, m, ..., m) starts as one coherent network). Student k is a path choosing one module
+per stage (paper 002, eq. 1). Parameters are M x the backbone's whatever the number of students.
+
+On a shared batch, students whose paths share a prefix compute it once (the prefix's output is
+the same tensor); on a per-head batch ``[K, B, ...]`` student k runs its path on ``x[k]``
+(its own subset).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .. import backbones
+from ..backbones import BackboneSpec
+from ..errors import ArgumentError
+from ..seeding import generator
+from .base import INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph, register_graph
+from .build import _config, _parse_split, cut_stages
+from .staged import StagedGraph
+
+
+class RoutedNet(StagedGraph):
+    """K students routed through L stages x M modules; ``forward`` -> ``[K, B, C]``."""
+
+    per_head_input = True
+    execution_modes = ("loop",)
+    set_execution = TrainingGraph.set_execution
+    describe_execution = TrainingGraph.describe_execution
+    reference_execution = TrainingGraph.reference_execution
+
+    def __init__(self, stages: Sequence[nn.Module], modules: int, paths: Sequence[Sequence[int]],
+                 spec: BackboneSpec, reference_keys: Sequence[str], config: GraphConfig,
+                 stage_names: Sequence[str], unused_state: dict[str, torch.Tensor] | None = None):
+        copies = [[stage] + [copy.deepcopy(stage) for _ in range(modules - 1)] for stage in stages]
+        super().__init__(copies, stage_names, spec, reference_keys, config, unused_state)
+        self.paths = [tuple(int(m) for m in path) for path in paths]
+
+    @property
+    def num_heads(self) -> int:
+        """Number of students K."""
+        return len(self.paths)
+
+    @property
+    def may_skip_modules(self) -> bool:  # type: ignore[override]
+        """True when some module is on no student's path (it never gets a gradient)."""
+        return any(len({p[i] for p in self.paths}) < self.copies(i)
+                   for i in range(len(self.stages)))
+
+    def head_path(self, head: int) -> list[int]:
+        """The module index of every stage on student ``head``'s path."""
+        return list(self.paths[self.check_head(head)])
+
+    def run(self, x: torch.Tensor, wants: Sequence[str] = ()) -> GraphOutput:
+        """Every student's logits ``[K, B, C]`` (and the requested split-point features, each
+        ``[K, B, ...]``); a prefix shared on the same input is computed once."""
+        per_head, x = self.split_input(x)
+        self.check_wants(wants, self.feature_names)
+        outputs = self.forward_prefixes(x, per_head, range(self.num_heads))
+        heads = range(self.num_heads)
+        logits = torch.stack([outputs[self._key(h, per_head, len(self.stages))] for h in heads])
+        features = {}
+        for name in wants:
+            if name == INPUT:
+                features[name] = x if per_head else x.expand(self.num_heads, *x.shape)
+            else:
+                i = self.feature_names.index(name) + 1
+                features[name] = torch.stack([outputs[self._key(h, per_head, i)] for h in heads])
+        return GraphOutput(logits, features)
+
+    def run_heads(self, x: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:
+        """Logits ``[len(heads), B, C]`` of the students ``heads`` on one shared batch ``x``,
+        running only the modules on their paths (each shared prefix once)."""
+        outputs = self.forward_prefixes(x, False, heads)
+        return torch.stack([outputs[self._key(h, False, len(self.stages))] for h in heads])
+
+    def forward_prefixes(self, x: torch.Tensor, per_head: bool, heads: Sequence[int]
+                         ) -> dict[tuple, torch.Tensor]:
+        """The output of every distinct (input, path prefix) of ``heads``, keyed by
+        :meth:`_key`; the key of depth 0 is the input itself."""
+        outputs: dict[tuple, torch.Tensor] = {}
+        for h in heads:
+            outputs.setdefault(self._key(h, per_head, 0), x[h] if per_head else x)
+        for i, copies in enumerate(self.stages):
+            for h in heads:
+                key = self._key(h, per_head, i + 1)
+                if key not in outputs:
+                    outputs[key] = copies[self.paths[h][i]](outputs[self._key(h, per_head, i)])
+        return outputs
+
+    def _key(self, head: int, per_head: bool, depth: int) -> tuple:
+        """Which tensor head ``head`` holds after ``depth`` stages: its input and path prefix."""
+        return (head if per_head else -1, self.paths[head][:depth])
+
+    @torch.no_grad()
+    def cost_pieces(self, x: torch.Tensor) -> list[CostPiece]:
+        """Every stage, weighted by the distinct path prefixes that run it on a shared batch."""
+        pieces, current = [], x
+        for i, (name, copies) in enumerate(zip(self.stage_names, self.stages)):
+            runs = len({p[:i + 1] for p in self.paths})
+            pieces.append(CostPiece(name, copies[0], current, len(copies), runs=runs))
+            current = copies[0](current)
+        return pieces
+
+    def describe_structure(self) -> list[str]:
+        """Each student's path, then which students share each module of each stage."""
+        lines = [f"{self.num_heads} students over {len(self.stages)} stages x "
+                 f"{max(self.copies(i) for i in range(len(self.stages)))} modules; paths:"]
+        lines += [f"  student {k}: {' '.join(map(str, p))}" for k, p in enumerate(self.paths)]
+        lines += [f"costs below: one shared batch (each distinct path prefix runs once); with "
+                  f"per-student batches (data.subsets) every student runs its whole path, "
+                  f"{self.num_heads} x the plain model's FLOPs per example"]
+        return lines + super().describe_structure()
+
+
+def draw_paths(students: int, modules: int, stages: int, seed: int) -> list[list[int]]:
+    """``students`` paths of one module index per stage, uniform over the ``modules ** stages``
+    paths (paper 002, eq. 1) from a generator seeded by ``seed``; distinct while there are
+    enough paths (two students on one path would be one student twice)."""
+    g = generator("routes", seed)
+    total = modules ** stages
+    if students <= total <= 1 << 20:
+        picks = torch.randperm(total, generator=g)[:students].tolist()
+    else:
+        picks = torch.randint(total, (students,), generator=g).tolist()
+    return [[(n // modules ** (stages - 1 - i)) % modules for i in range(stages)] for n in picks]
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_paths(paths: Any, students: int | None, modules: int, stages: int
+                 ) -> list[list[int]]:
+    shape = f"{stages} module indices in 0..{modules - 1} (one per stage)"
+    if not isinstance(paths, (list, tuple)) or not paths:
+        raise ArgumentError("paths", f"must be a list of paths of {shape}, got {paths!r}")
+    for k, path in enumerate(paths):
+        if not isinstance(path, (list, tuple)) or len(path) != stages or not all(
+                isinstance(m, int) and not isinstance(m, bool) and 0 <= m < modules for m in path):
+            raise ArgumentError("paths", f"student {k}'s path {path!r} is not {shape}")
+    if students is not None and students != len(paths):
+        raise ArgumentError("students", f"is {students} but paths gives {len(paths)} paths")
+    return [list(p) for p in paths]
+
+
+def _routed_example(backbone: str, points: Sequence[str]) -> dict[str, Any]:
+    middle = len(points) // 2
+    return {"split": [points[middle - 1], points[middle]], "modules": 2, "students": 3}
+
+
+@register_graph("routed", example=_routed_example)
+def build_routed(model: str | nn.Module, split: str | Sequence[str] | None = None,
+                 modules: int = 2, students: int | None = None,
+                 paths: Sequence[Sequence[int]] | None = None, seed: int = 0,
+                 input_size: Sequence[int] | None = None, model_kwargs: dict | None = None
+                 ) -> RoutedNet:
+    """Cut ``model`` at ``split`` into stages of ``modules`` modules each and route
+    ``students`` (default 8) students through them: paths drawn by :func:`draw_paths` from
+    ``seed`` (the recipe's seed in training), or given as ``paths`` (one module index per
+    stage; paper 002's transfer of a parameter-sharing structure, Table 7). The config stores
+    the paths, so a rebuild or a resumed run has the same students."""
+    split = _parse_split(split)
+    modules = _check_int("modules", modules)
+    if students is not None:
+        students = _check_int("students", students)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentError("seed", f"must be an integer, got {seed!r}")
+    stages_count = len(split) + 1
+    if paths is None:
+        paths = draw_paths(8 if students is None else students, modules, stages_count, seed)
+    else:
+        paths = _check_paths(paths, students, modules, stages_count)
+    module, spec = backbones.resolve(model, **(model_kwargs or {}))
+    size = tuple(input_size) if input_size else backbones.default_input_size(module)
+    config = _config("routed", spec, size, split=split, modules=modules, students=len(paths),
+                     paths=paths, seed=seed)
+    reference_keys = list(module.state_dict().keys())
+    if split:
+        stages, names, unused = cut_stages(module, size, split)
+    else:
+        stages, names, unused = [module], ["input..output"], {}
+    net = RoutedNet(stages, modules, paths, spec, reference_keys, config, names, unused)
+    with torch.no_grad():  # module m of every stage from the m-th fresh instance
+        for m in range(1, modules):
+            fresh = backbones.fresh_instance(module, spec).state_dict()
+            for copies in net.stages:
+                for key, tensor in copies[m].state_dict(keep_vars=True).items():
+                    if key in fresh:
+                        tensor.copy_(fresh[key])
+    return net.train(module.training)
