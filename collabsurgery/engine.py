@@ -89,7 +89,17 @@ class Collaboration(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, step: Step) -> LossOutput:
         """The objective's loss on the graph's output (the features it wants included)."""
-        return self.objective(self.graph.run(x, wants=self.objective.wants), labels, step)
+        out = self.graph.run(x, wants=self.objective.wants)
+        return self.objective(out, labels, step, self.graph)
+
+
+def make_optimizer(module: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or Adam over every parameter of graph and objective."""
+    t = recipe.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(module.parameters(), lr=t.lr, momentum=t.momentum,
+                           nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay)
 
 
 def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
@@ -229,8 +239,7 @@ def setup(recipe: Recipe) -> Session:
     if t.channels_last:
         graph = graph.to(memory_format=torch.channels_last)
     collaboration = Collaboration(graph, objective)
-    optimizer = torch.optim.SGD(collaboration.parameters(), lr=t.lr, momentum=t.momentum,
-                                nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(collaboration, recipe)
     batches = _batch_provider(recipe, splits, graph, objective, accelerator.num_processes)
     loader_args = dict(batch_size=t.batch_size, num_workers=recipe.data.num_workers)
     model, optimizer, holdout, test = accelerator.prepare(

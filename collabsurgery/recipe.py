@@ -104,6 +104,7 @@ class TrainConfig:
     momentum: float = _f(0.9, "[0, 1)")
     nesterov: bool = True
     weight_decay: float = _f(5.0e-4, ">= 0")
+    optimizer: Literal["sgd", "adam"] = "sgd"  # adam: paper 002's CGL setting (momentum unused)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     milestones: list[int] = _f([], ">= 1")
     gamma: float = _f(0.1, "> 0")

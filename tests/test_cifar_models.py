@@ -12,6 +12,7 @@ import collabsurgery.models  # noqa: F401  (registers cifar_* with timm)
 
 # name -> (paper parameter count in millions, clean cut points to check)
 MODELS = {
+    "cifar_resnet18": (11.2, ["layer1.0", "layer1", "layer2.0", "layer4.0", "layer4"]),
     "cifar_resnet20": (0.27, ["layer1", "layer2"]),
     "cifar_resnet32": (0.46, ["layer1", "layer2"]),
     "cifar_resnet56": (0.85, ["layer1", "layer2"]),
@@ -20,7 +21,7 @@ MODELS = {
     "cifar_wrn28_10": (36.5, ["layer1", "layer2"]),
     "cifar_densenet40_12": (1.0, ["dense1", "trans1", "dense2", "trans2"]),
 }
-SMALL = [n for n in MODELS if n != "cifar_wrn28_10"]  # cheap enough to run forward repeatedly
+SMALL = [n for n in MODELS if n not in ("cifar_wrn28_10", "cifar_resnet18")]  # cheap enough to run forward repeatedly
 
 
 def _x(batch: int = 2, chans: int = 3) -> torch.Tensor:
@@ -43,9 +44,10 @@ def test_build_params_cfg_feature_info(name):
     modules = dict(model.named_modules())
     assert isinstance(modules[cfg["first_conv"]], torch.nn.Conv2d)
     assert model.get_classifier() is modules[cfg["classifier"]] and model.get_classifier(True) == "fc"
-    assert len(model.feature_info) == 3
+    assert len(model.feature_info) == (4 if name == "cifar_resnet18" else 3)
     for info in model.feature_info:
-        assert info["module"] in modules and info["num_chs"] > 0 and info["reduction"] in (1, 2, 4)
+        assert info["module"] in modules and info["num_chs"] > 0
+        assert info["reduction"] in (1, 2, 4, 8)
     assert model.num_classes == 10 and model.num_features == model.feature_info[-1]["num_chs"]
 
 

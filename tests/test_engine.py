@@ -386,8 +386,8 @@ def test_bf16_on_cpu_with_loss_rescaling(tmp_path, monkeypatch):
     original_forward = ConsensusLoss.forward
     original_backward = Accelerator.backward
 
-    def forward(self, out, labels, step=None):
-        out = original_forward(self, out, labels, step)
+    def forward(self, out, labels, step=None, graph=None):
+        out = original_forward(self, out, labels, step, graph)
         seen["objective"].append(out.loss.detach().clone())
         return out
 

@@ -129,6 +129,11 @@ class TrainingGraph(nn.Module):
         """Logits and the named features in ``wants`` (computed only when asked for)."""
         raise NotImplementedError
 
+    def run_heads(self, x: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:
+        """Logits ``[len(heads), B, C]`` of the heads ``heads`` on one shared batch ``x`` (here
+        by running every head; graphs override it to run only what those heads need)."""
+        return self.run(x).logits[list(heads)]
+
     def head_spec(self, head: int) -> BackboneSpec:
         """How to rebuild head ``head``'s unmodified backbone."""
         raise NotImplementedError

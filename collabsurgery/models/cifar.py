@@ -293,14 +293,23 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({name: _cfg() for name in (
-    "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
+    "cifar_resnet18", "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
     "cifar_wrn16_2", "cifar_wrn28_10", "cifar_densenet40_12")})
 
 
-def _create(cls: Callable[..., _CifarNet], variant: str, pretrained: bool, **kwargs: Any) -> _CifarNet:
+def _create(cls: Callable[..., _CifarNet], variant: str, pretrained: bool, stages: int = 3,
+            **kwargs: Any) -> _CifarNet:
     """Build through timm (pretrained cfg, local-file weights, features_only)."""
     return build_model_with_cfg(cls, variant, pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2)), **kwargs)
+                                feature_cfg=dict(out_indices=tuple(range(stages))), **kwargs)
+
+
+@register_model
+def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-18 for CIFAR (11.2M parameters): 3x3 stem without pooling, four stages of two
+    BasicBlocks (64-512 channels), the variant CIFAR papers (paper 002 among them) train."""
+    return _create(CifarResNet, "cifar_resnet18", pretrained, stages=4, layers=(2, 2, 2, 2),
+                   channels=(64, 128, 256, 512), **kwargs)
 
 
 @register_model

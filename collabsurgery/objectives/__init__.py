@@ -10,6 +10,7 @@ from collabsurgery.objectives.base import LossContext, LossOutput, Objective, St
 from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.objectives.distill import DistillationLoss
 from collabsurgery.objectives.ensemble import EnsembleTargetLoss
+from collabsurgery.objectives.group import GroupImitationLoss
 from collabsurgery.objectives.mutual import MutualLoss
 from collabsurgery.objectives.native_ensemble import NativeEnsembleLoss
 from collabsurgery.objectives.peer_attention import PeerAttentionLoss
@@ -29,7 +30,8 @@ def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
 for _name, _cls in (("consensus", ConsensusLoss), ("single", SingleLoss),
                     ("label_smoothing", LabelSmoothingLoss), ("dml", MutualLoss),
                     ("kd", DistillationLoss), ("kdcl", EnsembleTargetLoss),
-                    ("one", NativeEnsembleLoss), ("okddip", PeerAttentionLoss)):
+                    ("one", NativeEnsembleLoss), ("okddip", PeerAttentionLoss),
+                    ("cgl", GroupImitationLoss)):
     register_objective(_name, _cls)
 
 
@@ -64,6 +66,7 @@ __all__ = [
     "ConsensusLoss",
     "DistillationLoss",
     "EnsembleTargetLoss",
+    "GroupImitationLoss",
     "LabelSmoothingLoss",
     "LossContext",
     "LossOutput",

@@ -67,10 +67,12 @@ class LossOutput:
 @dataclass(frozen=True)
 class LossContext:
     """What an objective may look at besides logits and labels: the graph's features (the
-    names in ``wants``) and the step."""
+    names in ``wants``), the step, and the graph itself, for objectives that run some heads
+    again on other inputs (CGL's sub-group imitation: ``graph.run_heads(x, heads)``)."""
 
     features: dict[str, Tensor]
     step: Step
+    graph: TrainingGraph | None = None
 
 
 class Objective(nn.Module):
@@ -87,8 +89,8 @@ class Objective(nn.Module):
     default_export: str = "best"  # the head export takes unless told: "best" (on hold-out), "last"
     own_examples: bool = False   # heads may train on different examples (data.subsets)
 
-    def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None
-                ) -> LossOutput:
+    def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None,
+                graph: TrainingGraph | None = None) -> LossOutput:
         if isinstance(out, Tensor):
             out = GraphOutput(out)
         logits = out.logits
@@ -100,7 +102,7 @@ class Objective(nn.Module):
                             f"{tuple(labels.shape)}")
         if h < self.min_heads:
             raise UserError(f"{type(self).__name__} needs at least {self.min_heads} heads, got {h}")
-        context = LossContext(out.features, step or Step())
+        context = LossContext(out.features, step or Step(), graph)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             per_head, parts = self.head_losses(logits.float(), labels.expand(h, b), context)
         return LossOutput(
