@@ -337,7 +337,8 @@ def train_epoch(session: Session) -> bool:
         torch.manual_seed(step_seed(recipe.seed, epoch, progress.batch, accelerator.process_index))
         if recipe.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-        step = Step(recipe.seed, epoch, progress.batch, recipe.train.epochs, len(session.batches))
+        step = Step(recipe.seed, epoch, progress.batch, recipe.train.epochs, len(session.batches),
+                    recipe.train.grad_accum)
         loss = _train_step(session, x, labels, step)
         progress.batch += 1
         session.loss_sum += loss

@@ -5,7 +5,11 @@ the engine: resumed bit-exactly, its best student exported strictly with its log
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from collabsurgery.graphs import GraphConfig, GraphOutput, TrainingGraph
 from collabsurgery.objectives import GroupImitationLoss, build_objective
 from collabsurgery.objectives.base import LossContext, Step
 from collabsurgery.objectives.group import group_rampup
-from collabsurgery.recipe import load_recipe
+from collabsurgery.recipe import load_recipe, save_recipe
 from collabsurgery.runs import load_run
 from conftest import assert_same_logits, make_input, stop_then_resume
 from test_objectives import _log_softmax, _softmax
@@ -189,3 +193,37 @@ def test_demo_and_paper_recipes_load() -> None:
     t = paper.train
     assert (t.optimizer, t.lr, t.batch_size, t.epochs, t.milestones, t.gamma) == \
         ("adam", 0.001, 64, 200, [60, 120, 160], 0.5)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_weights_as_one_accumulating_their_batches(tmp_path) -> None:
+    """torchrun with 2 CPU processes (each whole steps of every student's subset, the same
+    routes and sub-groups on both ranks) against one process accumulating 2 batches per
+    optimizer step: the same global batches, so the same parameters (BatchNorm running
+    statistics differ: DDP keeps rank 0's)."""
+    common = ["data.image_size=16", "data.max_train_examples=96", "train.batch_size=6",
+              "train.epochs=1", "run.progress=false", f"run.dir={tmp_path}"]
+    single = engine.train(load_recipe(REPO / "recipes" / "demo-cgl.yaml",
+                                      [*common, "run.name=single", "train.grad_accum=2"]))
+    recipe_file = tmp_path / "ddp.yaml"
+    save_recipe(load_recipe(REPO / "recipes" / "demo-cgl.yaml", [*common, "run.name=ddp"]),
+                recipe_file)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tools" / "train.py"), "--recipe", str(recipe_file)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = tmp_path / "ddp"
+    a, b = (load_file(str(checkpoint.latest(d / "checkpoints") / "model.safetensors"))
+            for d in (single, ddp))
+    assert json.loads((ddp / "summary.json").read_text())["num_processes"] == 2
+    assert (single / "graph.json").read_text() == (ddp / "graph.json").read_text()
+    graph, _ = load_run(single)
+    params = {f"graph.{n}" for n, _ in graph.named_parameters()}
+    assert params and params <= a.keys()
+    for key in sorted(params):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    steps = [checkpoint.load(checkpoint.latest(d / "checkpoints"))[2].global_step
+             for d in (single, ddp)]
+    assert steps[0] == steps[1] >= 2

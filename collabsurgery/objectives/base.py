@@ -31,22 +31,33 @@ from collabsurgery.seeding import generator
 @dataclass(frozen=True)
 class Step:
     """Where training is: ``batch`` of epoch ``epoch`` (both from 0) out of ``epochs`` epochs
-    of ``batches`` batches each, in a run seeded by ``seed``."""
+    of ``batches`` batches each, in a run seeded by ``seed``; ``accumulate`` batches make one
+    optimizer step (gradient accumulation)."""
 
     seed: int = 0
     epoch: int = 0
     batch: int = 0
     epochs: int = 1
     batches: int = 1
+    accumulate: int = 1
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs done before this optimizer step, fractional (for ramp-ups): counted in optimizer
+        steps, so N processes and one process accumulating N batches agree."""
+        steps = max(self.batches // self.accumulate, 1)
+        return self.epoch + min(self.batch // self.accumulate, steps) / steps
 
     @property
     def progress(self) -> float:
         """Fraction of training done, in [0, 1] (for ramp-ups)."""
-        return min(1.0, (self.epoch + self.batch / max(self.batches, 1)) / max(self.epochs, 1))
+        return min(1.0, self.epochs_done / max(self.epochs, 1))
 
     def generator(self, *key: Any) -> torch.Generator:
-        """A CPU generator for this step's random choices, the same on every process."""
-        return generator("objective", self.seed, self.epoch, self.batch, *key)
+        """A CPU generator for this optimizer step's random choices: the same on every process
+        and for every batch accumulated into the step, so N processes draw what one process
+        accumulating N batches draws."""
+        return generator("objective", self.seed, self.epoch, self.batch // self.accumulate, *key)
 
 
 @dataclass

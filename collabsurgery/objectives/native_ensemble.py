@@ -30,7 +30,7 @@ class NativeEnsembleLoss(Objective):
         p_e  = softmax(z_e / T)                          # DETACHED
         KL_k = (1/B) sum_b sum_i p_e[b, i] (log p_e[b, i] - log softmax(z_k[b] / T)_i)
         L    = sum_k CE(y, z_k) + CE(y, z_e) + w(t) T^2 sum_k KL_k
-        w(t) = exp(-5 (1 - min(1, t / R))^2),  t = epoch + batch / batches
+        w(t) = exp(-5 (1 - min(1, t / R))^2),  t = epochs done (Step.epochs_done)
 
     Head k's loss is ``CE(y, z_k) + CE(y, z_e) / K + w(t) T^2 KL_k`` so the heads sum to L.
     Gradients: CE(y, z_k) trains branch k and the trunk; CE(y, z_e) trains every branch, the
@@ -78,7 +78,7 @@ class NativeEnsembleLoss(Objective):
         soft = kl_per_head(p_e, logits, t)
         hard = cross_entropy_per_head(logits, labels)
         mixed = cross_entropy_per_head(ensemble[None], labels[:1]).expand(k) / k
-        weight = sigmoid_rampup(step.epoch + step.batch / max(step.batches, 1), self.rampup_epochs)
+        weight = sigmoid_rampup(step.epochs_done, self.rampup_epochs)
         return hard + mixed + weight * soft, {"hard": hard, "ensemble": mixed, "soft": soft}
 
     def extra_repr(self) -> str:

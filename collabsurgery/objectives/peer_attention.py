@@ -49,7 +49,7 @@ class PeerAttentionLoss(Objective):
         t_L   = (1/m) sum_j z_j                  # the leader's target: the plain peer mean
         L     = sum_a CE(y, z_a) + CE(y, z_L)
                 + w(t) T^2 [ sum_a KL(s(t_a/T) || s(z_a/T)) + KL(s(t_L/T) || s(z_L/T)) ]
-        w(t)  = exp(-5 (1 - min(1, t / R))^2),  t = epoch + batch / batches
+        w(t)  = exp(-5 (1 - min(1, t / R))^2),  t = epochs done (Step.epochs_done)
 
     What is detached for which parameters:
 
@@ -131,7 +131,7 @@ class PeerAttentionLoss(Objective):
         targets = torch.cat([peer_targets, leader_target])
         soft = kl_per_head(torch.softmax(targets / t, dim=-1), logits, t)
         hard = cross_entropy_per_head(logits, labels)
-        ramp = sigmoid_rampup(step.epoch + step.batch / max(step.batches, 1), self.rampup_epochs)
+        ramp = sigmoid_rampup(step.epochs_done, self.rampup_epochs)
         return hard + self.weight * ramp * soft, {"hard": hard, "soft": soft}
 
     def extra_repr(self) -> str:
