@@ -393,6 +393,11 @@ def run_state(recipe: Recipe) -> str:
         return "new"
     saved, wanted = _settings(yaml.safe_load(saved_file.read_text())), _settings(
         recipe_to_dict(recipe))
+    # a data/train key the run's recipe lacks was added to the recipe format since: it had its
+    # default (graph and objective sections are open: a missing key there is simply unset)
+    defaults = _settings(recipe_to_dict(Recipe()))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved
+                and k.split(".")[0] in ("data", "train")}, **saved}
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if changed:
         k = changed[0]
