@@ -146,6 +146,29 @@ def test_changed_settings_in_an_existing_study_are_refused(study):
                   log=lambda s: None)
 
 
+def test_a_run_recorded_before_a_recipe_key_existed_still_counts(study):
+    """A data/train key added to the recipe format since a run was trained had its default
+    then, so the run is not refused as 'trained with other settings'."""
+    import yaml
+
+    from collabsurgery import engine
+    from collabsurgery.studies import get_budget, run_state
+
+    study_dir, _ = study
+    row = STUDY.rows_for("small")[0]
+    recipe = recipe_for(STUDY, get_budget("small"), row, 0, study_dir, TINY)
+    saved_file = engine.run_directory(recipe) / "recipe.yaml"
+    saved = yaml.safe_load(saved_file.read_text())
+    old = yaml.safe_dump({**saved, "data": {k: v for k, v in saved["data"].items()
+                                            if k not in ("subsets", "subset_overlap")}})
+    original = saved_file.read_text()
+    try:
+        saved_file.write_text(old)
+        assert run_state(recipe) == "finished"
+    finally:
+        saved_file.write_text(original)
+
+
 def test_cli_report_only(study, monkeypatch, capsys):
     study_dir, _ = study
     monkeypatch.setitem(STUDIES, "tiny", STUDY)
