@@ -53,6 +53,9 @@ def summary_table(record: dict[str, Any], names: Sequence[str] = ()) -> str:
     width = max(14, *(len(r[0]) for r in rows))
     lines = [f"{'':<{width}} {'hold-out acc':>12} {'test acc':>9} {'test loss':>9}"]
     lines += [f"{r[0]:<{width}} {r[1]} {r[2]} {r[3]}".rstrip() for r in rows]
+    if "diversity" in record["test"]:
+        lines.append(f"diversity of the heads on test (mean pairwise L2 distance of their "
+                     f"probabilities): {record['test']['diversity']:.4f}")
     return "\n".join(lines)
 
 
