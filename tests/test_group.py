@@ -62,10 +62,13 @@ class LinearStudents(TrainingGraph):
         return self.weights.shape[0]
 
     def run(self, x: torch.Tensor, wants: Sequence[str] = ()) -> GraphOutput:
+        self.last_input = x
         logits = torch.einsum("kbd,kdc->kbc", x, self.weights)
         return GraphOutput(logits, {"input": x})
 
-    def run_heads(self, x: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:
+    def run_heads(self, x: torch.Tensor, heads: Sequence[int], source: int | None = None
+                  ) -> torch.Tensor:
+        assert source is not None and x.data_ptr() == self.last_input[source].data_ptr()
         self.calls.append((x, list(heads)))
         return torch.einsum("bd,kdc->kbc", x, self.weights[list(heads)])
 

@@ -169,3 +169,25 @@ def test_cli_wrap_prints_paths_sharing_and_costs(capsys) -> None:
     assert "heads per copy" in out and "runs" in out
     params = next(line for line in out.splitlines() if line.startswith("parameters"))
     assert params.split()[-1] == "2.00"
+
+
+def test_imitation_forwards_reuse_the_layers_shared_with_the_source_student() -> None:
+    net = _routed(paths=[[0, 0, 0], [0, 0, 1], [0, 1, 1], [1, 1, 1]]).train()
+    x = torch.stack([make_input(3, 16, seed=k) for k in range(4)])
+    net(x)
+    calls: list[tuple[int, int]] = []
+    hooks = [module.register_forward_pre_hook(lambda m, a, i=i, c=c: calls.append((i, c)))
+             for i, copies in enumerate(net.stages) for c, module in enumerate(copies)]
+    try:
+        with torch.no_grad():
+            reused = net.run_heads(x[0], [1, 2, 3], source=0)
+            # student 0's path is (0, 0, 0): prefixes (0,) and (0, 0) come from its run
+            assert sorted(calls) == [(0, 1), (1, 1), (1, 1), (2, 1), (2, 1), (2, 1)]
+            calls.clear()
+            fresh = net.run_heads(x[0].clone(), [1, 2, 3], source=0)  # not the run's batch
+            # nothing reused: distinct prefixes of (0,0,1), (0,1,1), (1,1,1): 2 + 3 + 3 calls
+            assert len(calls) == 8
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(reused, fresh)

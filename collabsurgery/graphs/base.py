@@ -129,9 +129,11 @@ class TrainingGraph(nn.Module):
         """Logits and the named features in ``wants`` (computed only when asked for)."""
         raise NotImplementedError
 
-    def run_heads(self, x: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:
+    def run_heads(self, x: torch.Tensor, heads: Sequence[int], source: int | None = None
+                  ) -> torch.Tensor:
         """Logits ``[len(heads), B, C]`` of the heads ``heads`` on one shared batch ``x`` (here
-        by running every head; graphs override it to run only what those heads need)."""
+        by running every head; graphs override it to run only what those heads need, and may
+        reuse what head ``source`` computed on ``x`` in the last run)."""
         return self.run(x).logits[list(heads)]
 
     def head_spec(self, head: int) -> BackboneSpec:

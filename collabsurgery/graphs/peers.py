@@ -63,8 +63,10 @@ class PeerGroup(TrainingGraph):
             features[INPUT] = x if per_head else x.expand(self.num_heads, *x.shape)
         return GraphOutput(logits, features)
 
-    def run_heads(self, x: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:
-        """Logits of the students ``heads`` on one shared batch ``x`` (only those run)."""
+    def run_heads(self, x: torch.Tensor, heads: Sequence[int], source: int | None = None
+                  ) -> torch.Tensor:
+        """Logits of the students ``heads`` on one shared batch ``x`` (only those run; peers
+        share no layers, so nothing of ``source``'s run can be reused)."""
         return torch.stack([self.students[self.check_head(h)](x) for h in heads])
 
     def head_spec(self, head: int) -> BackboneSpec:

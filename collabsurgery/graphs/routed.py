@@ -42,6 +42,7 @@ class RoutedNet(StagedGraph):
         copies = [[stage] + [copy.deepcopy(stage) for _ in range(modules - 1)] for stage in stages]
         super().__init__(copies, stage_names, spec, reference_keys, config, unused_state)
         self.paths = [tuple(int(m) for m in path) for path in paths]
+        self._last: tuple[torch.Tensor, dict[tuple, torch.Tensor]] | None = None
 
     @property
     def num_heads(self) -> int:
@@ -63,7 +64,10 @@ class RoutedNet(StagedGraph):
         ``[K, B, ...]``); a prefix shared on the same input is computed once."""
         per_head, x = self.split_input(x)
         self.check_wants(wants, self.feature_names)
+        self._last = None  # let the previous step's activations go before computing new ones
         outputs = self.forward_prefixes(x, per_head, range(self.num_heads))
+        if per_head and self.training:
+            self._last = (x, outputs)
         heads = range(self.num_heads)
         logits = torch.stack([outputs[self._key(h, per_head, len(self.stages))] for h in heads])
         features = {}
@@ -75,17 +79,33 @@ class RoutedNet(StagedGraph):
                 features[name] = torch.stack([outputs[self._key(h, per_head, i)] for h in heads])
         return GraphOutput(logits, features)
 
-    def run_heads(self, x: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:
+    def run_heads(self, x: torch.Tensor, heads: Sequence[int], source: int | None = None
+                  ) -> torch.Tensor:
         """Logits ``[len(heads), B, C]`` of the students ``heads`` on one shared batch ``x``,
-        running only the modules on their paths (each shared prefix once)."""
-        outputs = self.forward_prefixes(x, False, heads)
+        running only the modules on their paths (each shared prefix once).
+
+        ``source``: when ``x`` is student ``source``'s batch of the last training-mode run on a
+        per-student batch, the prefixes the heads share with that student's path are taken
+        (detached) from that run instead of being computed again (CGL's sub-group imitation
+        on student k's batch: the modules it shares with k saw exactly this batch)."""
+        known = {}
+        if source is not None and self._last is not None:
+            last_x, last = self._last
+            mine = last_x[source]
+            if (x.data_ptr(), x.shape, x.stride()) == (mine.data_ptr(), mine.shape, mine.stride()):
+                for depth in range(1, len(self.stages)):
+                    prefix = self.paths[source][:depth]
+                    known[(-1, prefix)] = last[(source, prefix)].detach()
+        outputs = self.forward_prefixes(x, False, heads, known)
         return torch.stack([outputs[self._key(h, False, len(self.stages))] for h in heads])
 
-    def forward_prefixes(self, x: torch.Tensor, per_head: bool, heads: Sequence[int]
+    def forward_prefixes(self, x: torch.Tensor, per_head: bool, heads: Sequence[int],
+                         known: dict[tuple, torch.Tensor] | None = None
                          ) -> dict[tuple, torch.Tensor]:
         """The output of every distinct (input, path prefix) of ``heads``, keyed by
-        :meth:`_key`; the key of depth 0 is the input itself."""
-        outputs: dict[tuple, torch.Tensor] = {}
+        :meth:`_key` (the key of depth 0 is the input itself); ``known`` outputs are used as
+        they are."""
+        outputs: dict[tuple, torch.Tensor] = dict(known or {})
         for h in heads:
             outputs.setdefault(self._key(h, per_head, 0), x[h] if per_head else x)
         for i, copies in enumerate(self.stages):

@@ -30,7 +30,8 @@ class GroupImitationLoss(Objective):
     Each step, for each student k, every other student j joins k's sub-group with probability
     p, drawn from ``step.generator("subgroup")`` (the same on every process, replayed after a
     resume). The sub-group's logits are computed on STUDENT k's batch, without gradient, for the
-    drawn students only (``graph.run_heads``; with a shared batch the step's logits are reused)::
+    drawn students only (``graph.run_heads``, which reuses the layers they share with student k;
+    with a shared batch the step's logits are reused)::
 
         z_t^k = (1 / H) sum_{j in S_k} z_j(x_k),   H = p (K - 1)      # eq. 5
         L     = sum_k CE(y_k, z_k) + phi(t) KL(softmax(z_t^k / T) || softmax(z_k / T))   # eqs. 4, 6
@@ -84,7 +85,8 @@ class GroupImitationLoss(Objective):
                 if not members:
                     targets.append(torch.zeros_like(logits[k]))
                     continue
-                z = logits[members] if shared else context.graph.run_heads(x[k], members)
+                z = logits[members] if shared else \
+                    context.graph.run_heads(x[k], members, source=k)
                 targets.append(z.float().sum(0) / expected)
                 imitating.append(k)
         t = self.temperature
