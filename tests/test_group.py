@@ -27,7 +27,7 @@ from collabsurgery.objectives.base import LossContext, Step
 from collabsurgery.objectives.group import group_rampup
 from collabsurgery.recipe import load_recipe, save_recipe
 from collabsurgery.runs import load_run
-from conftest import assert_same_logits, make_input, stop_then_resume
+from conftest import assert_same_logits, make_input, one_line_error, stop_then_resume
 from test_objectives import _log_softmax, _softmax
 from test_peer_objectives import _kl
 
@@ -230,3 +230,25 @@ def test_two_processes_train_the_same_weights_as_one_accumulating_their_batches(
     steps = [checkpoint.load(checkpoint.latest(d / "checkpoints"))[2].global_step
              for d in (single, ddp)]
     assert steps[0] == steps[1] >= 2
+
+
+@pytest.mark.parametrize("override, named", [
+    ("graph.modules=0", "recipe key 'graph.modules' must be an integer >= 1"),
+    ("graph.students=0", "recipe key 'graph.students' must be an integer >= 1"),
+    ("objective.probability=1.5", "recipe key 'objective.probability' must be a number in (0, 1]"),
+    ("objective.probability=0", "recipe key 'objective.probability'"),
+    ("graph.paths=[[0, 1]]", "student 0's path [0, 1] is not 3 module indices in 0..1"),
+    ("graph.paths=[[0, 1, 2], [0, 0, 0]]", "student 0's path [0, 1, 2]"),
+    ("graph.students=40", "split among 40 students"),
+    ("data.subset_overlap=1.0", "data.subset_overlap"),
+])
+def test_bad_cgl_training_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, override,
+                                                                       named) -> None:
+    argv = ["train", "--recipe", str(REPO / "recipes" / "demo-cgl.yaml"), override,
+            "data.max_train_examples=64", "train.batch_size=8", f"run.dir={tmp_path / 'runs'}",
+            "run.progress=false"]
+    if "paths" in override:
+        argv.append("graph.students=null")
+    assert main(argv) == 2
+    assert named in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
