@@ -24,7 +24,9 @@ made with other settings (say, another ``train.epochs``) is an error, never sile
 **The report** reads each finished run's ``summary.json`` (the engine's last-epoch metrics),
 aggregates per row (mean and sample std over seeds of the test error, ``100 * (1 - accuracy)``,
 of head 0, of the best head on hold-out and of the ensemble), and times each row's training graph
-against the plain model with :mod:`collabsurgery.bench` at the study's image size and batch.
+against the plain model with :mod:`collabsurgery.bench` at the study's image size and batch (and
+counts its parameters against the plain model's). A study may list :class:`Extra` numbers of
+the summaries to show beside the errors, a column each (``cgl-ablation``: the heads' diversity).
 A study whose students differ (a ResNet and a WRN, say) gives each row :class:`Cell` entries:
 one column per student, each cell reading one head (an index, ``best`` on hold-out, or
 ``last``), beside the paper's number and the mean difference to the column's baseline row over
@@ -63,9 +65,9 @@ from .errors import TrainingStopped, UserError
 from .graphfile import config_from_json
 from .recipe import Recipe, load_recipe, parse_overrides, recipe_to_dict
 
-__all__ = ["BUDGETS", "STUDIES", "Budget", "Cell", "Row", "Study", "collect", "get_study",
-           "head_error", "measure_costs", "recipe_for", "run_state", "run_study", "study_directory",
-           "write_report"]
+__all__ = ["BUDGETS", "DIVERSITY", "STUDIES", "Budget", "Cell", "Extra", "Row", "Study",
+           "collect", "get_study", "head_error", "measure_costs", "recipe_for", "run_state",
+           "run_study", "study_directory", "summary_value", "write_report"]
 
 
 # ============================================================================ the studies
@@ -99,6 +101,29 @@ PEERS = ("graph={pattern: peers}", "model.name=[cifar_resnet20, cifar_wrn16_2]")
 SHARED_VIEWS = ("data.views=shared",)
 
 
+#: paper 002's Collaborative Group Learning. Every CGL study row states the whole graph section,
+#: the objective, data.subsets and the optimizer (one optimizer for all rows: see the notes)
+ADAM = ("train.optimizer=adam", "train.lr=0.003", "train.weight_decay=0.0",
+        "train.batch_size=32")
+SUBSETS, NO_SUBSETS = ("data.subsets=true",), ("data.subsets=false",)
+#: every block boundary of ResNet-20 (`collabsurgery splits cifar_resnet20`): 10 layers of
+#: modules, as paper 002 cuts its ResNet-18 at every block boundary into 9
+RESNET20_BLOCKS = ("layer1.0,layer1.1,layer1,layer2.0,layer2.1,layer2,layer3.0,layer3.1,"
+                   "layer3")
+
+
+def routed(students: int, split: str = RESNET20_BLOCKS, modules: int = 2) -> tuple[str, ...]:
+    """Paper 002's random routing: ``students`` paths through ``modules`` modules a layer."""
+    return (f"graph={{pattern: routed, split: [{split}], modules: {modules}, "
+            f"students: {students}}}",)
+
+
+def cgl(probability: float) -> tuple[str, ...]:
+    """Paper 002's sub-group imitation (T=3, KL ramped up over the first 20% of training)."""
+    return (f"objective={{name: cgl, probability: {probability}, temperature: 3.0, "
+            "rampup: [0.0, 0.2]}",)
+
+
 def kdcl(target: str, icl: bool = False) -> tuple[str, ...]:
     """Paper 003's KDCL with ensemble target ``target``; ``icl``: each student its own view."""
     return (*PEERS, f"objective={{name: kdcl, target: {target}}}",
@@ -121,6 +146,41 @@ def head_error(summary: dict[str, Any], head: str) -> float:
     accs = final["test"]["head_acc"]
     index = {"best": final["holdout"]["best_head"], "last": len(accs) - 1}.get(head)
     return 100 * (1 - accs[int(head) if index is None else index])
+
+
+#: the keys results.json already gives each row and each run (an Extra may not reuse them)
+_RESULT_KEYS = {"key", "label", "series", "x", "paper", "runs", "cost", "columns", "run", "seed",
+                "epoch", "test_examples", "best_head", "wall_s", "head0_err", "best_err",
+                "ensemble_err"}
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A number of every finished run's ``summary.json`` that a study shows per row: one more
+    column of the per-row table (mean ± std over seeds; — where no run has it)."""
+
+    key: str          # its key in results.json (per row and per run)
+    path: str         # where it is in summary.json, dotted: "final.test.diversity"
+    label: str        # the column's header
+    about: str = ""   # one sentence under the table: what it is
+    digits: int = 2   # decimals shown
+
+
+def summary_value(summary: dict[str, Any], path: str) -> float | None:
+    """The number at dotted ``path`` of a run's ``summary.json``; None where it is absent."""
+    value: Any = summary
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return None if value is None else float(value)
+
+
+#: paper 002's diversity of the students, as the engine records it on the test split
+DIVERSITY = Extra("diversity", "final.test.diversity", "diversity",
+                  "diversity: the mean over test examples and over pairs of heads of the L2 "
+                  "distance between their probability vectors (paper 002, Table 6 and Fig. 4; "
+                  "— for one head)", digits=3)
 
 
 @dataclass(frozen=True)
@@ -149,6 +209,7 @@ class Study:
     x_label: str | None = None   # rows with series/x: plot error against this
     needs: str | None = None
     notes: str = ""              # for the report: what was left out, time per seed, ...
+    extras: tuple[Extra, ...] = ()  # more numbers of the runs' summary.json, a column each
 
     def __post_init__(self) -> None:
         cells = [c for row in self.rows for c in row.cells]
@@ -159,6 +220,10 @@ class Study:
         for column in {c.column for c in cells}:
             if sum(c.baseline for c in cells if c.column == column) > 1:
                 raise ValueError(f"study {self.name}: column {column!r} has several baselines")
+        keys = [e.key for e in self.extras]
+        for key in keys:
+            if key in _RESULT_KEYS or keys.count(key) > 1:
+                raise ValueError(f"study {self.name}: extra key {key!r} is taken")
 
     def rows_for(self, budget: str) -> tuple[Row, ...]:
         return tuple(r for r in self.rows if budget in r.budgets)
@@ -237,6 +302,54 @@ _OKDDIP = ("model.name=cifar_resnet20",
            "graph={pattern: tree, heads: 4, split: [layer2, global_pool], branches: [4, 1]}",
            "objective={name: okddip, rampup_epochs: 4}", *SHARED_VIEWS)
 
+# paper 002 (CGL): Table 4's ablation beside Table 2's baseline, CL-ILR and CGL (CIFAR-100,
+# ResNet-18), one column: the student that is best on hold-out, the paper's choice
+_BEST = "best student on hold-out"
+_K, _P = 4, 0.5  # students and imitation probability on the digits (see _CGL_NOTES)
+# paper 002's CL-ILR: "all students share the first several blocks of layers and separate from
+# the last block" with 3 students (paper 000's backprop rescaling, consensus)
+_CLILR = (*shared(3, "layer2"), *NO_SUBSETS)
+
+
+def _cgl_cell(accuracy: float, baseline: bool = False) -> Cell:
+    return Cell(_BEST, "best", _err(accuracy), baseline=baseline)
+
+
+_CGL_NOTES = (
+    "Setting (small budget). All rows train with one optimizer, Adam (lr 0.003, cosine after "
+    "1 warm-up epoch, no weight decay, batch 32: recipes/demo-cgl.yaml's digits setting; "
+    "the paper: Adam, lr 0.001, batch 64, no weight decay given) instead of the budget's SGD, "
+    "so that the baseline and CL-ILR differ from CGL by the method, not the optimizer. With "
+    "data.subsets the batch is per student: each step every student takes 32 examples of its "
+    "own subset, so an epoch is one pass over the training set split among the students. "
+    f"K={_K} students, not the paper's 8: the 1294 training digits split 8 ways leave about "
+    "160 a student (16 a class, about 5 steps an epoch), against the paper's 5,600 (56 a "
+    "class); 4 ways leave about 320 (32 a class). p=0.5, not the paper's 0.25: it keeps the "
+    "expected sub-group size p(K-1) near the paper's (1.5 against 1.75); at p=0.25 with 4 "
+    "students 42% of the sub-groups would be empty. The modular network is ResNet-20 cut at "
+    "every block boundary (10 layers of modules, 2 modules each), as the paper cuts its "
+    "ResNet-18 into 9: random routing then shares modules at random depths, the fine-grained "
+    "sharing Table 4's 'w/o RR' takes away (demo-cgl's 3 coarse layers would share modules "
+    "at 3 depths only). w/o RR: 4 independent ResNet-20s (4x the parameters), each on its "
+    "own subset, with the same imitation; w/o SDL: every student "
+    "sees all the data (one shared batch a step, so about 4x the compute of CGL an epoch); "
+    "w/o SGI: every student imitates all others every step (p=1). CL-ILR as paper 002 ran it: "
+    "3 heads sharing everything up to the last stage (layer3 and the classifier branch; "
+    "paper 000's best, 4 hierarchical heads, would not be the network behind paper 002's "
+    "number). Every row is read at the student that is best on the hold-out split, as the "
+    "paper evaluates; head 0 and the ensemble are in the second table. Diversity: paper 002 "
+    "Table 6 gives 0.535 with sub-set data and 0.178 without (both without sub-group "
+    "imitation, i.e. like the w/o SGI row and a row with neither), and Fig. 4 shows it "
+    "falling as p grows. params x: the training graph's parameters over one ResNet-20's: 2 "
+    "for CGL whatever K (Fig. 3b), K for independent networks. time x, memory x and FLOPs x "
+    "are one step of the graph on ONE shared batch of 32, without the imitation forwards: "
+    "for rows with sub-set data a step runs each student on its own batch, so compare their "
+    "training cost by the wall times in the Runs table. Time on the small budget, one torch "
+    "thread, an idle 2-core CPU: one run of cgl took 18 s and one of w/o SDL (the heaviest: "
+    "4 students on every batch) 38 s; the other rows do about as much work as cgl or less "
+    "(estimated 15-30 s), so one seed (6 runs) takes about 2.5 minutes and --seeds 5 about "
+    "13, up to twice that on a busy CPU.")
+
 STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("clilr-table1", "CL-ILR: training graphs against individual learning", _T1,
           baseline="single", rows=(
@@ -261,8 +374,28 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
                   (*overrides, f"data.label_noise={level}"), series=label, x=level,
                   budgets=budgets)
               for key, label, overrides, budgets in _NOISE_SETUPS for level in _NOISE_LEVELS)),
-    Study("cgl-ablation", "CGL ablation", "paper 002",
-          needs="CGL (collaborative group learning, paper 002)"),
+    Study("cgl-ablation", "CGL: random routing, sub-set data and sub-group imitation, each "
+          "left out, against a single model and CL-ILR",
+          "paper 002 Table 4 (ablation) and Table 2 (baseline, CL-ILR, CGL), CIFAR-100, "
+          "ResNet-18, 8 students, 2 modules a layer, p=0.25; test error = 100 - the paper's "
+          "accuracy, mean of 3 runs (Table 4 gives no std)",
+          extras=(DIVERSITY,), notes=_CGL_NOTES, rows=(  # baseline: the cells' column
+              Row("baseline", "baseline: single model", (*SINGLE, *NO_SUBSETS, *ADAM),
+                  budgets=_SMALL, cells=(_cgl_cell(74.68, baseline=True),)),
+              Row("clilr", "CL-ILR: 3 heads sharing all but layer3", (*_CLILR, *ADAM),
+                  budgets=_SMALL, cells=(_cgl_cell(76.61),)),
+              Row("cgl", f"CGL ({_K} students, p={_P})", (*routed(_K), *cgl(_P), *SUBSETS,
+                                                          *ADAM),
+                  budgets=_SMALL, cells=(_cgl_cell(78.01),)),
+              Row("no-routing", "w/o random routing (RR): independent networks",
+                  (f"graph={{pattern: instances, heads: {_K}}}", *cgl(_P), *SUBSETS, *ADAM),
+                  budgets=_SMALL, cells=(_cgl_cell(75.75),)),
+              Row("no-subsets", "w/o sub-set data learning (SDL): all data for every student",
+                  (*routed(_K), *cgl(_P), *NO_SUBSETS, *ADAM), budgets=_SMALL,
+                  cells=(_cgl_cell(77.48),)),
+              Row("no-subgroup", "w/o sub-group imitation (SGI): imitate all others (p=1)",
+                  (*routed(_K), *cgl(1.0), *SUBSETS, *ADAM), budgets=_SMALL,
+                  cells=(_cgl_cell(77.23),)))),
     Study("kdcl-table7", "KDCL: ensemble targets and invariant collaborative learning (ICL) "
           "against DML, ONE and OKDDip, per student",
           "paper 003 Table 7 (CIFAR-100, ResNet-32 and WRN-16-2 students; test error = 100 - "
@@ -587,6 +720,9 @@ def measure_costs(study_dir: Path, rows: Sequence[tuple[Row, Sequence[Recipe]]],
     costs = _read_json(path, {})
     for row, recipes in rows:
         key = _row_cost_key(recipes)
+        if key is not None and key in costs and "params_ratio" not in costs[key]:
+            costs[key]["params_ratio"] = params_ratio(json.loads(key))  # measured before it was
+            _write_json(path, costs)
         if key is None or key in costs:
             continue
         k = json.loads(key)
@@ -612,9 +748,24 @@ def measure_costs(study_dir: Path, rows: Sequence[tuple[Row, Sequence[Recipe]]],
                       "device": result["device"], "clock": result["clock"],
                       "mem_method": result["mem_method"], "precision": precision,
                       "repeats": cfg.repeats, "warmup": cfg.warmup,
-                      "plain_step_ms": result["plain"]["step_ms"], "step_ms": entry["step_ms"]}
+                      "plain_step_ms": result["plain"]["step_ms"], "step_ms": entry["step_ms"],
+                      "params_ratio": params_ratio(k)}
         _write_json(path, costs)
     return costs
+
+
+def params_ratio(key: dict[str, Any]) -> float:
+    """Parameters of the training graph of a cost key over the plain model's (head 0's
+    backbone): every copy of a module counted once, shared modules once."""
+    import torch
+
+    from .backbones import create
+    from .graphs import GraphConfig, rebuild
+
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the RNG be
+        net = rebuild(GraphConfig(key["pattern"], key["args"]))
+        plain = create(net.head_spec(0))
+    return sum(p.numel() for p in net.parameters()) / sum(p.numel() for p in plain.parameters())
 
 
 # ---------------------------------------------------------------------------- numbers
@@ -627,8 +778,10 @@ def _mean_std(values: list[float]) -> dict[str, float | None]:
 
 
 def collect(study_dir: Path, rows: Sequence[Row], seeds: int,
-            recipes: dict[str, Sequence[Recipe]]) -> list[dict[str, Any]]:
-    """Per row: every finished run's errors (from summary.json) and their mean and std."""
+            recipes: dict[str, Sequence[Recipe]], extras: Sequence[Extra] = ()
+            ) -> list[dict[str, Any]]:
+    """Per row: every finished run's errors (from summary.json), and the ``extras`` numbers
+    (None in a run without one), and their mean and std (over the runs that have them)."""
     timings = _read_json(study_dir / "timings.json", {})
     costs = _read_json(study_dir / "costs.json", {})
     out = []
@@ -646,12 +799,15 @@ def collect(study_dir: Path, rows: Sequence[Row], seeds: int,
             run.update({f"{m}_err": 100 * (1 - s[field]) for m, field, _ in METRICS})
             if row.cells:
                 run["columns"] = {c.column: head_error(s, c.head) for c in row.cells}
+            run.update({e.key: summary_value(s, e.path) for e in extras})
             runs.append(run)
         entry: dict[str, Any] = {"key": row.key, "label": row.label, "series": row.series,
                                  "x": row.x, "paper": row.paper, "runs": runs,
                                  "cost": costs.get(_row_cost_key(recipes[row.key]) or "")}
         for m, _, _ in METRICS:
             entry[f"{m}_err"] = _mean_std([r[f"{m}_err"] for r in runs])
+        for e in extras:
+            entry[e.key] = _mean_std([r[e.key] for r in runs if r[e.key] is not None])
         if row.cells:
             entry["columns"] = {c.column: {"head": c.head, "paper": c.paper, "err": _mean_std(
                 [r["columns"][c.column] for r in runs])} for c in row.cells}
@@ -680,14 +836,15 @@ def _column_differences(rows: Sequence[Row], results: list[dict[str, Any]]) -> N
 
 # ---------------------------------------------------------------------------- writing
 
-def _pm(stat: dict[str, float | None]) -> str:
+def _pm(stat: dict[str, float | None], digits: int = 2) -> str:
     if stat["mean"] is None:
         return "—"
-    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if stat["std"] is not None else "")
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}"
+                                           if stat["std"] is not None else "")
 
 
 def _ratio(cost: dict | None, key: str) -> str:
-    return "—" if not cost else f"{cost[key]:.2f}"
+    return "—" if not cost or cost.get(key) is None else f"{cost[key]:.2f}"
 
 
 def _settings_line(recipe: Recipe, plan: Budget, results: list[dict], per_row: bool = False
@@ -702,14 +859,15 @@ def _settings_line(recipe: Recipe, plan: Budget, results: list[dict], per_row: b
         f", {k}={v}" for k, v in sorted(r.objective.args.items()))
     return (f"Budget **{plan.name}**: {plan.dataset}, data.source `{d.source}`, {train}{test}, "
             f"{model} at {d.image_size} px, {t.epochs} epochs, batch {t.batch_size}, "
-            f"lr {t.lr:g} ({t.schedule}), weight decay {t.weight_decay:g}, "
+            f"{'Adam' if t.optimizer == 'adam' else 'SGD'} lr {t.lr:g} ({t.schedule}), "
+            f"weight decay {t.weight_decay:g}, "
             f"precision {t.mixed_precision}{objective}.")
 
 
 def write_report(study: Study, plan: Budget, study_dir: Path, rows: Sequence[Row],
                  seeds: int, recipes: dict[str, Sequence[Recipe]]) -> Path:
     """``results.json``, ``report.md`` and the plots of a study, from its runs' files."""
-    results = collect(study_dir, rows, seeds, recipes)
+    results = collect(study_dir, rows, seeds, recipes, study.extras)
     book = _read_json(study_dir / "study.json", {"invocations": []})
     _write_json(study_dir / "results.json", {"study": study.name, "budget": plan.name,
                                              "seeds": seeds, "rows": results})
@@ -740,7 +898,8 @@ def write_report(study: Study, plan: Budget, study_dir: Path, rows: Sequence[Row
     head = ["setup", "runs", "head 0"] + ([] if per_student else ["paper"])
     if base:
         head += [f"head 0 − {base['key']}", f"paper − {base['key']}"]
-    head += ["best head on hold-out", "ensemble", "time ×", "memory ×", "FLOPs ×"]
+    head += ["best head on hold-out", "ensemble", *(e.label for e in study.extras), "time ×",
+             "memory ×", "FLOPs ×", "params ×"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         paper = "—" if r["paper"] is None else f"{r['paper'][0]:.2f} ± {r['paper'][1]:.2f}"
@@ -751,13 +910,15 @@ def write_report(study: Study, plan: Budget, study_dir: Path, rows: Sequence[Row
             cells.append("—" if None in ours else f"{ours[0] - ours[1]:+.2f}")
             theirs = r["paper"], base["paper"]
             cells.append("—" if None in theirs else f"{theirs[0][0] - theirs[1][0]:+.2f}")
-        cells += [_pm(r["best_err"]), _pm(r["ensemble_err"]), _ratio(r["cost"], "time_ratio"),
-                  _ratio(r["cost"], "mem_ratio"), _ratio(r["cost"], "flop_ratio")]
+        cells += [_pm(r["best_err"]), _pm(r["ensemble_err"])]
+        cells += [_pm(r[e.key], e.digits) for e in study.extras]
+        cells += [_ratio(r["cost"], k) for k in ("time_ratio", "mem_ratio", "flop_ratio",
+                                                 "params_ratio")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "head 0: the first head" + ("" if per_student else ", as the paper evaluates")
               + "; best head: the head with the best hold-out accuracy, its test error; "
               "ensemble: the mean of all heads' logits. One head means all three are the same "
-              "model.", ""]
+              "model." + "".join(f" {e.about}." for e in study.extras if e.about), ""]
     lines += _noise_lines(results) + _cost_lines(results)
     if per_student:
         lines += ["## Setups", "", "Each row's overrides on top of the budget's:", ""]
@@ -834,7 +995,8 @@ def _cost_lines(results: list[dict]) -> list[str]:
             f"graph by `collabsurgery.bench` (median of {cost['repeats']} repeats after "
             f"{cost['warmup']} warm-up, {cost['precision']}, execution `{cost['mode']}`) on "
             f"{cost['device']}; clock: {cost['clock']}; memory: {cost['mem_method']}. "
-            "FLOPs ×: forward + backward FLOPs.", ""]
+            "FLOPs ×: forward + backward FLOPs. params ×: the training graph's parameters "
+            "(every copy of a module once) over the plain model's.", ""]
 
 
 def _run_lines(results: list[dict]) -> list[str]:

@@ -183,11 +183,13 @@ def test_cli_report_only(study, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["nope"], "unknown study 'nope'; valid: clilr-table1"),
-    (["cgl-ablation"], "study 'cgl-ablation' needs method CGL"),
     (["kdcl-table7", "--budget", "full"], "has no rows on budget 'full'; budgets: small"),
     (["kdcl-table7", "data.views=per_head"], "would change what the rows"),
     (["kdcl-table7", "graph.heads=2"], "would change what the rows"),  # rows set all of graph
-    (["intra-combos"], "has not landed yet"),
+    (["intra-combos"], "study 'intra-combos' needs method intra-model"),
+    (["cgl-ablation", "--budget", "full"], "has no rows on budget 'full'; budgets: small"),
+    (["cgl-ablation", "data.subsets=true"], "would change what the rows"),
+    (["cgl-ablation", "train.lr=0.01"], "would change what the rows"),  # one optimizer
     (["clilr-table1", "--budget", "full"], "give data.source="),
     (["clilr-table1", "--budget", "full", "data.source=builtin:digits"], "give data.source="),
     (["clilr-table1", "graph.heads=2"], "would change what the rows"),
@@ -372,3 +374,153 @@ def test_kdcl_table7_report_has_a_column_per_student_with_paired_differences(tmp
     assert dml["columns"][WRN]["err"]["mean"] == pytest.approx(22.5)
     assert (dml["columns"][WRN]["pairs"], dml["columns"][WRN]["diff"]) == (1, pytest.approx(-2))
     assert dml["runs"][1]["columns"] == {RESNET: pytest.approx(24), WRN: pytest.approx(22)}
+
+
+# ---------------------------------------------------------------------------- cgl-ablation
+
+CGL = STUDIES["cgl-ablation"]
+BEST = "best student on hold-out"
+BLOCKS = ["layer1.0", "layer1.1", "layer1", "layer2.0", "layer2.1", "layer2", "layer3.0",
+          "layer3.1", "layer3"]
+#: row -> (graph pattern, graph args, objective name, imitation probability, data.subsets,
+#: the paper's test error %)
+CGL_ROWS = {
+    "baseline": ("tree", {"heads": 1, "split": []}, "single", None, False, 25.32),
+    "clilr": ("tree", {"heads": 3, "split": ["layer2"], "rescale": "backprop"}, "consensus",
+              None, False, 23.39),
+    "cgl": ("routed", {"split": BLOCKS, "modules": 2, "students": 4}, "cgl", 0.5, True, 21.99),
+    "no-routing": ("instances", {"heads": 4}, "cgl", 0.5, True, 24.25),
+    "no-subsets": ("routed", {"split": BLOCKS, "modules": 2, "students": 4}, "cgl", 0.5, False,
+                   22.52),
+    "no-subgroup": ("routed", {"split": BLOCKS, "modules": 2, "students": 4}, "cgl", 1.0, True,
+                    22.77),
+}
+
+
+def test_cgl_ablation_has_landed_with_table4_and_its_table2_references():
+    assert get_study("cgl-ablation") is CGL
+    assert [row.key for row in CGL.rows] == list(CGL_ROWS)
+    assert CGL.rows_for("small") == CGL.rows and CGL.rows_for("full") == ()
+    # 100 - the paper's accuracy (Table 2: baseline 74.68, CL-ILR 76.61, CGL 78.01; Table 4)
+    assert {row.key: [(c.column, c.head, c.paper) for c in row.cells] for row in CGL.rows} == \
+        {key: [(BEST, "best", paper)] for key, (*_, paper) in CGL_ROWS.items()}
+    assert [row.key for row in CGL.rows for c in row.cells if c.baseline] == ["baseline"]
+    assert [e.path for e in CGL.extras] == ["final.test.diversity"]
+
+
+@pytest.mark.parametrize("key", list(CGL_ROWS))
+def test_cgl_ablation_row_recipe(key, tmp_path):
+    """Each row loads strictly with its graph, objective, p and sub-set data, and every row
+    trains with the same optimizer and batch (Adam, as the paper and the CGL demo)."""
+    row = next(r for r in CGL.rows if r.key == key)
+    r = recipe_for(CGL, BUDGETS["small"], row, 0, tmp_path)
+    pattern, args, objective, probability, subsets, _ = CGL_ROWS[key]
+    assert (r.graph.pattern, r.graph.args, r.objective.name, r.data.subsets) == \
+        (pattern, args, objective, subsets)
+    assert r.objective.args.get("probability") == probability
+    if objective == "cgl":
+        assert r.objective.args == {"probability": probability, "temperature": 3.0,
+                                    "rampup": [0.0, 0.2]}
+    assert (r.train.optimizer, r.train.lr, r.train.weight_decay, r.train.batch_size) == \
+        ("adam", 0.003, 0.0, 32)
+    assert (r.model.name, r.data.source, r.data.image_size, r.train.epochs) == \
+        ("cifar_resnet20", "builtin:digits", 12, 15)  # the budget's, unchanged
+
+
+def test_cgl_blocks_are_every_block_boundary_of_resnet20():
+    from collabsurgery.graphs import splits
+
+    points = [s for s in splits("cifar_resnet20") if s.startswith("layer")]
+    assert points == BLOCKS
+
+
+def test_summary_value_reads_a_dotted_path_or_none():
+    s = {"final": {"test": {"diversity": 0.25, "head_acc": [1.0]}}}
+    assert studies.summary_value(s, "final.test.diversity") == 0.25
+    assert studies.summary_value(s, "final.holdout.diversity") is None
+    assert studies.summary_value(s, "final.test.diversity.x") is None
+
+
+def test_an_extra_may_not_reuse_a_results_key():
+    with pytest.raises(ValueError, match="extra key 'best_err' is taken"):
+        Study("x", "x", "x", extras=(studies.Extra("best_err", "final.epoch", "epoch"),))
+
+
+#: run -> (test accuracies, hold-out accuracies, diversity on test or None: one head)
+CGL_RUNS = {"baseline-seed0": ([0.98], [0.97], None), "baseline-seed1": ([0.97], [0.96], None),
+            "cgl-seed0": ([0.95, 0.97, 0.96, 0.94], [0.9, 0.97, 0.9, 0.9], 0.11),
+            "cgl-seed1": ([0.96, 0.95, 0.98, 0.94], [0.9, 0.9, 0.95, 0.9], 0.13),
+            "no-subsets-seed1": ([0.98, 0.99, 0.98, 0.97], [0.97, 0.96, 0.95, 0.94], 0.03)}
+
+
+def test_cgl_ablation_report_shows_diversity_and_the_best_student(tmp_path):
+    study_dir = tmp_path / "cgl-ablation-small"
+    for name, (test, holdout, diversity) in CGL_RUNS.items():
+        summary = fake_summary(test, holdout)
+        if diversity is not None:
+            summary["final"]["test"]["diversity"] = diversity
+        (study_dir / "runs" / name).mkdir(parents=True)
+        (study_dir / "runs" / name / "summary.json").write_text(json.dumps(summary))
+    rows = CGL.rows_for("small")
+    recipes = {row.key: [recipe_for(CGL, BUDGETS["small"], row, s, study_dir) for s in range(2)]
+               for row in rows}
+    report = studies.write_report(CGL, BUDGETS["small"], study_dir, rows, 2, recipes).read_text()
+
+    label = {row.key: row.label for row in rows}
+    # the per-student table: the best student on hold-out, differences to the baseline by seed
+    assert table_row(report, label["baseline"]) == [label["baseline"], "2/2", "2.50 ± 0.71",
+                                                    "25.32", "baseline", ""]
+    assert table_row(report, label["cgl"]) == [label["cgl"], "2/2", "2.50 ± 0.71", "21.99",
+                                               "+0.00 (2)", "-3.33"]
+    assert table_row(report, label["no-subsets"]) == [label["no-subsets"], "1/2", "2.00",
+                                                      "22.52", "-1.00 (1)", "-2.80"]
+    # the per-row table: diversity after the ensemble, — for one head or no run; params ×
+    assert "| best head on hold-out | ensemble | diversity | time × | memory × | FLOPs × | " \
+           "params × |" in report
+    every = report.split("## Every head")[1]
+    # head 0, best head on hold-out, ensemble (the fake's best test head), diversity
+    assert table_row(every, label["cgl"])[2:6] == ["4.50 ± 0.71", "2.50 ± 0.71", "2.50 ± 0.71",
+                                                   "0.120 ± 0.014"]
+    assert table_row(every, label["no-subsets"])[5] == "0.030"
+    assert table_row(every, label["baseline"])[5] == "—"
+    assert table_row(every, label["no-routing"])[5] == "—"
+    assert "diversity: the mean over test examples and over pairs of heads" in report
+    assert "Adam lr 0.003" in report and "Setups" in report
+    results = json.loads((study_dir / "results.json").read_text())
+    cgl = next(r for r in results["rows"] if r["key"] == "cgl")
+    assert cgl["diversity"]["mean"] == pytest.approx(0.12)
+    assert [run["diversity"] for run in cgl["runs"]] == [0.11, 0.13]
+    base = next(r for r in results["rows"] if r["key"] == "baseline")
+    assert base["diversity"] == {"mean": None, "std": None}
+    assert [run["diversity"] for run in base["runs"]] == [None, None]
+
+
+def test_params_ratio_counts_each_module_once():
+    """Fig. 3b: CGL's modular network is M x one backbone whatever the number of students;
+    independent networks are K x."""
+    def key(pattern, **args):
+        return {"pattern": pattern, "args": {"model": "cifar_resnet20", "input_size": [3, 12, 12],
+                                             "model_kwargs": {"num_classes": 10}, **args}}
+    for students in (2, 4, 8):
+        assert studies.params_ratio(key("routed", split=BLOCKS, modules=2, students=students,
+                                        seed=0)) == pytest.approx(2.0)
+    assert studies.params_ratio(key("instances", heads=4)) == pytest.approx(4.0)
+    assert studies.params_ratio(key("tree", heads=1, split=[])) == 1.0
+
+
+def test_a_cost_measured_before_params_ratio_gets_it_without_a_new_bench(tmp_path, monkeypatch):
+    study_dir = tmp_path / "tiny-small"
+    row = STUDY.rows[1]
+    recipe = recipe_for(STUDY, BUDGETS["small"], row, 0, study_dir)
+    graph = {"kind": "tree", "args": {"model": "cifar_resnet20", "input_size": [3, 12, 12],
+                                      "model_kwargs": {"num_classes": 10}, "heads": 2,
+                                      "split": ["layer1"]}}
+    run_dir = study_dir / "runs" / "simple2-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "graph.json").write_text(json.dumps(graph))
+    key = studies._row_cost_key([recipe])
+    (study_dir / "costs.json").write_text(json.dumps({key: {"time_ratio": 1.5}}))
+    monkeypatch.setattr("collabsurgery.bench.run_bench", lambda *a, **k: pytest.fail("bench"))
+    costs = studies.measure_costs(study_dir, [(row, [recipe])], log=lambda s: None)
+    assert costs[key]["time_ratio"] == 1.5 and 1.0 < costs[key]["params_ratio"] < 2.0
+    assert json.loads((study_dir / "costs.json").read_text()) == costs
