@@ -36,6 +36,9 @@ class GroupImitationLoss(Objective):
         z_t^k = (1 / H) sum_{j in S_k} z_j(x_k),   H = p (K - 1)      # eq. 5
         L     = sum_k CE(y_k, z_k) + phi(t) KL(softmax(z_t^k / T) || softmax(z_k / T))   # eqs. 4, 6
 
+    The imitation forwards run in the graph's current mode: in training, the imitated students'
+    BatchNorm layers normalise with student k's batch statistics and, as any training-mode
+    forward does, update their running statistics with it (no gradient flows).
     H is read as the EXPECTED sub-group size ("the expected number of imitated students"), not
     the drawn size, so z_t is a sum of the drawn logits scaled by a constant. An empty sub-group
     gives student k no KL term in that step. The KL is batch-mean and, as in eq. 4, not scaled by
