@@ -90,3 +90,11 @@ def test_table_renders(result):
 def test_bad_probability_is_a_user_error(capsys):
     assert bench_cgl.main(["--probabilities", "0", "--image-size", "8"]) == 2
     assert "every p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_compare_execution_gives_a_ratio_per_students(capsys):
+    assert bench_cgl.main(["--compare-execution", "--students", "2", "--image-size", "8",
+                           "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["students"] == 2 and row["loop_ms"] > 0 and row["concat_ms"] > 0
+    assert row["concat_over_loop"] == pytest.approx(row["concat_ms"] / row["loop_ms"])

@@ -191,3 +191,25 @@ def test_imitation_forwards_reuse_the_layers_shared_with_the_source_student() ->
         for hook in hooks:
             hook.remove()
     assert torch.equal(reused, fresh)
+
+
+def test_concatenated_execution_gives_the_loops_logits_gradients_and_statistics() -> None:
+    loop = _routed(paths=[[0, 0, 0], [0, 1, 1], [1, 1, 0], [0, 1, 0]]).train()
+    concat = copy.deepcopy(loop).set_execution("concat")
+    assert concat.describe_execution() == "execution: concat"
+    x = torch.stack([make_input(3, 16, seed=k) for k in range(4)])
+    a, b = loop(x), concat(x)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(a)
+    (a * weights).sum().backward()
+    (b * weights).sum().backward()
+    for (name, p), q in zip(loop.named_parameters(), concat.parameters()):
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    for (name, s), t in zip(loop.named_buffers(), concat.buffers()):
+        torch.testing.assert_close(t, s, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(UserError, match="runs as loop or concat or auto; got 'packed'"):
+        loop.set_execution("packed")
+    with pytest.raises(UserError, match="execution must be one of loop, concat, auto"):
+        _routed(execution="fused")
+    assert _routed(execution="concat").execution == "concat"

@@ -51,6 +51,7 @@ import math
 import re
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -87,6 +88,8 @@ class CglBenchConfig:
     clock: str = "process"
     device: str | None = None
     seed: int = 0
+    execution: str = "loop"  # the routed graph's execution (loop or concat)
+    compare_execution: bool = False  # instead: concat against loop (compare_execution)
     expectation_draws: int = 1000
     model_kwargs: dict = field(default_factory=dict)
 
@@ -185,7 +188,8 @@ def _run(cfg: CglBenchConfig, log: Callable[[str], None]) -> dict:
 
     torch.manual_seed(cfg.seed)
     graphs = {k: build_graph("routed", cfg.model, split=split, modules=cfg.modules, students=k,
-                             seed=cfg.seed, input_size=size, model_kwargs=kwargs).to(device).train()
+                             seed=cfg.seed, input_size=size, execution=cfg.execution,
+                             model_kwargs=kwargs).to(device).train()
               for k in cfg.students}
     reference = graphs[cfg.students[0]]
     plain = backbones.create(reference.head_spec(0)).to(device).train()
@@ -391,17 +395,57 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[CglBenchConfig, bool]
     ap.add_argument("--clock", choices=("wall", "process"), default=d.clock)
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--execution", choices=("loop", "concat"), default=d.execution,
+                    help="how a module several students use in one step runs")
     ap.add_argument("--expectation-draws", type=int, default=d.expectation_draws,
                     help="sub-group draws for the expected imitation work")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--compare-execution", action="store_true",
+                    help="instead: the routed graph's forward + backward on per-student batches, "
+                         "concat against loop, per K (interleaved, one process)")
     args = ap.parse_args(argv)
     cfg = CglBenchConfig(
         model=args.model, split=args.split, modules=args.modules, students=args.students,
         probabilities=args.probabilities, image_size=args.image_size,
         batch_size=args.batch_size, num_classes=args.num_classes, repeats=args.repeats,
         warmup=args.warmup, threads=args.threads or None, clock=args.clock, device=args.device,
-        seed=args.seed, expectation_draws=args.expectation_draws)
+        seed=args.seed, execution=args.execution, expectation_draws=args.expectation_draws,
+        compare_execution=args.compare_execution)
     return cfg, args.json
+
+
+def compare_execution(cfg: CglBenchConfig) -> list[dict]:
+    """Per K: median forward + backward time of the routed graph on per-student batches with
+    ``concat`` execution over ``loop`` (the same graph, rounds interleaved, ``cfg.clock``)."""
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    size = (3, cfg.image_size, cfg.image_size)
+    split = cfg.split or block_splits(cfg.model, size, **cfg.model_kwargs)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    clock = time.process_time if cfg.clock == "process" and not cuda else time.perf_counter
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out = []
+    for k in cfg.students:
+        graph = build_graph("routed", cfg.model, split=split, modules=cfg.modules, students=k,
+                            seed=cfg.seed, input_size=size,
+                            model_kwargs={"num_classes": cfg.num_classes, **cfg.model_kwargs}
+                            ).to(device)
+        x = torch.randn(k, cfg.batch_size, *size,
+                        generator=torch.Generator().manual_seed(0)).to(device)
+        times: dict[str, list[float]] = {"loop": [], "concat": []}
+        for round_ in range(cfg.warmup + cfg.repeats):
+            for mode in times:
+                graph.set_execution(mode)
+                sync()
+                start = clock()
+                graph(x).sum().backward()
+                sync()
+                if round_ >= cfg.warmup:
+                    times[mode].append(clock() - start)
+        loop, concat = (statistics.median(times[m]) for m in ("loop", "concat"))
+        out.append(dict(students=k, loop_ms=loop * 1e3, concat_ms=concat * 1e3,
+                        concat_over_loop=concat / loop))
+    return out
 
 
 def to_json(result: dict) -> str:
@@ -414,6 +458,12 @@ def to_json(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, as_json = parse_args(argv)
+    if cfg.compare_execution:
+        rows = compare_execution(cfg)
+        print(json.dumps(rows, indent=1) if as_json else "\n".join(
+            f"K={r['students']}: loop {r['loop_ms']:.1f} ms, concat {r['concat_ms']:.1f} ms, "
+            f"concat / loop {r['concat_over_loop']:.2f}" for r in rows))
+        return 0
     try:
         result = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     except UserError as err:

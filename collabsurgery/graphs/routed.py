@@ -12,7 +12,9 @@ the same tensor); on a per-head batch ``[K, B, ...]`` student k runs its path on
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,21 +22,21 @@ import torch.nn as nn
 
 from .. import backbones
 from ..backbones import BackboneSpec
-from ..errors import ArgumentError
+from ..errors import ArgumentError, UserError
 from ..seeding import generator
 from .base import INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph, register_graph
 from .build import _config, _parse_split, cut_stages
 from .staged import StagedGraph
 
 
+ROUTED_MODES = ("loop", "concat", "auto")
+
+
 class RoutedNet(StagedGraph):
     """K students routed through L stages x M modules; ``forward`` -> ``[K, B, C]``."""
 
     per_head_input = True
-    execution_modes = ("loop",)
-    set_execution = TrainingGraph.set_execution
-    describe_execution = TrainingGraph.describe_execution
-    reference_execution = TrainingGraph.reference_execution
+    execution_modes = ROUTED_MODES
 
     def __init__(self, stages: Sequence[nn.Module], modules: int, paths: Sequence[Sequence[int]],
                  spec: BackboneSpec, reference_keys: Sequence[str], config: GraphConfig,
@@ -43,6 +45,34 @@ class RoutedNet(StagedGraph):
         super().__init__(copies, stage_names, spec, reference_keys, config, unused_state)
         self.paths = [tuple(int(m) for m in path) for path in paths]
         self._last: tuple[torch.Tensor, dict[tuple, torch.Tensor]] | None = None
+        self.execution = "loop"
+
+    def set_execution(self, mode: str | None = None, checkpoint_branches: bool | None = None,
+                      compile: bool | dict | None = None) -> "RoutedNet":
+        """``loop``: each module once per distinct input; ``concat``: a module several students
+        use in one step runs once on their inputs concatenated (BatchNorm still normalises each
+        student's part with its own statistics, so logits, gradients and running statistics are
+        the loop's); ``auto`` is ``loop``."""
+        if mode not in (None, *ROUTED_MODES) or checkpoint_branches or compile:
+            raise UserError(f"a routed graph runs as {' or '.join(ROUTED_MODES)}; got {mode!r}"
+                            f"{' with checkpoint_branches' if checkpoint_branches else ''}"
+                            f"{' with compile' if compile else ''}")
+        if mode is not None:
+            self.execution = "loop" if mode == "auto" else mode
+        return self
+
+    def describe_execution(self) -> str:
+        """How modules shared by several students run."""
+        return f"execution: {self.execution}"
+
+    @contextmanager
+    def reference_execution(self) -> Iterator[None]:
+        """The loop inside the block."""
+        mode, self.execution = self.execution, "loop"
+        try:
+            yield
+        finally:
+            self.execution = mode
 
     @property
     def num_heads(self) -> int:
@@ -109,10 +139,18 @@ class RoutedNet(StagedGraph):
         for h in heads:
             outputs.setdefault(self._key(h, per_head, 0), x[h] if per_head else x)
         for i, copies in enumerate(self.stages):
+            by_module: dict[int, dict[tuple, tuple]] = {}  # module -> new key -> its input's key
             for h in heads:
                 key = self._key(h, per_head, i + 1)
                 if key not in outputs:
-                    outputs[key] = copies[self.paths[h][i]](outputs[self._key(h, per_head, i)])
+                    by_module.setdefault(self.paths[h][i], {})[key] = self._key(h, per_head, i)
+            for m, pending in by_module.items():
+                inputs = [outputs[parent] for parent in pending.values()]
+                if self.execution == "concat" and len(inputs) > 1:
+                    results = run_concatenated(copies[m], inputs)
+                else:
+                    results = [copies[m](t) for t in inputs]
+                outputs.update(zip(pending, results))
         return outputs
 
     def _key(self, head: int, per_head: bool, depth: int) -> tuple:
@@ -138,6 +176,26 @@ class RoutedNet(StagedGraph):
                   f"per-student batches (data.subsets) every student runs its whole path, "
                   f"{self.num_heads} x the plain model's FLOPs per example"]
         return lines + super().describe_structure()
+
+
+def run_concatenated(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[module(t) for t in inputs]`` computed as one call on the inputs concatenated along the
+    batch: in training, every BatchNorm inside normalises (and updates its running statistics
+    with) each input's part separately, in order, exactly as separate calls would."""
+    sizes = [t.shape[0] for t in inputs]
+    patched = [bn for bn in module.modules()
+               if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training]
+    for bn in patched:
+        bn.forward = partial(_chunked_batchnorm, bn, sizes)
+    try:
+        return list(module(torch.cat(list(inputs))).split(sizes))
+    finally:
+        for bn in patched:
+            del bn.forward
+
+
+def _chunked_batchnorm(bn: nn.Module, sizes: list[int], x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([type(bn).forward(bn, part) for part in x.split(sizes)])
 
 
 def draw_paths(students: int, modules: int, stages: int, seed: int) -> list[list[int]]:
@@ -182,19 +240,23 @@ def _routed_example(backbone: str, points: Sequence[str]) -> dict[str, Any]:
 def build_routed(model: str | nn.Module, split: str | Sequence[str] | None = None,
                  modules: int = 2, students: int | None = None,
                  paths: Sequence[Sequence[int]] | None = None, seed: int = 0,
-                 input_size: Sequence[int] | None = None, model_kwargs: dict | None = None
-                 ) -> RoutedNet:
+                 input_size: Sequence[int] | None = None, execution: str = "loop",
+                 model_kwargs: dict | None = None) -> RoutedNet:
     """Cut ``model`` at ``split`` into stages of ``modules`` modules each and route
     ``students`` (default 8) students through them: paths drawn by :func:`draw_paths` from
     ``seed`` (the recipe's seed in training), or given as ``paths`` (one module index per
     stage; paper 002's transfer of a parameter-sharing structure, Table 7). The config stores
-    the paths, so a rebuild or a resumed run has the same students."""
+    the paths, so a rebuild or a resumed run has the same students. ``execution``: see
+    :meth:`RoutedNet.set_execution`."""
     split = _parse_split(split)
     modules = _check_int("modules", modules)
     if students is not None:
         students = _check_int("students", students)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ArgumentError("seed", f"must be an integer, got {seed!r}")
+    if execution not in ROUTED_MODES:
+        raise ArgumentError("execution", f"must be one of {', '.join(ROUTED_MODES)} for a routed "
+                                         f"graph, got {execution!r}")
     stages_count = len(split) + 1
     if paths is None:
         paths = draw_paths(8 if students is None else students, modules, stages_count, seed)
@@ -203,7 +265,7 @@ def build_routed(model: str | nn.Module, split: str | Sequence[str] | None = Non
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
     config = _config("routed", spec, size, split=split, modules=modules, students=len(paths),
-                     paths=paths, seed=seed)
+                     paths=paths, seed=seed, execution=execution)
     reference_keys = list(module.state_dict().keys())
     if split:
         stages, names, unused = cut_stages(module, size, split)
@@ -217,4 +279,4 @@ def build_routed(model: str | nn.Module, split: str | Sequence[str] | None = Non
                 for key, tensor in copies[m].state_dict(keep_vars=True).items():
                     if key in fresh:
                         tensor.copy_(fresh[key])
-    return net.train(module.training)
+    return net.set_execution(execution).train(module.training)
