@@ -53,7 +53,8 @@ def _graph_arguments(args: argparse.Namespace) -> dict:
     one the pattern does not take is refused by name)."""
     given = {"split": args.split or None, "heads": args.heads, "branches": args.branches,
              "rescale": args.rescale, "modules": args.modules, "students": args.students,
-             "paths": args.paths, "seed": args.route_seed}
+             "paths": args.paths, "seed": args.route_seed, "samples": args.samples,
+             "p": args.dropout_p}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -192,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "separated by ';', e.g. '0,1,0;1,0,1'")
         p.add_argument("--route-seed", type=int, default=None,
                        help="routed: the seed that draws the paths (default 0)")
+        p.add_argument("--samples", type=int, default=None,
+                       help="dropout: masks sampled at each dropout point (default 2)")
+        p.add_argument("--dropout-p", type=float, default=None,
+                       help="dropout: probability of the dropouts inserted at split points "
+                            "(default 0.5; the model's own dropout modules keep theirs)")
 
     p = model_command("wrap", "build a training graph and print what it costs")
     graph_options(p)
