@@ -11,6 +11,7 @@ from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.objectives.distill import DistillationLoss
 from collabsurgery.objectives.ensemble import EnsembleTargetLoss
 from collabsurgery.objectives.group import GroupImitationLoss
+from collabsurgery.objectives.intra import IntraModelLoss
 from collabsurgery.objectives.mutual import MutualLoss
 from collabsurgery.objectives.native_ensemble import NativeEnsembleLoss
 from collabsurgery.objectives.peer_attention import PeerAttentionLoss
@@ -31,7 +32,7 @@ for _name, _cls in (("consensus", ConsensusLoss), ("single", SingleLoss),
                     ("label_smoothing", LabelSmoothingLoss), ("dml", MutualLoss),
                     ("kd", DistillationLoss), ("kdcl", EnsembleTargetLoss),
                     ("one", NativeEnsembleLoss), ("okddip", PeerAttentionLoss),
-                    ("cgl", GroupImitationLoss)):
+                    ("cgl", GroupImitationLoss), ("intra", IntraModelLoss)):
     register_objective(_name, _cls)
 
 
@@ -67,6 +68,7 @@ __all__ = [
     "DistillationLoss",
     "EnsembleTargetLoss",
     "GroupImitationLoss",
+    "IntraModelLoss",
     "LabelSmoothingLoss",
     "LossContext",
     "LossOutput",
