@@ -102,3 +102,14 @@ class LearntTemperatureCE(Objective):
 
 TEST_OBJECTIVE = "test_learnt_temperature"  # recipes select it with objective={name: ...}
 register_objective(TEST_OBJECTIVE, LearntTemperatureCE)
+
+
+@pytest.fixture(scope="module")
+def forget_accelerate_state():
+    """Leave no mixed-precision setting behind in Accelerate's process-wide state after a
+    module's tests (use with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+

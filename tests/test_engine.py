@@ -60,13 +60,7 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _forget_accelerate_state():
-    """Leave no mixed-precision setting behind in Accelerate's process-wide state."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
+pytestmark = pytest.mark.usefixtures("forget_accelerate_state")
 
 
 @pytest.fixture(scope="module")

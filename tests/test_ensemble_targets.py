@@ -31,16 +31,7 @@ LOGIT_TARGETS = ["naive", "linear", "minlogit"]  # built from logits; general fr
 TARGETS = [*LOGIT_TARGETS, "general"]
 Nested = list[list[list[float]]]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _forget_accelerate_state():
-    """Leave no mixed-precision setting behind in Accelerate's process-wide state."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread", "forget_accelerate_state")
 
 
 def _ce(z: list[float], y: int) -> float:

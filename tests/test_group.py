@@ -33,15 +33,7 @@ from test_peer_objectives import _kl
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _forget_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread", "forget_accelerate_state")
 
 
 class LinearStudents(TrainingGraph):

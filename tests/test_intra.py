@@ -28,15 +28,7 @@ from test_peer_objectives import _data
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _forget_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread", "forget_accelerate_state")
 
 
 @pytest.mark.parametrize("alpha, t", [(0.5, 2.0), (0.2, 1.0)])

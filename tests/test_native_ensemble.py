@@ -31,16 +31,7 @@ from test_peer_objectives import _data, _kl
 REPO = Path(__file__).resolve().parents[1]
 RESNET = {"model_kwargs": {"num_classes": 10}}
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _forget_accelerate_state():
-    """Leave no mixed-precision setting behind in Accelerate's process-wide state."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread", "forget_accelerate_state")
 
 
 class FeatureIsInput(TrainingGraph):

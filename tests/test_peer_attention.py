@@ -32,16 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESNET = {"model_kwargs": {"num_classes": 10}}
 OKDDIP_GRAPH = {"split": ["layer2", "global_pool"], "heads": 4, "branches": [4, 1]}
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _forget_accelerate_state():
-    """Leave no mixed-precision setting behind in Accelerate's process-wide state."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread", "forget_accelerate_state")
 
 
 def _tree(size: int = 16, **args):

@@ -27,16 +27,7 @@ SIZE = (3, 16, 16)
 TINY = ["data.image_size=16", "data.max_train_examples=128", "train.batch_size=16",
         "model.name=cifar_resnet20", "run.progress=false", "train.epochs=1"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _forget_accelerate_state():
-    """Leave no mixed-precision setting behind in Accelerate's process-wide state."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread", "forget_accelerate_state")
 
 
 def _kl(p: list[float], log_q: list[float]) -> float:

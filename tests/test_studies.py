@@ -47,12 +47,7 @@ def mtimes(run_dir: Path) -> dict[str, int]:
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _forget_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
+pytestmark = pytest.mark.usefixtures("forget_accelerate_state")
 
 
 @pytest.fixture(scope="module")

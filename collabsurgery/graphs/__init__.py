@@ -3,7 +3,7 @@
 Importing this package registers every graph kind: ``tree`` and ``instances`` (:mod:`.build`),
 ``peers`` (:mod:`.peers`), ``routed`` (:mod:`.routed`), ``dropout`` (:mod:`.dropout`).
 """
-from . import build, dropout, peers, routed  # noqa: F401  (registers the kinds)
+from . import build, peers, routed, dropout  # noqa: F401, I001  (registers the kinds, in this order)
 from .base import (GRAPH_KINDS, INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph,
                    build_graph, builder_arguments, rebuild, register_graph)
 from .build import even_branches
