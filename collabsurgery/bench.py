@@ -28,7 +28,8 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -197,22 +198,35 @@ def _limit(times: list[float], pieces: list) -> float:
         sum(t for t, p in zip(times, pieces) if p.in_plain)
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Within the block torch uses ``threads`` intra-op threads (None or 0: unchanged)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def bench_device(name: str | None) -> torch.device:
+    """The device to measure on (default: CUDA when there is one), cuDNN autotuning on CUDA."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
     """Measure ``cfg``; returns a JSON-ready dict (see the module docstring for each field)."""
     cfg.check()
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run(cfg, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = bench_device(cfg.device)
     kwargs = dict(cfg.model_kwargs)
     if cfg.num_classes is not None:
         kwargs["num_classes"] = cfg.num_classes

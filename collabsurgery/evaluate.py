@@ -21,8 +21,7 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
     """
     was_training = net.training
     net.eval()
-    correct = loss_sum = ensemble_correct = None
-    distance_sum = torch.zeros((), dtype=torch.float64)
+    correct = loss_sum = ensemble_correct = distance_sum = None
     total = 0
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     for images, labels in loader:
@@ -38,11 +37,12 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
             correct = torch.zeros(heads, dtype=torch.long, device=logits.device)
             loss_sum = torch.zeros(heads, dtype=torch.float64, device=logits.device)
             ensemble_correct = torch.zeros((), dtype=torch.long, device=logits.device)
+            distance_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
         correct += (logits.argmax(-1) == labels).sum(-1)
         loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.repeat(heads),
                                     reduction="none").view(heads, -1).sum(-1).double()
         ensemble_correct += (logits.mean(0).argmax(-1) == labels).sum()
-        distance_sum = distance_sum.to(logits.device) + pairwise_distance_sum(logits)
+        distance_sum += pairwise_distance_sum(logits)
         total += labels.numel()
     net.train(was_training)
     if outputs is not None:

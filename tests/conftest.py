@@ -11,6 +11,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -112,4 +115,30 @@ def forget_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
+
+
+def latest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The ``model.safetensors`` of a run's latest checkpoint."""
+    from safetensors.torch import load_file
+
+    from collabsurgery import checkpoint
+
+    return load_file(str(checkpoint.latest(Path(run_dir) / "checkpoints") / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit-identical state: the same keys, every tensor equal."""
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_in_two_cpu_processes(recipe_file: Path) -> None:
+    """``tools/train.py --recipe recipe_file`` under torchrun with 2 CPU processes (as the
+    README shows); fails with the processes' output if they do not finish."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(repo / "tools" / "train.py"), "--recipe", str(recipe_file)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

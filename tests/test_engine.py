@@ -6,10 +6,7 @@ recipe and data errors through the CLI, export from a run, bf16 and loss rescali
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from collabsurgery.data import load_splits
 from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.recipe import data_arguments, load_recipe, save_recipe
 from collabsurgery.runs import load_run
-from conftest import stop_then_resume
+from conftest import stop_then_resume, train_in_two_cpu_processes
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 8  # 128 training examples / batch 16, drop_last
@@ -165,12 +162,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, cap
 def test_two_process_cpu_run(tmp_path):
     recipe_file = write_recipe(tmp_path / "ddp.yaml",
                                tiny(tmp_path, "run.name=ddp", "train.epochs=1"))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tools" / "train.py"), "--recipe", str(recipe_file)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_in_two_cpu_processes(recipe_file)
     run_dir = tmp_path / "ddp"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["num_processes"] == 2

@@ -22,7 +22,8 @@ from collabsurgery.objectives.ensemble import (general_weights, linear_weights, 
                                                naive_logits, project_to_simplex)
 from collabsurgery.recipe import load_recipe
 from collabsurgery.runs import load_run
-from conftest import assert_same_logits, make_input, one_line_error, stop_then_resume
+from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
+                      one_line_error, stop_then_resume)
 from test_objectives import _log_softmax, _softmax
 from test_peer_objectives import _data, _kl
 
@@ -446,9 +447,8 @@ def test_general_weights_update_each_epoch_are_checkpointed_and_resume_bit_exact
 
     straight = engine.train(recipe("straight"))
     stop_then_resume(lambda *more: recipe("resumed", *more), tmp_path / "resumed", 6, capsys)
-    a, b = (load_file(str(checkpoint.latest(d / "checkpoints") / "model.safetensors"))
-            for d in (straight, tmp_path / "resumed"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (latest_weights(d) for d in (straight, tmp_path / "resumed"))
+    assert_same_weights(a, b)
     weights = a["objective.general_weights"]
     assert weights.shape == (2,) and weights.sum().item() == pytest.approx(1.0)
     assert not torch.equal(weights, torch.full((2,), 0.5))  # updated from the hold-out split

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import collabsurgery as cs
 from collabsurgery import checkpoint, engine
@@ -27,7 +23,8 @@ from collabsurgery.objectives.base import LossContext, Step
 from collabsurgery.objectives.group import group_rampup
 from collabsurgery.recipe import load_recipe, save_recipe
 from collabsurgery.runs import load_run
-from conftest import assert_same_logits, make_input, one_line_error, stop_then_resume
+from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
+                      one_line_error, stop_then_resume, train_in_two_cpu_processes)
 from test_objectives import _log_softmax, _softmax
 from test_peer_objectives import _kl
 
@@ -163,9 +160,8 @@ def test_routed_run_on_subsets_resumes_bit_exactly_and_exports_its_best_student(
     straight = engine.train(recipe("straight"))
     resumed = tmp_path / "resumed"
     stop_then_resume(lambda *more: recipe("resumed", *more), resumed, 4, capsys)
-    a, b = (load_file(str(checkpoint.latest(d / "checkpoints") / "model.safetensors"))
-            for d in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (latest_weights(d) for d in (straight, resumed))
+    assert_same_weights(a, b)
     assert (straight / "graph.json").read_text() == (resumed / "graph.json").read_text()
 
     out = tmp_path / "best.safetensors"
@@ -203,15 +199,9 @@ def test_two_processes_train_the_same_weights_as_one_accumulating_their_batches(
     recipe_file = tmp_path / "ddp.yaml"
     save_recipe(load_recipe(REPO / "recipes" / "demo-cgl.yaml", [*common, "run.name=ddp"]),
                 recipe_file)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tools" / "train.py"), "--recipe", str(recipe_file)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_in_two_cpu_processes(recipe_file)
     ddp = tmp_path / "ddp"
-    a, b = (load_file(str(checkpoint.latest(d / "checkpoints") / "model.safetensors"))
-            for d in (single, ddp))
+    a, b = (latest_weights(d) for d in (single, ddp))
     assert json.loads((ddp / "summary.json").read_text())["num_processes"] == 2
     assert (single / "graph.json").read_text() == (ddp / "graph.json").read_text()
     graph, _ = load_run(single)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import collabsurgery as cs
-from collabsurgery import checkpoint, engine
+from collabsurgery import engine
 from collabsurgery.cli import main
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import build_graph
@@ -22,7 +21,8 @@ from collabsurgery.objectives.base import Step
 from collabsurgery.objectives.intra import kernel_decorrelation
 from collabsurgery.recipe import load_recipe
 from collabsurgery.runs import load_run
-from conftest import assert_same_logits, make_input, stop_then_resume
+from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
+                      stop_then_resume)
 from test_objectives import _log_softmax, _softmax
 from test_peer_objectives import _data
 
@@ -104,9 +104,8 @@ def test_dropout_views_train_resume_bit_exactly_and_export_equal(tmp_path, capsy
 
     straight = engine.train(recipe("straight"))
     stop_then_resume(lambda *more: recipe("resumed", *more), tmp_path / "resumed", 6, capsys)
-    a, b = (load_file(str(checkpoint.latest(d / "checkpoints") / "model.safetensors"))
-            for d in (straight, tmp_path / "resumed"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (latest_weights(d) for d in (straight, tmp_path / "resumed"))
+    assert_same_weights(a, b)
     out = tmp_path / "net.safetensors"
     assert main(["export", str(straight), "-o", str(out)]) == 0
     graph, _ = load_run(straight)

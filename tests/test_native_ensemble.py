@@ -24,7 +24,7 @@ from collabsurgery.objectives import NativeEnsembleLoss, build_objective
 from collabsurgery.objectives.base import LossContext, Step
 from collabsurgery.objectives.base import sigmoid_rampup
 from collabsurgery.recipe import load_recipe
-from conftest import one_line_error, stop_then_resume
+from conftest import assert_same_weights, latest_weights, one_line_error, stop_then_resume
 from test_objectives import _log_softmax, _softmax
 from test_peer_objectives import _data, _kl
 
@@ -286,9 +286,8 @@ def test_engine_trains_the_gate_exports_none_of_it_and_resumes_bit_exactly(tmp_p
     resumed = tmp_path / "resumed"
     stop_then_resume(lambda *more: recipe("resumed", *more), resumed, 6, capsys)
     final = checkpoint.latest(straight / "checkpoints")
-    a, b = (load_file(str(checkpoint.latest(d / "checkpoints") / "model.safetensors"))
-            for d in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (latest_weights(d) for d in (straight, resumed))
+    assert_same_weights(a, b)
     gate_keys = sorted(k for k in a if k.startswith("objective."))
     assert {k.rsplit(".", 1)[-1] for k in gate_keys} >= {"weight", "bias", "running_mean"}
     mid = load_file(str(resumed / "checkpoints" / "ckpt-00000006" / "model.safetensors"))

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import collabsurgery as cs
-from collabsurgery import backbones, checkpoint, engine
+from collabsurgery import backbones, engine
 from collabsurgery.cli import main
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import build_graph
@@ -24,7 +24,8 @@ from collabsurgery.objectives.base import LossContext, Step, sigmoid_rampup
 from collabsurgery.objectives.peer_attention import PeerAttention
 from collabsurgery.recipe import load_recipe
 from collabsurgery.runs import load_run
-from conftest import assert_same_logits, make_input, one_line_error, stop_then_resume
+from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
+                      one_line_error, stop_then_resume)
 from test_objectives import _log_softmax, _softmax
 from test_peer_objectives import _data, _kl
 
@@ -262,9 +263,8 @@ def test_engine_trains_the_attention_exports_the_leader_and_resumes_bit_exactly(
     assert "head 0 (peer" in table and "head 3 (leader" in table  # the run's summary table
     resumed = tmp_path / "resumed"
     stop_then_resume(lambda *more: recipe("resumed", *more), resumed, 6, capsys)
-    a, b = (load_file(str(checkpoint.latest(d / "checkpoints") / "model.safetensors"))
-            for d in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (latest_weights(d) for d in (straight, resumed))
+    assert_same_weights(a, b)
     attention_keys = sorted(k for k in a if k.startswith("objective."))
     assert attention_keys == ["objective.attention.key.weight", "objective.attention.query.weight"]
     mid = load_file(str(resumed / "checkpoints" / "ckpt-00000006" / "model.safetensors"))

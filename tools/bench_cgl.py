@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from collabsurgery import backbones
-from collabsurgery.bench import _Timer, device_name
+from collabsurgery.bench import _Timer, bench_device, device_name, torch_threads
 from collabsurgery.engine import Collaboration
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import build_graph, splits
@@ -167,19 +167,12 @@ class _Variant:
 def run(cfg: CglBenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
     """Measure ``cfg``; returns a JSON-ready dict (see the module docstring for each field)."""
     cfg.check()
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run(cfg, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: CglBenchConfig, log: Callable[[str], None]) -> dict:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = bench_device(cfg.device)
     size = (3, cfg.image_size, cfg.image_size)
     kwargs = {"num_classes": cfg.num_classes, **cfg.model_kwargs}
     split = list(cfg.split) if cfg.split else block_splits(cfg.model, size, **kwargs)
@@ -417,10 +410,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[CglBenchConfig, bool]
 def compare_execution(cfg: CglBenchConfig) -> list[dict]:
     """Per K: median forward + backward time of the routed graph on per-student batches with
     ``concat`` execution over ``loop`` (the same graph, rounds interleaved, ``cfg.clock``)."""
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     size = (3, cfg.image_size, cfg.image_size)
     split = cfg.split or block_splits(cfg.model, size, **cfg.model_kwargs)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device(cfg.device)
     cuda = device.type == "cuda"
     clock = time.process_time if cfg.clock == "process" and not cuda else time.perf_counter
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -459,7 +451,8 @@ def to_json(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, as_json = parse_args(argv)
     if cfg.compare_execution:
-        rows = compare_execution(cfg)
+        with torch_threads(cfg.threads):
+            rows = compare_execution(cfg)
         print(json.dumps(rows, indent=1) if as_json else "\n".join(
             f"K={r['students']}: loop {r['loop_ms']:.1f} ms, concat {r['concat_ms']:.1f} ms, "
             f"concat / loop {r['concat_over_loop']:.2f}" for r in rows))

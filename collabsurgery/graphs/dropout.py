@@ -16,8 +16,7 @@ needed here).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,8 +54,9 @@ class DropoutViews(StagedGraph):
     ``[samples ** points, B, C]``."""
 
     execution_modes = ("loop",)
-    set_execution = TrainingGraph.set_execution
+    set_execution = TrainingGraph.set_execution  # one way to run: nothing to choose
     describe_execution = TrainingGraph.describe_execution
+    reference_execution = TrainingGraph.reference_execution
 
     def __init__(self, stages: Sequence[nn.Module], drops: Sequence[MultiDropout],
                  spec: BackboneSpec, reference_keys: Sequence[str], config: GraphConfig,
@@ -80,11 +80,6 @@ class DropoutViews(StagedGraph):
         """Every view runs the one copy of every stage."""
         self.check_head(head)
         return [0] * len(self.stages)
-
-    @contextmanager
-    def reference_execution(self) -> Iterator[None]:
-        """There is one way to run: nothing to switch."""
-        yield
 
     def run(self, x: torch.Tensor, wants: Sequence[str] = ()) -> GraphOutput:
         """Logits of every view, ``[K^n, B, C]`` (in eval the one output, expanded)."""
