@@ -54,7 +54,7 @@ def _graph_arguments(args: argparse.Namespace) -> dict:
     given = {"split": args.split or None, "heads": args.heads, "branches": args.branches,
              "rescale": args.rescale, "modules": args.modules, "students": args.students,
              "paths": args.paths, "seed": args.route_seed, "samples": args.samples,
-             "p": args.dropout_p}
+             "p": args.dropout_p, "local": args.local or None}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dropout-p", type=float, default=None,
                        help="dropout: probability of the dropouts inserted at split points "
                             "(default 0.5; the model's own dropout modules keep theirs)")
+        p.add_argument("--local", type=lambda s: [n for n in s.split(",") if n], default=None,
+                       help="dropout: local points for intra's L_mid and pull-push, e.g. "
+                            "layer1,layer2 (each gets its layer cut out for local backprop)")
 
     p = model_command("wrap", "build a training graph and print what it costs")
     graph_options(p)

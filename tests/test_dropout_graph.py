@@ -124,3 +124,75 @@ def test_cli_wrap_prints_the_views(capsys) -> None:
     assert "9 views: 2 dropout point(s) sampled 3 times each: layer2 (p=0.2), layer3 (p=0.2)" in out
     params = next(line for line in out.splitlines() if line.startswith("parameters"))
     assert params.split()[-1] == "1.00"
+
+
+# --- local points: a layer rerun on its detached input ---------------------------------------
+
+def _local_net() -> DropoutViews:
+    return build_graph("dropout", "cifar_resnet20", split="layer2,global_pool",
+                       local="layer1,layer2", input_size=(3, 16, 16)).train()
+
+
+def test_a_local_points_layer_is_its_last_block_and_the_graph_cuts_around_it() -> None:
+    net = _local_net()
+    assert net.local_points == ["layer1", "layer2"]
+    # the last clean cut before each point's last convolution: the last residual block
+    assert [net.stage_names[a].split("..")[0] for a, _ in net.local_layers.values()] == \
+        ["layer1.1", "layer2.1"]
+    assert [net.stage_names[b].split("..")[1] for _, b in net.local_layers.values()] == \
+        ["layer1", "layer2"]
+    assert net.num_heads == 4  # cuts for local layers are no dropout points
+    vgg = _views(local="features.2")  # conv-BN-ReLU right after the input: its layer is all
+    assert vgg.local_layers == {"features.2": (0, 0)}
+
+
+def test_local_features_equal_the_main_path_and_leave_batchnorm_statistics_alone() -> None:
+    net, plain = _local_net(), _local_net()
+    plain.load_state_dict(net.state_dict())
+    x = make_input(4, 16)
+    torch.manual_seed(0)
+    out = net.run(x, wants=["local:layer1", "local:layer2", "layer1", "layer2"])
+    torch.manual_seed(0)
+    assert_same_logits(out.logits, plain.run(x).logits)
+    for point in ("layer1", "layer2"):
+        assert out.features[f"local:{point}"].shape == out.features[point].shape
+        torch.testing.assert_close(out.features[f"local:{point}"], out.features[point])
+    # the reruns update throw-away copies of the BatchNorm buffers, not the graph's
+    for (name, a), b in zip(net.named_buffers(), plain.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_a_local_features_gradient_reaches_its_layer_and_nothing_below_or_above() -> None:
+    net = _local_net()
+    out = net.run(make_input(4, 16), wants=["local:layer2"])
+    out.features["local:layer2"].square().mean().backward()
+    for name, p in net.named_parameters():
+        in_layer = ".layer2.2." in name  # layer2's last block: 'layer2.1..layer2'
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == in_layer, name
+
+
+@pytest.mark.parametrize("local, match", [
+    ("layer3", "comes after the first dropout point"),
+    ("layer9", "invalid split point 'layer9'"),
+    ("layer2,layer1", "execution order"),
+])
+def test_bad_local_points_are_one_clear_line(local, match) -> None:
+    with pytest.raises(UserError, match=match):
+        build_graph("dropout", "cifar_resnet20", split="layer2,global_pool", local=local,
+                    input_size=(3, 16, 16))
+
+
+def test_a_local_point_with_no_convolution_before_it_is_refused() -> None:
+    class PoolFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.AvgPool2d(2)
+            self.bn = nn.BatchNorm2d(3)
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(self.bn(self.pool(x))).mean((2, 3)))
+
+    with pytest.raises(UserError, match="no convolution before it"):
+        build_graph("dropout", PoolFirst(), split="conv", local="bn", input_size=(3, 8, 8))

@@ -1,7 +1,8 @@
-"""Intra-model collaboration's losses so far (paper 004): L_out over dropout views (eq. 4)
-against a hand computation, kernel decorrelation (eq. 10) on known kernels, the kernel layers'
-choice and bad names, and a dropout-view run through the engine: resumed bit-exactly (dropout
-masks included) and exported strictly with the trained network's eval logits."""
+"""Intra-model collaboration's four losses (paper 004): L_out over dropout views (eq. 4), L_mid's
+soft target (eq. 6), the similarity matrix S (eq. 8) and kernel decorrelation (eq. 10) against
+hand computations; local losses train their own modules and their layer only; bad input; a
+dropout-view run with every loss on through the engine: resumed bit-exactly (dropout masks
+included) and exported strictly with the trained network's eval logits."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from collabsurgery.graphs import build_graph
 from collabsurgery.objectives import IntraModelLoss, build_objective
 from collabsurgery.objectives.base import Step
 from collabsurgery.objectives.intra import kernel_decorrelation
+from collabsurgery.objectives.local_losses import (depth_weights, mid_losses, pull_push_losses,
+                                                   similarity)
 from collabsurgery.recipe import load_recipe
 from collabsurgery.runs import load_run
 from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
@@ -72,7 +75,7 @@ def test_kernel_layers_default_to_the_last_two_stages_and_bad_names_are_refused(
              if n.startswith(("layer2", "layer3")) and isinstance(m, torch.nn.Conv2d)]
     assert len(obj.convolutions) == len(convs) > 0
     assert all(any(c is k for k in convs) for c in obj.convolutions)
-    assert obj.kernel_share == pytest.approx(1.0)  # 1 / (2 views x loss weight 1/2)
+    assert obj.share == pytest.approx(1.0)  # 1 / (2 views x loss weight 1/2)
     for layers, match in ((["layer9"], "'layer9' is not a module"),
                           (["global_pool"], "'global_pool' holds no convolution")):
         with pytest.raises(UserError, match=match):
@@ -94,11 +97,99 @@ def test_kernel_loss_trains_only_the_chosen_convolutions() -> None:
         assert (p.grad is not None and p.grad.abs().sum() > 0) == chosen, name
 
 
+def test_l_mid_soft_target_is_the_mean_of_that_layer_and_every_layer_above() -> None:
+    z1, z2, out = (torch.tensor([[a, b, 0.0]]) for a, b in ((1.0, 2.0), (3.0, -1.0), (0.5, 0.5)))
+    y, t = torch.tensor([1]), 2.0
+    hard, soft = mid_losses([z1, z2], out, y, t)
+    for i, (z, above) in enumerate(((z1, [z1, z2, out]), (z2, [z2, out]))):
+        mean = [sum(a[0, c].item() for a in above) / len(above) for c in range(3)]
+        q, log_p = _softmax(mean, t), _log_softmax(z[0].tolist(), t)
+        assert soft[i].item() == pytest.approx(-sum(a * b for a, b in zip(q, log_p)), rel=1e-6)
+        assert hard[i].item() == pytest.approx(-log_p[1], rel=1e-6)  # eq. 5: softmax at T
+
+
+def test_similarity_matrix_of_a_small_batch() -> None:
+    z = torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 4.0]])
+    centred = [[a - 2.0, b - 2.0] for a, b in z.tolist()]  # the batch mean is (2, 2)
+    s = similarity(z)
+    for i in range(3):
+        for j in range(3):
+            u, v = centred[i], centred[j]
+            cos = (u[0] * v[0] + u[1] * v[1]) / math.hypot(*u) / math.hypot(*v)
+            assert s[i, j].item() == pytest.approx(cos, abs=1e-6)
+    labels = similarity(torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 1]), 2))
+    torch.testing.assert_close(labels, torch.tensor([[1.0, -1, 1, -1], [-1, 1, -1, 1]] * 2))
+
+
+def test_pull_push_pulls_towards_the_labels_and_pushes_from_the_input() -> None:
+    g = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 0, 2])
+    s = similarity(g.flatten(2).std(-1, unbiased=False))
+    s_y = similarity(torch.nn.functional.one_hot(y, 3))
+    s_x = similarity(x.flatten(2).std(-1, unbiased=False))
+    got = pull_push_losses([g], x, y, 3, [0.7], [0.2])
+    assert got.item() == pytest.approx(0.7 * (s - s_y).norm().item()
+                                       - 0.2 * (s - s_x).norm().item(), rel=1e-5)
+    assert depth_weights((0.5, 1.0), 3) == [0.5, 0.75, 1.0]
+    assert depth_weights((0.5, 0.1), 1) == [pytest.approx(0.3)]
+
+
+def _local_graph():
+    return build_graph("dropout", "cifar_resnet20", split="layer2,global_pool",
+                       local="layer1,layer2", input_size=(3, 16, 16)).train()
+
+
+@pytest.mark.parametrize("loss", ["mid_weight", "pull_push_weight"])
+def test_local_losses_train_their_modules_and_their_layers_only(loss: str) -> None:
+    graph = _local_graph()
+    obj = build_objective("intra", out_weight=0.0, **{loss: 1.0})
+    obj.attach(graph)
+    out = obj(graph.run(make_input(4, 16), wants=obj.wants), torch.tensor([0, 1, 2, 0]),
+              Step(), graph)
+    (out.loss * graph.loss_weight).backward()
+    for name, p in graph.named_parameters():  # the last block of layer1 and of layer2 only
+        in_layer = ".layer1.2." in name or ".layer2.2." in name
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == in_layer, name
+    owned = list(obj.parameters())
+    assert owned and all(p.grad is not None and p.grad.abs().sum() > 0 for p in owned)
+    assert (obj.classifiers is None) == (loss != "mid_weight")  # only what is switched on
+    assert (obj.projections is None) == (loss != "pull_push_weight")
+
+
+def test_local_losses_need_local_points_and_sane_weights() -> None:
+    with pytest.raises(UserError, match="local points: use pattern 'dropout' with local"):
+        build_objective("intra", mid_weight=1.0).attach(
+            build_graph("dropout", "cifar_resnet20", input_size=(3, 16, 16)))
+    for kwargs, match in (({"mid_weight": -1}, "mid_weight"), ({"beta_mid": -0.1}, "beta_mid"),
+                          ({"pull_push_weight": -2}, "pull_push_weight"),
+                          ({"pull": [1.0]}, "pull must be two numbers"),
+                          ({"push": [1.0, -1]}, "push")):
+        with pytest.raises(UserError, match=match):
+            build_objective("intra", **kwargs)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("graph.local=[layer3]", "comes after the first dropout point"),
+    ("graph.local=[nothing]", "invalid split point 'nothing'"),
+    ("objective.mid_weight=-1", "mid_weight"),
+])
+def test_cli_bad_intra_input_is_one_line_exit_2(override, match, tmp_path, capsys) -> None:
+    code = main(["train", "--recipe", str(REPO / "recipes" / "demo-intra.yaml"),
+                 f"run.dir={tmp_path}", override])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
 def test_dropout_views_train_resume_bit_exactly_and_export_equal(tmp_path, capsys) -> None:
     def recipe(name: str, *more: str):
         return load_recipe(REPO / "recipes" / "demo.yaml", [
-            "graph={pattern: dropout, split: [layer2, global_pool], samples: 2}",
-            "objective={name: intra, kernel_weight: 0.01}", "data.image_size=16",
+            "graph={pattern: dropout, split: [layer2, global_pool], samples: 2, "
+            "local: [layer1, layer2]}",
+            "objective={name: intra, kernel_weight: 0.01, mid_weight: 1.0, "
+            "pull_push_weight: 0.1}", "data.image_size=16",
             "data.max_train_examples=64", "train.batch_size=16", "train.epochs=2",
             "run.progress=false", f"run.dir={tmp_path}", f"run.name={name}", *more])
 
@@ -110,7 +201,7 @@ def test_dropout_views_train_resume_bit_exactly_and_export_equal(tmp_path, capsy
     assert main(["export", str(straight), "-o", str(out)]) == 0
     graph, _ = load_run(straight)
     x = make_input(3, 16, seed=2)
-    with torch.no_grad():
+    with torch.no_grad():  # strict load: the local classifiers and projections stay behind
         assert_same_logits(cs.load_backbone(out)(x), graph(x)[0])
 
 

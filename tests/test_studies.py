@@ -181,7 +181,8 @@ def test_cli_report_only(study, monkeypatch, capsys):
     (["kdcl-table7", "--budget", "full"], "has no rows on budget 'full'; budgets: small"),
     (["kdcl-table7", "data.views=per_head"], "would change what the rows"),
     (["kdcl-table7", "graph.heads=2"], "would change what the rows"),  # rows set all of graph
-    (["intra-combos"], "study 'intra-combos' needs method intra-model"),
+    (["waiting"], "study 'waiting' needs method a future method"),
+    (["intra-table1", "graph.local=[layer1]"], "would change what the rows"),
     (["cgl-ablation", "--budget", "full"], "has no rows on budget 'full'; budgets: small"),
     (["cgl-ablation", "data.subsets=true"], "would change what the rows"),
     (["cgl-ablation", "train.lr=0.01"], "would change what the rows"),  # one optimizer
@@ -192,7 +193,9 @@ def test_cli_report_only(study, monkeypatch, capsys):
     (["clilr-table1", "--seeds", "0"], "--seeds must be >= 1"),
     (["clilr-table1", "train.epoch=1"], "unknown recipe key 'train.epoch'"),
 ])
-def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(STUDIES, "waiting", Study("waiting", "a study of a method not landed",
+                                                  "a test", needs="a future method"))
     assert run(["reproduce", *argv, "--dir", tmp_path]) == 2
     assert message in one_line_error(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []

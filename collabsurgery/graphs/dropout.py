@@ -12,6 +12,16 @@ any other split point, after which a dropout of probability ``p`` is inserted. B
 points are the model's own dropout modules at clean cuts, or, for a model without any, the last
 split point (just before the classifier). No copies, so no backprop rescaling (the paper: not
 needed here).
+
+Local points (``local=[...]``, paper 004 sections III-B and III-C) are clean cuts up to the first
+dropout point where an objective reads a *local* feature, ``"local:<point>"``, for a loss that
+must train only the layer that made it. A point's layer is the run of nodes from the last clean
+cut before the point's last convolution up to the point (one conv-BN-activation in VGG, one
+residual block in a ResNet). The graph cuts there too, and the local feature is that layer run
+again on its detached input, its BatchNorm statistics updated on throw-away copies of the buffers
+(``torch.func.functional_call``): the local loss's gradient reaches the layer's parameters and
+stops at its input, while the main path runs once, as before. The price is one more forward and
+backward of that one layer per point, not of the network below it.
 """
 from __future__ import annotations
 
@@ -22,11 +32,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from .. import backbones
 from ..backbones import BackboneSpec
 from ..errors import ArgumentError
-from ..surgery import split_points, trace
+from ..surgery import TracedModel, resolve_splits, split_points, trace
 from .base import INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph, register_graph
 from .build import _config, _parse_split, cut_stages
 from .staged import StagedGraph
@@ -49,9 +60,19 @@ class MultiDropout(nn.Module):
         return f"samples={self.samples}, p={self.p}"
 
 
+LOCAL = "local:"  # prefix of the local feature names: "local:layer2"
+
+
+def local_feature(point: str) -> str:
+    """The feature name of local point ``point``: its layer rerun on the detached input."""
+    return LOCAL + point
+
+
 class DropoutViews(StagedGraph):
-    """One network whose stages are joined by :class:`MultiDropout`; ``forward`` ->
-    ``[samples ** points, B, C]``."""
+    """One network whose stages are joined by :class:`MultiDropout` (or, at a cut that only
+    serves a local point, ``nn.Identity``); ``forward`` -> ``[samples ** points, B, C]``.
+
+    ``local_layers`` maps each local point to the stages ``(first, last)`` of its layer."""
 
     execution_modes = ("loop",)
     set_execution = TrainingGraph.set_execution  # one way to run: nothing to choose
@@ -60,15 +81,32 @@ class DropoutViews(StagedGraph):
 
     def __init__(self, stages: Sequence[nn.Module], drops: Sequence[MultiDropout],
                  spec: BackboneSpec, reference_keys: Sequence[str], config: GraphConfig,
-                 stage_names: Sequence[str], unused_state: dict[str, torch.Tensor] | None = None):
+                 stage_names: Sequence[str], unused_state: dict[str, torch.Tensor] | None = None,
+                 local_layers: dict[str, tuple[int, int]] | None = None):
         super().__init__([[s] for s in stages], stage_names, spec, reference_keys, config,
                          unused_state)
         self.drops = nn.ModuleList(drops)
+        self.local_layers = dict(local_layers or {})
+
+    @property
+    def samplers(self) -> list[MultiDropout]:
+        """The dropout points' samplers, in order."""
+        return [d for d in self.drops if isinstance(d, MultiDropout)]
 
     @property
     def num_heads(self) -> int:
         """Number of views K^n."""
-        return math.prod(d.samples for d in self.drops)
+        return math.prod(d.samples for d in self.samplers)
+
+    @property
+    def local_points(self) -> list[str]:
+        """The local points, earliest first."""
+        return list(self.local_layers)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Every cut's output, and each local point's local feature."""
+        return super().feature_names + [local_feature(p) for p in self.local_layers]
 
     @property
     def loss_weight(self) -> float:
@@ -84,18 +122,48 @@ class DropoutViews(StagedGraph):
     def run(self, x: torch.Tensor, wants: Sequence[str] = ()) -> GraphOutput:
         """Logits of every view, ``[K^n, B, C]`` (in eval the one output, expanded)."""
         _, x = self.split_input(x)
-        self.check_wants(wants, ())
-        h = x
+        self.check_wants(wants, self.feature_names)
+        inputs, outputs, h = [], [], x  # what stage i read; what it gave before any dropout
         for i, stage in enumerate(self.stages):
+            inputs.append(h)
             h = stage[0](h)
+            outputs.append(h)
             if i < len(self.drops):
                 h = self.drops[i](h)
-        views = h.shape[0] // x.shape[0]
-        logits = h.view(views, x.shape[0], *h.shape[1:])
-        if views != self.num_heads:  # eval: one deterministic output for every view
-            logits = logits.expand(self.num_heads, *logits.shape[1:])
-        features = {INPUT: x.expand(self.num_heads, *x.shape)} if INPUT in wants else {}
+        logits = self._views(h, x.shape[0])
+        features = {}
+        for name in wants:
+            if name == INPUT:
+                feature = x
+            elif name.startswith(LOCAL):
+                feature = self._local(name[len(LOCAL):], inputs, outputs)
+            else:
+                feature = self._views(outputs[self.feature_names.index(name)], x.shape[0])
+            features[name] = feature if feature.dim() > x.dim() else \
+                feature.expand(self.num_heads, *feature.shape)
         return GraphOutput(logits, features)
+
+    def _views(self, h: torch.Tensor, batch: int) -> torch.Tensor:
+        """``[V B, ...] -> [num_heads, B, ...]``. V < num_heads before the last point or in eval:
+        a later point tiles the whole batch (:class:`MultiDropout`), so view ``v`` descends from
+        row block ``v % V``."""
+        views = h.shape[0] // batch
+        h = h.view(views, batch, *h.shape[1:])
+        if views == 1:
+            return h.expand(self.num_heads, *h.shape[1:])
+        return h.repeat(self.num_heads // views, *[1] * (h.dim() - 1))
+
+    def _local(self, point: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]
+               ) -> torch.Tensor:
+        """Local point ``point``'s layer rerun on its detached input (module docstring)."""
+        first, last = self.local_layers[point]
+        if not torch.is_grad_enabled():  # nothing to stop: the main path's value is the same
+            return outputs[last]
+        h = inputs[first].detach()
+        for stage in self.stages[first: last + 1]:
+            throwaway = {name: b.clone() for name, b in stage[0].named_buffers()}
+            h = functional_call(stage[0], throwaway, (h,), strict=False)
+        return h
 
     @torch.no_grad()
     def cost_pieces(self, x: torch.Tensor) -> list[CostPiece]:
@@ -104,17 +172,22 @@ class DropoutViews(StagedGraph):
         for i, (name, copies) in enumerate(zip(self.stage_names, self.stages)):
             pieces.append(CostPiece(name, copies[0], current, 1, runs=runs))
             current = copies[0](current)
-            if i < len(self.drops):
+            if i < len(self.drops) and isinstance(self.drops[i], MultiDropout):
                 runs *= self.drops[i].samples
         return pieces
 
     def describe_structure(self) -> list[str]:
         """The dropout points and the views they make."""
         points = [f"{name.split('..')[1]} (p={d.p:g})"
-                  for name, d in zip(self.stage_names, self.drops)]
-        return [f"{self.num_heads} views: {len(self.drops)} dropout point(s) sampled "
-                f"{self.drops[0].samples if self.drops else 1} times each: " + ", ".join(points),
-                *super().describe_structure()]
+                  for name, d in zip(self.stage_names, self.drops) if isinstance(d, MultiDropout)]
+        samplers = self.samplers
+        lines = [f"{self.num_heads} views: {len(samplers)} dropout point(s) sampled "
+                 f"{samplers[0].samples if samplers else 1} times each: " + ", ".join(points)]
+        for point, (first, last) in self.local_layers.items():
+            start = self.stage_names[first].split("..")[0]
+            lines.append(f"local point {point}: its layer {start}..{point} runs again on its "
+                         f"detached input for a local loss, which trains only that layer")
+        return [*lines, *super().describe_structure()]
 
 
 def _own_dropouts(module: nn.Module, points: Sequence[str]) -> list[str]:
@@ -130,34 +203,89 @@ def _dropout_example(backbone: str, points: Sequence[str]) -> dict[str, Any]:
 @register_graph("dropout", example=_dropout_example)
 def build_dropout(model: str | nn.Module, split: str | Sequence[str] | None = None,
                   samples: int = 2, p: float = 0.5, input_size: Sequence[int] | None = None,
-                  model_kwargs: dict | None = None) -> DropoutViews:
+                  local: str | Sequence[str] | None = None, model_kwargs: dict | None = None
+                  ) -> DropoutViews:
     """Hierarchical dropout views of ``model`` at the points ``split`` (default: its own dropout
     modules, else its last split point), each sampled ``samples`` times; ``p`` is the
-    probability of the dropouts inserted at points that are not dropout modules."""
-    split = _parse_split(split)
+    probability of the dropouts inserted at points that are not dropout modules. ``local``:
+    points up to the first dropout point that give local features (module docstring)."""
+    split, local = _parse_split(split), _parse_split(local)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ArgumentError("samples", f"must be an integer >= 1, got {samples!r}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ArgumentError("p", f"must be a number in [0, 1), got {p!r}")
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
+    traced = trace(module, size)
     if not split:
-        points = split_points(trace(module, size))
+        points = split_points(traced)
         split = tuple(_own_dropouts(module, points) or points[-1:])
-    config = _config("dropout", spec, size, split=split, samples=samples, p=p)
-    stages, names, unused = cut_stages(module, size, split)
+    config = _config("dropout", spec, size, split=split, samples=samples, p=p, local=local)
+    resolve_splits(traced, split)  # clean cuts, distinct, in order: or a one-line UserError
+    layers = _local_layers(traced, split, local)
+    cuts = _ordered(traced, [*split, *local, *(s for s in layers.values() if s)])
+    stages, names, unused = cut_stages(module, size, cuts)
     modules = dict(module.named_modules())
-    drops = []
-    for point, stage in zip(split, stages):
+    drops: list[nn.Module] = []
+    for point, stage in zip(cuts, stages):
         own = modules.get(point)
-        if isinstance(own, nn.Dropout):  # sampled here instead, with its own probability
+        if point not in split:
+            drops.append(nn.Identity())  # a cut for a local layer only
+        elif isinstance(own, nn.Dropout):  # sampled here instead, with its own probability
             _remove_call(stage, point)
             drops.append(MultiDropout(samples, own.p))
         else:
             drops.append(MultiDropout(samples, float(p)))
+    index = {_position(traced, cut): i for i, cut in enumerate(cuts)}
+    spans = {point: (index[_position(traced, start)] + 1 if start else 0,
+                     index[_position(traced, point)]) for point, start in layers.items()}
     net = DropoutViews(stages, drops, spec, list(module.state_dict().keys()), config, names,
-                       unused)
+                       unused, spans)
     return net.train(module.training)
+
+
+def _position(traced: TracedModel, name: str) -> int:
+    return traced.train.nodes.index(traced.train.resolve(name))
+
+
+def _ordered(traced: TracedModel, names: Sequence[str]) -> list[str]:
+    """``names`` in execution order, one name per node (the first given wins)."""
+    by_position: dict[int, str] = {}
+    for name in names:
+        by_position.setdefault(_position(traced, name), name)
+    return [by_position[k] for k in sorted(by_position)]
+
+
+def _is_convolution(traced: TracedModel, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(traced.module.get_submodule(node.target), nn.modules.conv._ConvNd)
+    return node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _local_layers(traced: TracedModel, split: Sequence[str], local: Sequence[str]
+                  ) -> dict[str, str | None]:
+    """Each local point's layer start: the last split point before the point's last convolution
+    (None: the input). UserError for a point that is no clean cut, comes after a dropout point
+    or has no convolution before it."""
+    if not local:
+        return {}
+    resolve_splits(traced, local)
+    first_drop = min(_position(traced, s) for s in split)
+    nodes = traced.train.nodes
+    valid = split_points(traced)
+    starts: dict[str, str | None] = {}
+    for point in local:
+        at = _position(traced, point)
+        if at > first_drop:
+            raise ArgumentError("local", f"point '{point}' comes after the first dropout point "
+                                         f"'{split[0]}'; local points read per-image features")
+        convolutions = [i for i in range(at + 1) if _is_convolution(traced, nodes[i])]
+        if not convolutions:
+            raise ArgumentError("local", f"point '{point}' has no convolution before it: it has "
+                                         "no layer to train")
+        before = [v for v in valid if _position(traced, v) < convolutions[-1]]
+        starts[point] = before[-1] if before else None
+    return starts
 
 
 def _remove_call(stage: nn.Module, target: str) -> None:

@@ -1,7 +1,8 @@
-"""Intra-model collaboration (paper 004, section III): losses over one network's dropout views.
+"""Intra-model collaboration (paper 004, section III): four losses over one network.
 
-Built so far: L_out (eq. 4) and kernel decorrelation (eq. 10), each switched on by a weight > 0.
-L_mid (eqs. 5-7) and pull-push (eqs. 8-9) are not built yet.
+L_out (eq. 4) over the dropout views, L_mid (eqs. 5-7) and pull-push (eqs. 8-9) at the graph's
+local points (``objectives.local_losses``), kernel decorrelation (eq. 10); each is switched on by
+its weight > 0 and they combine freely (the paper's Table III grid).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from collabsurgery.errors import ArgumentError, UserError
-from collabsurgery.graphs.base import TrainingGraph
+from collabsurgery.graphs.base import INPUT, TrainingGraph
+from collabsurgery.graphs.dropout import local_feature
 from collabsurgery.objectives.base import (LossContext, Objective, check_number,
-                                           cross_entropy_per_head, soft_cross_entropy)
+                                           cross_entropy_per_head, probe, soft_cross_entropy)
+from collabsurgery.objectives.local_losses import (LocalClassifier, depth_weights, mid_losses,
+                                                   pull_push_losses)
 
 
 def kernel_decorrelation(weight: Tensor) -> Tensor:
@@ -40,30 +44,50 @@ def _module_names(graph: TrainingGraph) -> dict[str, nn.Module]:
 
 
 class IntraModelLoss(Objective):
-    """L_out over the views and kernel decorrelation, each weighted (0 switches it off).
+    """The four losses of paper 004, each weighted (0 switches it off), summed.
 
-    L_out, view i of V (paper 004, eq. 4; eq. 2's J_soft, which has no T^2)::
+    L_out, view i of V (eq. 4; eq. 2's J_soft, which has no T^2)::
 
         q_i  = softmax( (1/(V-1)) sum_{j != i} z_j / T )           # detached
         L_i  = alpha_out CE(y, z_i) + (1 - alpha_out) J_soft(q_i, z_i)
         J_soft(q, z) = (1/B) sum_b -sum_c q[b, c] log softmax(z[b] / T)_c
 
     the engine averages the views through the dropout graph's loss weight 1/V. With one view the
-    soft term is off. Kernel decorrelation: the sum of :func:`kernel_decorrelation` over the
-    convolutions named by ``kernel_layers`` (module names or prefixes of them, e.g. ``layer4``;
-    default: the convolutions of the model's last two top-level stages that hold any, the
-    paper's best), times ``kernel_weight``, added once per step.
-    Defaults: K=2 views per point is the graph's; T=2, alpha_out=0.5 (the paper's).
-    parts: "hard" = CE, "soft" = J_soft, "kernel" = the decorrelation loss (its share per head).
+    soft term is off.
+
+    L_mid and pull-push read the graph's local points (``graph.local = [...]``; pattern dropout
+    only): ``sum_i alpha_mid hard_i + beta_mid soft_i`` (:func:`~.local_losses.mid_losses`, one
+    :class:`~.local_losses.LocalClassifier` per point) and ``sum_i`` eq. 9
+    (:func:`~.local_losses.pull_push_losses`, one 1x1 convolution g_i per point), with alpha_pull
+    rising linearly from ``pull[0]`` at the shallowest point to ``pull[1]`` at the deepest and
+    alpha_push falling from ``push[0]`` to ``push[1]`` (the paper gives the direction, not the
+    values: ours are a choice). Each trains its own module and its point's layer only.
+
+    Kernel decorrelation: the sum of :func:`kernel_decorrelation` over the convolutions named by
+    ``kernel_layers`` (module names or prefixes of them, e.g. ``layer4``; default: the
+    convolutions of the model's last two top-level stages that hold any, the paper's best).
+
+    Losses of the whole step (L_mid, pull-push, kernel) count once per step: each view carries
+    its share. Defaults are the paper's: T=2, alpha_out=0.5, alpha_mid=beta_mid=0.05 (K=2 views
+    per point is the graph's). The local classifiers and projections are the objective's own
+    modules: trained and checkpointed, never exported.
+    parts: "hard" = CE, "soft" = J_soft, "mid", "pull_push", "kernel" (their shares per view).
     """
 
     def __init__(self, out_weight: float = 1.0, alpha_out: float = 0.5,
-                 temperature: float = 2.0, kernel_weight: float = 0.0,
-                 kernel_layers: Sequence[str] | None = None) -> None:
+                 temperature: float = 2.0, mid_weight: float = 0.0, alpha_mid: float = 0.05,
+                 beta_mid: float = 0.05, pull_push_weight: float = 0.0,
+                 pull: Sequence[float] = (0.5, 1.0), push: Sequence[float] = (0.5, 0.1),
+                 kernel_weight: float = 0.0, kernel_layers: Sequence[str] | None = None) -> None:
         super().__init__()
         self.out_weight = check_number("out_weight", out_weight, 0)
         self.alpha_out = check_number("alpha_out", alpha_out, 0, 1)
         self.temperature = check_number("temperature", temperature, 0, low_open=True)
+        self.mid_weight = check_number("mid_weight", mid_weight, 0)
+        self.alpha_mid = check_number("alpha_mid", alpha_mid, 0)
+        self.beta_mid = check_number("beta_mid", beta_mid, 0)
+        self.pull_push_weight = check_number("pull_push_weight", pull_push_weight, 0)
+        self.pull, self.push = _pair("pull", pull), _pair("push", push)
         self.kernel_weight = check_number("kernel_weight", kernel_weight, 0)
         if kernel_layers is not None and (isinstance(kernel_layers, str) or not all(
                 isinstance(n, str) for n in kernel_layers)):
@@ -71,13 +95,47 @@ class IntraModelLoss(Objective):
                                                  f"{kernel_layers!r}")
         self.kernel_layers = None if kernel_layers is None else list(kernel_layers)
         self.convolutions: list[nn.Conv2d] = []
-        self.kernel_share = 1.0
+        self.points: list[str] = []
+        self.classifiers: nn.ModuleList | None = None
+        self.projections: nn.ModuleList | None = None
+        self.num_classes = 0
+        self.share = 1.0
 
     def attach(self, graph: TrainingGraph) -> None:
-        """Find the kernel layers' convolutions; UserError for a name that is not one."""
-        self.kernel_share = 1.0 / (graph.num_heads * graph.loss_weight)
-        if not self.kernel_weight:
-            return
+        """Build the local modules on the graph's local points and find the kernel layers'
+        convolutions; UserError when the graph does not give what a switched-on loss needs."""
+        self.share = 1.0 / (graph.num_heads * graph.loss_weight)
+        if self.mid_weight or self.pull_push_weight:
+            self._attach_local(graph)
+        if self.kernel_weight:
+            self._attach_kernels(graph)
+
+    def _attach_local(self, graph: TrainingGraph) -> None:
+        self.points = list(getattr(graph, "local_points", []))
+        if not self.points:
+            raise UserError("intra's L_mid and pull-push read local points: use pattern "
+                            "'dropout' with local: [<split points before the first dropout "
+                            "point>] (`collabsurgery splits MODEL` lists them)")
+        self.wants = (INPUT, *(local_feature(p) for p in self.points))
+        out = probe(graph, self.wants)
+        self.num_classes = out.logits.shape[-1]
+        shapes = [tuple(out.features[local_feature(p)].shape[2:]) for p in self.points]
+        if any(len(s) != 3 for s in shapes):
+            raise UserError(f"intra's local points need image-like features [C, H, W]; got "
+                            f"{dict(zip(self.points, shapes))}")
+        channels = [s[0] for s in shapes]
+        device = out.logits.device
+        # built once (a re-attach keeps trained modules of the right size); only those switched
+        # on, as a module that never gets a gradient would stall distributed training
+        if self.mid_weight and (self.classifiers is None or
+                                [c[1].in_channels for c in self.classifiers] != channels):
+            self.classifiers = nn.ModuleList(
+                LocalClassifier(c, self.num_classes) for c in channels).to(device)
+        if self.pull_push_weight and (self.projections is None or
+                                      [g.in_channels for g in self.projections] != channels):
+            self.projections = nn.ModuleList(nn.Conv2d(c, c, 1) for c in channels).to(device)
+
+    def _attach_kernels(self, graph: TrainingGraph) -> None:
         modules = _module_names(graph)
         names = self.kernel_layers or _last_stages(modules)
         convolutions = []
@@ -101,21 +159,59 @@ class IntraModelLoss(Objective):
             with torch.no_grad():
                 q = torch.softmax((logits.sum(0, keepdim=True) - logits) / (v - 1) / t, dim=-1)
             soft = soft_cross_entropy(q, logits, t) / t**2  # eq. 2: no T^2
-        out = self.alpha_out * hard + (1 - self.alpha_out) * soft
-        kernel = torch.zeros_like(hard)
-        if self.kernel_weight:
-            if not self.convolutions:
-                raise UserError("IntraModelLoss has no kernel layers yet: call attach(graph) "
-                                "first (the engine does)")
-            total = sum(kernel_decorrelation(c.weight) for c in self.convolutions)
-            kernel = (total * self.kernel_share).expand(v)
-        return self.out_weight * out + self.kernel_weight * kernel, \
-            {"hard": hard, "soft": soft, "kernel": kernel}
+        parts = {"hard": hard, "soft": soft}
+        total = self.out_weight * (self.alpha_out * hard + (1 - self.alpha_out) * soft)
+        per_step = {"mid": self._mid(logits, labels, context) if self.mid_weight else None,
+                    "pull_push": self._pull_push(labels, context)
+                    if self.pull_push_weight else None,
+                    "kernel": self._kernel() if self.kernel_weight else None}
+        weights = {"mid": self.mid_weight, "pull_push": self.pull_push_weight,
+                   "kernel": self.kernel_weight}
+        for name, value in per_step.items():
+            parts[name] = torch.zeros_like(hard) if value is None else \
+                (value * self.share).expand(v)
+            total = total + weights[name] * parts[name]
+        return total, parts
+
+    def _local_features(self, context: LossContext) -> list[Tensor]:
+        if not self.points:
+            raise UserError("IntraModelLoss has no local modules yet: call attach(graph) first "
+                            "(the engine does)")
+        return [context.features[local_feature(p)][0] for p in self.points]
+
+    def _mid(self, logits: Tensor, labels: Tensor, context: LossContext) -> Tensor:
+        local = [c(h) for c, h in zip(self.classifiers, self._local_features(context))]
+        hard, soft = mid_losses(local, logits.detach().float().mean(0), labels[0]
+                                if labels.dim() > 1 else labels, self.temperature)
+        return (self.alpha_mid * hard + self.beta_mid * soft).sum()
+
+    def _pull_push(self, labels: Tensor, context: LossContext) -> Tensor:
+        features = self._local_features(context)
+        projected = [g(h) for g, h in zip(self.projections, features)]
+        n = len(projected)
+        return pull_push_losses(projected, context.features[INPUT][0],
+                                labels[0] if labels.dim() > 1 else labels, self.num_classes,
+                                depth_weights(self.pull, n), depth_weights(self.push, n)).sum()
+
+    def _kernel(self) -> Tensor:
+        if not self.convolutions:
+            raise UserError("IntraModelLoss has no kernel layers yet: call attach(graph) first "
+                            "(the engine does)")
+        return sum(kernel_decorrelation(c.weight) for c in self.convolutions)
 
     def extra_repr(self) -> str:
         return (f"out_weight={self.out_weight}, alpha_out={self.alpha_out}, "
-                f"temperature={self.temperature}, kernel_weight={self.kernel_weight}, "
-                f"kernel_layers={self.kernel_layers}")
+                f"temperature={self.temperature}, mid_weight={self.mid_weight}, "
+                f"alpha_mid={self.alpha_mid}, beta_mid={self.beta_mid}, "
+                f"pull_push_weight={self.pull_push_weight}, pull={self.pull}, push={self.push}, "
+                f"kernel_weight={self.kernel_weight}, kernel_layers={self.kernel_layers}")
+
+
+def _pair(name: str, value: Sequence[float]) -> tuple[float, float]:
+    """Two non-negative numbers: the shallowest point's weight, then the deepest's."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ArgumentError(name, f"must be two numbers [shallowest, deepest], got {value!r}")
+    return (check_number(name, value[0], 0), check_number(name, value[1], 0))
 
 
 def _last_stages(modules: dict[str, nn.Module]) -> list[str]:
