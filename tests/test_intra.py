@@ -6,6 +6,7 @@ included) and exported strictly with the trained network's eval logits."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -157,6 +158,31 @@ def test_local_losses_train_their_modules_and_their_layers_only(loss: str) -> No
     assert (obj.projections is None) == (loss != "pull_push_weight")
 
 
+_SWITCHES = ({"out_weight": 1.0}, {"mid_weight": 1.0}, {"pull_push_weight": 0.01},
+             {"kernel_weight": 0.01})
+
+
+@pytest.mark.parametrize("on", [on for on in itertools.product((0, 1), repeat=4) if any(on)])
+def test_every_combination_trains_and_exports_strictly_equal(on, tmp_path) -> None:
+    graph = _local_graph()
+    weights = {"out_weight": 0.0}
+    for switch, kwargs in zip(on, _SWITCHES):
+        weights.update(kwargs if switch else {})
+    obj = build_objective("intra", **weights)
+    obj.attach(graph)
+    params = [*graph.parameters(), *obj.parameters()]
+    before = [p.detach().clone() for p in params]
+    out = obj(graph.run(make_input(4, 16), wants=obj.wants), torch.tensor([0, 1, 2, 0]),
+              Step(), graph)
+    (out.loss * graph.loss_weight).backward()
+    torch.optim.SGD(params, lr=0.1).step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, graph.parameters()))
+    path = cs.export(graph, 0, tmp_path / "net.safetensors")
+    x = make_input(3, 16, seed=3)
+    with torch.no_grad():  # strict: none of the objective's modules is in the file
+        assert_same_logits(cs.load_backbone(path)(x), graph.eval()(x)[0])
+
+
 def test_local_losses_need_local_points_and_sane_weights() -> None:
     with pytest.raises(UserError, match="local points: use pattern 'dropout' with local"):
         build_objective("intra", mid_weight=1.0).attach(
@@ -210,3 +236,20 @@ def test_demo_recipe_loads() -> None:
     assert recipe.graph.pattern == "dropout" and recipe.objective.name == "intra"
     assert recipe.graph.args["samples"] == 2 and len(recipe.graph.args["split"]) == 2
     assert recipe.objective.args["alpha_out"] == 0.5 and recipe.objective.args["temperature"] == 2.0
+    assert all(recipe.objective.args[k] > 0 for k in ("mid_weight", "pull_push_weight",
+                                                       "kernel_weight"))
+
+
+@pytest.mark.parametrize("name, views", [("cifar100-resnet18-intra", 1),
+                                         ("cifar100-vgg16-intra", 4)])
+def test_paper_recipes_build_their_graph_and_objective(name: str, views: int) -> None:
+    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
+    t = recipe.train
+    assert (t.epochs, t.batch_size, t.lr, t.milestones, t.gamma, t.weight_decay) == \
+        (200, 128, 0.1, [60, 120, 160], 0.2, 5e-4)
+    graph = build_graph("dropout", recipe.model.name, input_size=(3, 32, 32),
+                        model_kwargs={"num_classes": 100}, **recipe.graph.args)
+    assert graph.num_heads == views and graph.local_points
+    objective = build_objective("intra", **recipe.objective.args)
+    objective.attach(graph)
+    assert len(objective.classifiers) == len(graph.local_points)
