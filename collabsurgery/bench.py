@@ -74,12 +74,29 @@ class BenchConfig:
             if mode not in EXECUTION_MODES:
                 raise UserError(f"unknown execution mode '{mode}'; valid: "
                                 f"{', '.join(EXECUTION_MODES)}")
-        if self.repeats < 1 or self.warmup < 1:
-            raise UserError("repeats and warmup must be >= 1 (auto chooses during warm-up)")
-        if self.clock not in ("wall", "process"):
-            raise UserError(f"unknown clock '{self.clock}'; valid: wall, process")
-        if self.batch_size < 2 or self.image_size < 8:
-            raise UserError("batch size must be >= 2 (train-mode BatchNorm) and image size >= 8")
+        check_timing(self.repeats, self.warmup, self.clock, self.batch_size, self.image_size)
+
+
+def check_timing(repeats: int, warmup: int, clock: str, batch_size: int, image_size: int
+                 ) -> None:
+    """UserError for timing settings no benchmark can measure with (shared by the tools)."""
+    if repeats < 1 or warmup < 1:
+        raise UserError("repeats and warmup must be >= 1 (auto chooses during warm-up)")
+    if clock not in ("wall", "process"):
+        raise UserError(f"unknown clock '{clock}'; valid: wall, process")
+    if batch_size < 2 or image_size < 8:
+        raise UserError("batch size must be >= 2 (train-mode BatchNorm) and image size >= 8")
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing): on the CPU,
+    memory the allocator gave back to the system and touches again, whose time counts as
+    system time (which the process clock includes)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def device_name(device: torch.device) -> str:

@@ -142,3 +142,14 @@ def train_in_two_cpu_processes(recipe_file: Path) -> None:
         cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` imported as module ``name`` (tools are scripts, not a package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

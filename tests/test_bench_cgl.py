@@ -4,29 +4,18 @@ Timings are never asserted (noisy on a shared machine)."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("bench_cgl", REPO / "tools" / "bench_cgl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_cgl = _load_tool()
+bench_cgl = load_tool("bench_cgl")
 ARGV = ["--students", "2,3", "--probabilities", "0.5,1", "--image-size", "8", "--batch-size",
         "4", "--num-classes", "10", "--repeats", "1", "--warmup", "1", "--expectation-draws",
         "20", "--json"]

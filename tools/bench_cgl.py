@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from collabsurgery import backbones
-from collabsurgery.bench import _Timer, bench_device, device_name, torch_threads
+from collabsurgery.bench import (_Timer, bench_device, check_timing, device_name, minor_faults,
+                                 torch_threads)
 from collabsurgery.engine import Collaboration
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import build_graph, splits
@@ -95,12 +96,7 @@ class CglBenchConfig:
 
     def check(self) -> None:
         """UserError for a setting that cannot be measured."""
-        if self.repeats < 1 or self.warmup < 1:
-            raise UserError("repeats and warmup must be >= 1")
-        if self.clock not in ("wall", "process"):
-            raise UserError(f"unknown clock '{self.clock}'; valid: wall, process")
-        if self.batch_size < 2 or self.image_size < 8:
-            raise UserError("batch size must be >= 2 (train-mode BatchNorm) and image size >= 8")
+        check_timing(self.repeats, self.warmup, self.clock, self.batch_size, self.image_size)
         if not self.students or any(k < 2 for k in self.students):
             raise UserError("students: every K must be >= 2 (CGL imitates other students)")
         if not self.probabilities or any(not 0 < p <= 1 for p in self.probabilities):
@@ -146,14 +142,6 @@ def _forward_equivalents(paths: list[tuple[int, ...]], groups: torch.Tensor,
     return total
 
 
-def _minor_faults() -> int:
-    """Minor page faults of this process so far (0 where ``resource`` is missing): memory the
-    allocator gave back to the system and touches again; their time counts as system time."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class _Variant:
@@ -240,11 +228,11 @@ def _run(cfg: CglBenchConfig, log: Callable[[str], None]) -> dict:
             timed_steps.append(step)
         for v in variants:
             result: list = []
-            before = _minor_faults()
+            before = minor_faults()
             seconds = timer(lambda: result.append(v.step(step)))
             if r >= cfg.warmup:
                 times[v.name].append(seconds)
-                faults[v.name].append(_minor_faults() - before)
+                faults[v.name].append(minor_faults() - before)
                 if result[0] is not None:
                     v.imitated.append(result[0])
     median = {name: statistics.median(t) for name, t in times.items()}
