@@ -18,8 +18,9 @@ from collabsurgery import cli, studies
 from collabsurgery.objectives import OBJECTIVES
 from collabsurgery.recipe import recipe_to_dict
 from collabsurgery.reporting import headline
-from collabsurgery.studies import (BUDGETS, SIMPLE2, SINGLE, STUDIES, Row, Study, get_study,
-                                     head_error, recipe_for, run_study)
+from collabsurgery.studies import (BUDGETS, SIMPLE2, SINGLE, STUDIES, Row, Study, cell_error,
+                                     get_study, head_error, holdout_epoch_error, recipe_for,
+                                     run_study)
 from conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,6 +314,30 @@ def fake_summary(test_acc: list[float], holdout_acc: list[float]) -> dict:
 def test_head_error_reads_an_index_the_best_on_holdout_or_the_last_head():
     s = fake_summary([0.71, 0.80, 0.75], [0.90, 0.80, 0.95])
     assert [round(head_error(s, h), 6) for h in ("0", "1", "best", "last")] == [29, 20, 25, 25]
+
+
+def test_holdout_epoch_error_takes_the_best_holdout_epoch_latest_on_a_tie():
+    def epoch(n, holdout, test):
+        return {"epoch": n, "holdout": {"head_acc": [holdout, 0.0]},
+                "test": {"head_acc": [test, 0.0]}}
+    history = [epoch(1, 0.5, 0.50), epoch(2, 0.9, 0.80), epoch(3, 0.9, 0.75),
+               epoch(4, 0.8, 0.95)]  # epoch 4 is the test set's best: not chosen
+    error, chosen = holdout_epoch_error(history, 0)
+    assert (round(error, 6), chosen) == (25, 3)
+    with pytest.raises(ValueError, match="needs a hold-out split"):
+        holdout_epoch_error([{"epoch": 1, "test": {"head_acc": [0.5]}}], 0)
+    with pytest.raises(ValueError, match="epoch selector"):
+        studies.Study("x", "x", "x", rows=(studies.Row("a", "a", (), cells=(
+            studies.Cell("c", "best", epoch="holdout"),)),))
+
+
+def test_intra_table1_reports_the_holdout_epoch_and_the_last_epoch(tmp_path):
+    study = STUDIES["intra-table1"]
+    assert [c.epoch for c in study.rows[0].cells] == ["holdout", "last"]
+    history = [{"epoch": 1, "holdout": {"head_acc": [0.9]}, "test": {"head_acc": [0.80]}},
+               {"epoch": 2, "holdout": {"head_acc": [0.8]}, "test": {"head_acc": [0.70]}}]
+    summary = fake_summary([0.70], [0.8])
+    assert [round(cell_error(c, summary, history), 6) for c in study.rows[0].cells] == [20, 30]
 
 
 #: run -> (test accuracies, hold-out accuracies): DML's hold-out best is head 1, ONE's
