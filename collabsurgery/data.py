@@ -1,7 +1,8 @@
 """Datasets, splits, label noise and deterministic augmentation.
 
 Sources (``data.source``): ``builtin:digits`` (scikit-learn's 8x8 handwritten digits, shipped
-with the package, no network), a directory written by ``Dataset.save_to_disk`` /
+with the package, no network), ``builtin:digits-lowres`` (the same digits at 4x4 with 1,097
+test images: the studies' unsaturated small budget), a directory written by ``Dataset.save_to_disk`` /
 ``DatasetDict.save_to_disk``, an ``imagefolder`` directory (``<dir>/<split>/<class>/<img>`` or
 ``<dir>/<class>/<img>``), or a Hugging Face hub id.
 
@@ -10,7 +11,8 @@ centre-cropped to a square, then normalised per channel with the mean/std of the
 (estimated on up to 2048 un-augmented training images, picked with a fixed generator); they are
 returned in :class:`Splits` so inference can reuse them.
 
-Every random choice of the training view (crop offsets, flips, noisy labels) comes from a
+Every random choice of the training view (crop offsets, flips, noisy labels; the set of
+corrupted examples is fixed for all runs, see :func:`corrupted_examples`) comes from a
 ``torch.Generator`` seeded by a hash of ``(seed, epoch, example)``, never from the global RNG:
 a sample depends only on those three numbers, not on the worker count, the batch order or where
 a run resumed. Call ``train.set_epoch(epoch)`` before each epoch; with DataLoader workers keep
@@ -36,11 +38,13 @@ from torch.utils.data import Dataset
 from .errors import UserError
 from .seeding import generator
 
-__all__ = ["BUILTIN_DIGITS", "ImageDataset", "Splits", "TrainDataset", "load_splits"]
+__all__ = ["BUILTIN_DIGITS", "BUILTIN_DIGITS_LOWRES", "ImageDataset", "Splits", "TrainDataset",
+           "corrupted_examples", "load_splits"]
 
 BUILTIN_DIGITS = "builtin:digits"
-_VALID_SOURCES = ("valid: builtin:digits, a save_to_disk directory, an imagefolder directory, "
-                  "or a hub id")
+BUILTIN_DIGITS_LOWRES = "builtin:digits-lowres"
+_VALID_SOURCES = ("valid: builtin:digits, builtin:digits-lowres, a save_to_disk directory, an "
+                  "imagefolder directory, or a hub id")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _STATS_SAMPLE = 2048
 _CACHE_BYTES = 256 * 2**20  # splits whose resized uint8 images fit are decoded once, up front
@@ -113,8 +117,8 @@ class TrainDataset(ImageDataset):
     """Training view: seeded random crop (zero padding ``image_size // 8``) + horizontal flip, and
     label noise, all a function of ``(seed, epoch, example)``.
 
-    ``noisy_indices``: the examples (fixed once by ``seed``) whose labels are redrawn uniformly
-    over the classes every epoch. ``views > 1`` returns ``[views, 3, S, S]``, each view from its
+    ``noisy_indices``: the examples whose labels are redrawn uniformly over the classes every
+    epoch (``noisy``, a mask over the examples; :func:`load_splits` fixes it for all runs). ``views > 1`` returns ``[views, 3, S, S]``, each view from its
     own generator (view 0 equals the single-view sample). Indices in ``noisy_indices`` and the
     generator keys refer to the full training split, also inside a :meth:`subset`.
     """
@@ -122,7 +126,7 @@ class TrainDataset(ImageDataset):
     def __init__(self, hf: datasets.Dataset, image_column: str, labels: Tensor, image_size: int,
                  mean: tuple[float, ...], std: tuple[float, ...],
                  source_indices: Tensor | None = None, *, num_classes: int, seed: int,
-                 augment: bool = True, hflip: bool = True, label_noise: float = 0.0,
+                 augment: bool = True, hflip: bool = True, noisy: Tensor | None = None,
                  views: int = 1):
         super().__init__(hf, image_column, labels, image_size, mean, std, source_indices)
         if views < 1:
@@ -132,11 +136,8 @@ class TrainDataset(ImageDataset):
         self.pad = max(1, image_size // 8)
         self.epoch = 0
         self.rows = torch.arange(len(labels))
-        n = len(labels)
-        self.noisy_indices = torch.randperm(n, generator=generator("noisy-set", seed))[
-            : round(label_noise * n)].sort().values
-        self._noisy = torch.zeros(n, dtype=torch.bool)
-        self._noisy[self.noisy_indices] = True
+        self._noisy = torch.zeros(len(labels), dtype=torch.bool) if noisy is None else noisy
+        self.noisy_indices = self._noisy.nonzero().flatten()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentation and noisy labels ``__getitem__`` returns."""
@@ -195,19 +196,44 @@ class Splits:
 
 # ---------------------------------------------------------------------------- sources
 
-@functools.lru_cache(maxsize=1)
-def _digits() -> datasets.DatasetDict:
-    """scikit-learn's digits as a DatasetDict: fixed stratified 80/20 train/test split."""
+def corrupted_examples(n: int, keep: Tensor, label_noise: float) -> Tensor:
+    """Which of a run's training examples get noisy labels: a mask over ``keep`` (its examples'
+    indices in the source's training split of ``n``).
+
+    Paper 000's protocol: "the partition for images with corruption or not is fixed for all
+    runs". A fixed order over the source's training split (not keyed by the run's seed) ranks
+    every example; a run corrupts the first ``round(label_noise * len(keep))`` of its own
+    examples in that order. Runs with the same training examples corrupt the same ones whatever
+    their seed; runs whose seeds carve different hold-out splits share all the corrupted
+    examples they both train on, up to the count.
+    """
+    rank = torch.empty(n, dtype=torch.long)
+    rank[torch.randperm(n, generator=generator("noisy-set"))] = torch.arange(n)
+    first = torch.argsort(rank[keep])[: round(label_noise * len(keep))]
+    noisy = torch.zeros(len(keep), dtype=torch.bool)
+    noisy[first] = True
+    return noisy
+
+
+@functools.lru_cache(maxsize=2)
+def _digits(lowres: bool = False) -> datasets.DatasetDict:
+    """scikit-learn's digits as a DatasetDict with a fixed stratified train/test split: 80/20,
+    or for ``lowres`` (``builtin:digits-lowres``) each image area-downsampled to 4x4 (the mean
+    of each 2x2 block) and 1,097 test images, leaving 700 for training and hold-out."""
     from sklearn.datasets import load_digits
 
     raw = load_digits()
-    pixels = np.rint(raw.images * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
+    images = raw.images
+    if lowres:
+        images = images.reshape(-1, 4, 2, 4, 2).mean(axis=(2, 4))
+    pixels = np.rint(images * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
     features = datasets.Features({"image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
     ds = datasets.Dataset.from_dict(
         {"image": [Image.fromarray(p) for p in pixels], "label": raw.target.tolist()}, features)
     labels = torch.as_tensor(raw.target)
-    test = _stratified_pick(labels, round(0.2 * len(labels)), "digits-test")
+    n_test = len(labels) - 700 if lowres else round(0.2 * len(labels))
+    test = _stratified_pick(labels, n_test, "digits-test")
     is_test = torch.zeros(len(labels), dtype=torch.bool)
     is_test[test] = True
     return datasets.DatasetDict(train=ds.select((~is_test).nonzero().flatten().tolist()),
@@ -224,8 +250,8 @@ def _load_directory(path: Path, source: str) -> datasets.DatasetDict:
 
 
 def _load_source(source: str) -> datasets.DatasetDict:
-    if source == BUILTIN_DIGITS:
-        return _digits()
+    if source in (BUILTIN_DIGITS, BUILTIN_DIGITS_LOWRES):
+        return _digits(lowres=source == BUILTIN_DIGITS_LOWRES)
     if source.startswith("builtin:"):
         raise UserError(f"data.source '{source}': unknown built-in dataset; {_VALID_SOURCES}")
     path = Path(source).expanduser()
@@ -356,6 +382,7 @@ def load_splits(source: str = BUILTIN_DIGITS, seed: int = 0, *, image_column: st
         keep = (~is_hold).nonzero().flatten()
     if max_train_examples is not None and max_train_examples < len(keep):
         keep = keep[_stratified_pick(train_y[keep], max_train_examples, "subset", seed)]
+    noisy = corrupted_examples(len(train_y), keep, label_noise)
     train_hf, train_y = train_hf.select(keep.tolist()), train_y[keep]
 
     size, column = image_size, image_column
@@ -369,7 +396,7 @@ def load_splits(source: str = BUILTIN_DIGITS, seed: int = 0, *, image_column: st
     mean, std = _channel_stats(raw)
     train = TrainDataset(train_hf, column, train_y, size, mean, std, keep,
                          num_classes=len(class_names), seed=seed, augment=augment,
-                         hflip=hflip, label_noise=label_noise, views=views)
+                         hflip=hflip, noisy=noisy, views=views)
     train.cached = raw.cached
     holdout = ImageDataset(hold_hf, column, hold_y, size, mean, std, hold)
     test = ImageDataset(parts[test_split], column, labels[test_split], size, mean, std)

@@ -330,8 +330,9 @@ def _check(r: Recipe) -> Recipe:
         raise UserError(f"recipe key 'train.milestones' must be strictly increasing epochs, "
                         f"got {t.milestones}")
     if not r.data.source:
-        raise UserError("recipe key 'data.source' is empty; valid: builtin:digits, a save_to_disk "
-                        "directory, an imagefolder directory, or a hub id")
+        raise UserError("recipe key 'data.source' is empty; valid: builtin:digits, "
+                        "builtin:digits-lowres, a save_to_disk directory, an imagefolder "
+                        "directory, or a hub id")
     return r
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from collabsurgery.data import load_splits
+from collabsurgery.data import BUILTIN_DIGITS_LOWRES, corrupted_examples, load_splits
 from collabsurgery.errors import UserError
 from collabsurgery.recipe import DataConfig, data_arguments
 
@@ -105,6 +105,32 @@ def test_label_noise(digits):
     clean = load_splits(**data_arguments(DataConfig()), seed=0)
     assert len(clean.train.noisy_indices) == 0 and torch.equal(clean.train.epoch_labels(),
                                                                clean.train.labels)
+
+
+def test_corrupted_examples_are_fixed_for_all_runs():
+    """Paper 000: the partition into corrupted and clean examples is the same in every run."""
+    runs = [load_splits(**data_arguments(DataConfig(label_noise=0.3)), seed=seed).train
+            for seed in (0, 1)]
+    corrupted = [set(r.source_indices[r.noisy_indices].tolist()) for r in runs]
+    assert all(len(c) == round(0.3 * len(r)) for c, r in zip(corrupted, runs))
+    # the seeds carve different hold-out splits; on the examples both train on, the partition
+    # agrees up to the count each run takes
+    both = set(runs[0].source_indices.tolist()) & set(runs[1].source_indices.tolist())
+    disagree = (corrupted[0] ^ corrupted[1]) & both
+    assert len(disagree) <= 0.02 * len(both)
+    keep = torch.arange(1000)
+    assert torch.equal(corrupted_examples(1000, keep, 0.3), corrupted_examples(1000, keep, 0.3))
+    low = corrupted_examples(1000, keep, 0.2)  # a lower level corrupts a subset of a higher one
+    assert int(low.sum()) == 200 and bool((corrupted_examples(1000, keep, 0.4) | ~low).all())
+
+
+def test_lowres_digits_are_4x4_with_a_large_test_split():
+    s = load_splits(**data_arguments(DataConfig(source=BUILTIN_DIGITS_LOWRES, image_size=4,
+                                                augment=False)), seed=0)
+    assert len(s.test) == 1097 and len(s.train) + len(s.holdout) == 700
+    assert torch.bincount(s.test.labels, minlength=10).min() >= 100
+    full = load_splits(**data_arguments(DataConfig(image_size=8, augment=False)), seed=0)
+    assert s.test.image(0).shape == (3, 4, 4) and full.test.image(0).shape == (3, 8, 8)
 
 
 def test_views_and_subset(digits):
