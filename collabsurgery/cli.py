@@ -1,4 +1,4 @@
-"""The ``collabsurgery`` command line: splits | wrap | export | train | demo | bench | reproduce.
+"""The command line: splits | wrap | export | evaluate | train | demo | bench | reproduce.
 
 A user mistake prints one line, ``collabsurgery: error: ...``, and exits with status 2.
 """
@@ -85,6 +85,59 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported head {head} to {path}")
 
 
+def _sigmas(text: str) -> tuple[float, ...]:
+    from .robustness import check_sigmas
+
+    try:
+        return check_sigmas([float(v) for v in text.split(",")])
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got '{text}'")
+
+
+def _draws(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'")
+    return int(text)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Test accuracy of one head of a training run as a plain backbone; with ``--perturb``,
+    under Gaussian noise on its weights (paper 002, Fig. 6), written to the run directory."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .backbones import create
+    from .data import load_splits
+    from .recipe import data_arguments, load_recipe
+    from .robustness import accuracy, format_table, perturbation_curve, save_robustness
+    from .runs import load_run, select_head
+
+    run_dir = Path(args.run)
+    net, history = load_run(run_dir)
+    head = select_head(run_dir, args.head, net, history)
+    spec = net.head_spec(head)
+    model = create(spec)
+    model.load_state_dict(net.head_state_dict(head))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    test = load_splits(**data_arguments(recipe.data), seed=recipe.seed).test
+    loader = DataLoader(test, batch_size=256)
+    print(f"{run_dir}: head {head} ({spec.qualified_name}) as a plain backbone on the test "
+          f"split ({len(test)} examples)")
+    if not args.perturb:
+        print(f"test accuracy {accuracy(model, loader):.4f}")
+        return
+    result = perturbation_curve(model, loader, args.perturb, args.draws, args.seed)
+    result.update(run=str(run_dir), head=head, architecture=spec.qualified_name,
+                  examples=len(test))
+    print(f"Gaussian noise on every parameter, {args.draws} draws per sigma, seed {args.seed}")
+    print(format_table(result))
+    paths = save_robustness(result, run_dir, f"{run_dir.name}, head {head} ({spec.qualified_name})")
+    print("wrote " + " and ".join(map(str, paths)))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train (or resume) a recipe with Accelerate."""
     from .engine import train
@@ -138,11 +191,27 @@ class _IntermixedParser(_Parser):
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    """Run a paper study (rows x seeds), resuming what is done, and write its report."""
-    from .studies import run_study
+    """Run a paper study (rows x seeds), resuming what is done, and write its report; with
+    --all every landed study in turn, then an index page of their reports."""
+    from .studies import run_all, run_study
 
-    run_study(args.study, seeds=args.seeds, budget=args.budget, root=args.dir,
-              overrides=args.overrides, max_runs=args.max_runs, threads=args.threads)
+    overrides = list(args.overrides)
+    if args.all and args.study is not None:
+        if "=" not in args.study:
+            raise UserError(f"--all runs every landed study: give a study name or --all, not "
+                            f"both (got '{args.study}')")
+        overrides.insert(0, args.study)  # with --all, the first key=value lands in `study`
+    options = dict(seeds=args.seeds, budget=args.budget, root=args.dir, overrides=overrides,
+                   max_runs=args.max_runs, threads=args.threads)
+    if args.all:
+        run_all(index=args.index, **options)
+    elif args.study is None:
+        raise UserError("give a study name, or --all for every landed study")
+    elif args.index is not None:
+        raise UserError("--index goes with --all (one study's report is DIR/<study>-<budget>/"
+                        "report.md)")
+    else:
+        run_study(args.study, **options)
 
 
 def _modes(text: str) -> tuple[str, ...]:
@@ -248,6 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("evaluate", help="test accuracy of one head of a run; --perturb: under "
+                       "Gaussian weight noise (paper 002, Fig. 6)")
+    p.add_argument("run", help="a training run directory")
+    p.add_argument("--head", default=None,
+                   help="which head, as for export (default: the head the run's method keeps)")
+    p.add_argument("--perturb", type=_sigmas, default=None, metavar="SIGMAS",
+                   help="comma-separated standard deviations of the noise added to every "
+                        "parameter, e.g. 0.01,0.02,0.05; writes robustness.json and "
+                        "robustness.png into the run directory")
+    p.add_argument("--draws", type=_draws, default=5, metavar="N",
+                   help="noise draws per sigma (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("train", help="train a recipe (also: accelerate launch tools/train.py)")
     p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=1")
@@ -256,14 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a paper study (a grid of recipes over seeds, "
                        "resumable) and write report.md with plots")
     p.__class__ = _IntermixedParser  # options and key=value overrides in any order
-    p.add_argument("study", help="clilr-table1, clilr-rescaling, clilr-noise or kdcl-table7")
+    p.add_argument("study", nargs="?", default=None,
+                   help="the study to run, e.g. clilr-table1 (an unknown name lists the valid "
+                        "ones); leave it out with --all")
+    p.add_argument("--all", action="store_true",
+                   help="run every landed study with rows on the budget in turn, then write an "
+                        "index page linking their reports with a verdict line each")
+    p.add_argument("--index", default=None, metavar="PATH",
+                   help="with --all: where the index page goes (default: DIR/index.md)")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="runs per row, seeds 0..N-1 (default: 3 small, 5 full)")
+                   help="runs per row, seeds 0..N-1 (default: the budget's, 5)")
     p.add_argument("--budget", choices=("small", "full"), default="small",
                    help="small: built-in digits, CPU-sized; full: paper 000's CIFAR-10 setting "
                         "(give data.source=...; clilr studies only)")
     p.add_argument("--dir", default="studies",
-                   help="the study goes to DIR/<study>-<budget>/ (default: studies)")
+                   help="each study goes to DIR/<study>-<budget>/ (default: studies)")
     p.add_argument("--max-runs", type=int, default=None, metavar="N",
                    help="train at most N runs now, then report what is finished (0: report only)")
     p.add_argument("--threads", type=int, default=None, metavar="N",

@@ -76,14 +76,19 @@ def default_head(run_dir: Path, history: list[dict], num_heads: int) -> int:
     return best_head(run_dir, history, num_heads)
 
 
+def select_head(run_dir: Path, head_text: str | None, net: TrainingGraph,
+                history: list[dict]) -> int:
+    """The head ``head_text`` names in a run (an index, an architecture or ``best``); ``None``:
+    the head the run's method keeps (:func:`default_head`)."""
+    if head_text is None:
+        return default_head(run_dir, history, net.num_heads)
+    head = parse_head(head_text, net)
+    return best_head(run_dir, history, net.num_heads) if head is None else head
+
+
 def _export_run(run_dir: Path, head_text: str | None, output: Path) -> tuple[Path, int]:
     net, history = load_run(run_dir)
-    if head_text is None:
-        head = default_head(run_dir, history, net.num_heads)
-    else:
-        head = parse_head(head_text, net)
-        if head is None:
-            head = best_head(run_dir, history, net.num_heads)
+    head = select_head(run_dir, head_text, net, history)
     metrics = {}
     if history:
         last = history[-1]

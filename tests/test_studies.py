@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import subprocess
 from pathlib import Path
@@ -14,13 +15,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from collabsurgery import cli, studies
+from collabsurgery import cli, engine, studies
 from collabsurgery.objectives import OBJECTIVES
 from collabsurgery.recipe import recipe_to_dict
 from collabsurgery.reporting import headline
-from collabsurgery.studies import (BUDGETS, SIMPLE2, SINGLE, STUDIES, Row, Study, cell_error,
-                                     get_study, head_error, holdout_epoch_error, recipe_for,
-                                     run_study)
+from collabsurgery.studies import (BUDGETS, LABEL_SMOOTHING, SIMPLE2, SINGLE, STUDIES, Row, Study,
+                                   cell_error, get_study, head_error, holdout_epoch_error,
+                                   paired_difference, recipe_for, run_study, t_interval, verdict)
 from conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,16 +104,27 @@ def test_report_numbers_come_from_the_runs_summaries(study):
         line = next(l for l in report.splitlines() if l.startswith(f"| {label} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] == "2/2"
-        assert cells[2] == mean_std(errors[key]) and cells[7] == mean_std(ensemble)
-        for ratio in cells[8:11]:  # time, memory and FLOP ratios were measured
+        assert cells[2] == mean_std(errors[key]) and cells[8] == mean_std(ensemble)
+        for ratio in cells[9:12]:  # time, memory and FLOP ratios were measured
             assert float(ratio) > 0
-    line = next(l for l in report.splitlines() if l.startswith("| 2 heads"))
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    diff = statistics.fmean(errors["simple2"]) - statistics.fmean(errors["single"])
-    assert cells[3] == "5.97 ± 0.07" and cells[4] == f"{diff:+.2f}" and cells[5] == "-0.69"
+    assert table_row(report, "single model")[4:7] == ["baseline", "", ""]
+    # the paired difference over the 2 seeds, by hand: t(0.975, 1) = 12.7062047
+    diffs = [a - b for a, b in zip(errors["simple2"], errors["single"])]
+    mean, half = statistics.fmean(diffs), 12.7062047 * statistics.stdev(diffs) / math.sqrt(2)
+    low, high = mean - half, mean + half
+    expected = "not resolved" if low <= 0 <= high else "agrees" if high < 0 else "disagrees"
+    cells = table_row(report, "2 heads, simple sharing")
+    assert cells[3] == "5.97 ± 0.07" and cells[5] == "-0.69" and cells[6] == expected
+    assert cells[4] == f"{mean:+.2f} [{low + 0:.2f}, {high + 0:.2f}] (2)"
+    assert "mean ± t(0.975, pairs − 1) · std / √pairs" in report  # the legend
     results = json.loads((study_dir / "results.json").read_text())
     assert results["rows"][0]["head0_err"]["mean"] == pytest.approx(
         statistics.fmean(errors["single"]))
+    assert results["rows"][0]["difference"] is None  # the baseline
+    assert results["rows"][1]["difference"] == {
+        "baseline": "single", "pairs": 2, "diff": pytest.approx(mean),
+        "ci": pytest.approx([low, high]), "paper_diff": pytest.approx(-0.69),
+        "verdict": expected}
     assert results["rows"][1]["cost"]["flop_ratio"] > 1.3  # 2 heads cost more than one
 
 
@@ -193,6 +205,12 @@ def test_cli_report_only(study, monkeypatch, capsys):
     (["clilr-table1", "run.name=x"], "set by the study runner"),
     (["clilr-table1", "--seeds", "0"], "--seeds must be >= 1"),
     (["clilr-table1", "train.epoch=1"], "unknown recipe key 'train.epoch'"),
+    (["--all", "clilr-table1"], "give a study name or --all, not both (got 'clilr-table1')"),
+    ([], "give a study name, or --all for every landed study"),
+    (["clilr-table1", "--index", "index.md"], "--index goes with --all"),
+    (["--all", "graph.heads=2"], "would change what the rows of study 'clilr-table1'"),
+    (["--all", "--budget", "full"], "give data.source="),  # every study checked first
+    (["--all", "--max-runs", "-1"], "--max-runs must be >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(STUDIES, "waiting", Study("waiting", "a study of a method not landed",
@@ -226,19 +244,19 @@ def test_catalog_grids_are_valid_recipes(name, tmp_path):
                 assert (r.model.name, r.data.source, r.train.epochs) == \
                     ("cifar_resnet32", "/data/cifar10", 200)
             else:
-                assert r.data.source == "builtin:digits"
+                assert r.data.source == "builtin:digits-lowres"
 
 
 def test_a_stopped_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, capsys):
     from collabsurgery.errors import TrainingStopped
-    real_train = studies.engine.train
+    real_train = engine.train
 
     def train(recipe):
         if recipe.run.name == "single-seed0":
             raise TrainingStopped("non-finite loss at epoch 1, batch 3")
         return real_train(recipe)
 
-    monkeypatch.setattr(studies.engine, "train", train)
+    monkeypatch.setattr(engine, "train", train)
     monkeypatch.setitem(STUDIES, "tiny", STUDY)
     assert run(["reproduce", "tiny", "--seeds", 1, "--dir", tmp_path, *TINY]) == 1
     assert "1 run(s) stopped (single-seed0: non-finite loss" in capsys.readouterr().err
@@ -292,7 +310,7 @@ def test_kdcl_table7_row_recipe(key, tmp_path):
     assert (r.graph.pattern, r.objective.name, r.objective.args.get("target"), r.data.views,
             r.model.name) == (pattern, objective, target, views, model)
     assert {c.column: c.head for c in row.cells} == columns
-    assert r.data.augment and r.data.source == "builtin:digits"  # per_head views need augment
+    assert r.data.augment and r.data.source == "builtin:digits-lowres"  # per_head views need augment
     if key in ("one", "okddip"):  # their KL ramp-up fits the 15 epochs
         assert r.objective.args["rampup_epochs"] == 4
     if key == "one":
@@ -368,25 +386,29 @@ def test_kdcl_table7_report_has_a_column_per_student_with_paired_differences(tmp
                for key, row in loadable.items()}
     report = studies.write_report(KDCL, BUDGETS["small"], study_dir, rows, 2, recipes).read_text()
 
-    assert f"| setup | runs | {RESNET} | paper | − vanilla-resnet (pairs) | " \
-           f"paper − vanilla-resnet | {WRN} | paper | − vanilla-wrn (pairs) | " \
-           "paper − vanilla-wrn |" in report
+    assert f"| setup | runs | {RESNET} | paper | − vanilla-resnet [95% CI] (pairs) | " \
+           f"paper − vanilla-resnet | verdict | {WRN} | paper | " \
+           "− vanilla-wrn [95% CI] (pairs) | paper − vanilla-wrn | verdict |" in report
     label = {row.key: row.label for row in rows}
-    empty = ["", "", "", ""]
+    empty = ["", "", "", "", ""]
     assert table_row(report, label["vanilla-resnet"]) == [
-        label["vanilla-resnet"], "2/2", "29.00 ± 1.41", "30.10", "baseline", "", *empty]
+        label["vanilla-resnet"], "2/2", "29.00 ± 1.41", "30.10", "baseline", "", "", *empty]
     assert table_row(report, label["vanilla-wrn"]) == [
-        label["vanilla-wrn"], "1/2", *empty, "25.00", "27.80", "baseline", ""]
-    # head 0 for the ResNet column, head 1 for the WRN; WRN pairs: only seed 0 has a baseline
-    assert table_row(report, "DML") == ["DML", "2/2", "25.00 ± 1.41", "26.70", "-4.00 (2)",
-                                        "-3.40", "22.50 ± 0.71", "25.20", "-2.00 (1)", "-2.60"]
+        label["vanilla-wrn"], "1/2", *empty, "25.00", "27.80", "baseline", "", ""]
+    # head 0 for the ResNet column, head 1 for the WRN; WRN pairs: only seed 0 has a baseline.
+    # DML's ResNet is 4 points better on both seeds: an interval of width 0 that excludes 0
+    assert table_row(report, "DML") == [
+        "DML", "2/2", "25.00 ± 1.41", "26.70", "-4.00 [-4.00, -4.00] (2)", "-3.40", "agrees",
+        "22.50 ± 0.71", "25.20", "-2.00 (1)", "-2.60", "not resolved"]
     assert table_row(report, label["one"]) == [label["one"], "1/2", "25.00", "26.40",
-                                               "-5.00 (1)", "-3.70", *empty]
+                                               "-5.00 (1)", "-3.70", "not resolved", *empty]
     assert table_row(report, label["okddip"]) == [label["okddip"], "1/2", "21.00", "—",
-                                                  "-7.00 (1)", "—", *empty]
-    assert table_row(report, "KDCL-General with ICL") == ["KDCL-General with ICL", "0/2", "—",
-                                                          "25.70", "—", "-4.40", "—", "24.50",
-                                                          "—", "-3.30"]
+                                                  "-7.00 (1)", "—", "not resolved", *empty]
+    assert table_row(report, "KDCL-General with ICL") == [
+        "KDCL-General with ICL", "0/2", "—", "25.70", "—", "-4.40", "not resolved",
+        "—", "24.50", "—", "-3.30", "not resolved"]
+    # 2 columns x 11 rows but the baselines' own cells: one resolved, as the paper has it
+    assert "Paired differences: 1 of 20 differences resolved: 1 agrees." in report
     assert f"- {RESNET}: head 0 of vanilla-resnet, dml, kdcl-naive" in report
     assert "the best head on hold-out of one; the last head of okddip." in report
     assert f"- {WRN}: head 0 of vanilla-wrn; head 1 of dml, kdcl-naive" in report
@@ -396,6 +418,9 @@ def test_kdcl_table7_report_has_a_column_per_student_with_paired_differences(tmp
     dml = next(r for r in results["rows"] if r["key"] == "dml")
     assert dml["columns"][WRN]["err"]["mean"] == pytest.approx(22.5)
     assert (dml["columns"][WRN]["pairs"], dml["columns"][WRN]["diff"]) == (1, pytest.approx(-2))
+    assert (dml["columns"][WRN]["ci"], dml["columns"][WRN]["verdict"]) == (None, "not resolved")
+    assert dml["columns"][RESNET]["ci"] == pytest.approx([-4, -4])
+    assert (dml["columns"][RESNET]["verdict"], dml["difference"]) == ("agrees", None)
     assert dml["runs"][1]["columns"] == {RESNET: pytest.approx(24), WRN: pytest.approx(22)}
 
 
@@ -447,7 +472,7 @@ def test_cgl_ablation_row_recipe(key, tmp_path):
     assert (r.train.optimizer, r.train.lr, r.train.weight_decay, r.train.batch_size) == \
         ("adam", 0.003, 0.0, 32)
     assert (r.model.name, r.data.source, r.data.image_size, r.train.epochs) == \
-        ("cifar_resnet20", "builtin:digits", 12, 15)  # the budget's, unchanged
+        ("cifar_resnet20", "builtin:digits-lowres", 12, 30)  # the budget's, unchanged
 
 
 def test_cgl_blocks_are_every_block_boundary_of_resnet20():
@@ -492,11 +517,14 @@ def test_cgl_ablation_report_shows_diversity_and_the_best_student(tmp_path):
     label = {row.key: row.label for row in rows}
     # the per-student table: the best student on hold-out, differences to the baseline by seed
     assert table_row(report, label["baseline"]) == [label["baseline"], "2/2", "2.50 ± 0.71",
-                                                    "25.32", "baseline", ""]
+                                                    "25.32", "baseline", "", ""]
+    # differences +1 and -1: mean 0, std √2, half width t(0.975, 1) = 12.71
     assert table_row(report, label["cgl"]) == [label["cgl"], "2/2", "2.50 ± 0.71", "21.99",
-                                               "+0.00 (2)", "-3.33"]
+                                               "+0.00 [-12.71, 12.71] (2)", "-3.33",
+                                               "not resolved"]
     assert table_row(report, label["no-subsets"]) == [label["no-subsets"], "1/2", "2.00",
-                                                      "22.52", "-1.00 (1)", "-2.80"]
+                                                      "22.52", "-1.00 (1)", "-2.80",
+                                                      "not resolved"]
     # the per-row table: diversity after the ensemble, — for one head or no run; params ×
     assert "| best head on hold-out | ensemble | diversity | time × | memory × | FLOPs × | " \
            "params × |" in report
@@ -541,9 +569,159 @@ def test_a_cost_measured_before_params_ratio_gets_it_without_a_new_bench(tmp_pat
     run_dir = study_dir / "runs" / "simple2-seed0"
     run_dir.mkdir(parents=True)
     (run_dir / "graph.json").write_text(json.dumps(graph))
-    key = studies._row_cost_key([recipe])
+    key = studies.row_cost_key([recipe])
     (study_dir / "costs.json").write_text(json.dumps({key: {"time_ratio": 1.5}}))
     monkeypatch.setattr("collabsurgery.bench.run_bench", lambda *a, **k: pytest.fail("bench"))
     costs = studies.measure_costs(study_dir, [(row, [recipe])], log=lambda s: None)
     assert costs[key]["time_ratio"] == 1.5 and 1.0 < costs[key]["params_ratio"] < 2.0
     assert json.loads((study_dir / "costs.json").read_text()) == costs
+
+
+# ---------------------------------------------------------------------------- paired statistics
+
+def test_paired_interval_matches_a_hand_computation():
+    """Five pairs (df=4, t(0.975, 4) = 2.7764451); seeds finished on one side only are left
+    out."""
+    ours = {0: 1.39, 1: 0.84, 2: 1.11, 3: 1.67, 4: 0.56, 5: 2.00}
+    theirs = {0: 1.67, 1: 1.39, 2: 1.11, 3: 1.95, 4: 1.11, 6: 0.30}
+    # differences -0.28, -0.55, 0, -0.28, -0.55: mean -0.332, squared deviations sum 0.21068
+    half = 2.7764451 * math.sqrt(0.21068 / 4) / math.sqrt(5)
+    d = paired_difference(ours, theirs, paper_diff=-0.8)
+    assert (d["pairs"], d["diff"]) == (5, pytest.approx(-0.332))
+    assert d["ci"] == pytest.approx([-0.332 - half, -0.332 + half], abs=1e-7)
+    assert d["ci"][1] < 0 and d["verdict"] == "agrees"  # resolved: the interval excludes 0
+
+
+def test_an_interval_that_contains_zero_is_not_resolved_whatever_the_mean():
+    d = paired_difference({0: 1.0, 1: 3.0, 2: 1.0}, {0: 0.0, 1: 0.0, 2: 1.5}, paper_diff=1.0)
+    assert d["diff"] == pytest.approx(1.1666667) and d["ci"][0] < 0 < d["ci"][1]
+    assert d["verdict"] == "not resolved"
+    one = paired_difference({0: 9.0, 1: 9.0}, {1: 1.0, 2: 1.0}, paper_diff=8.0)
+    assert (one["pairs"], one["diff"], one["ci"], one["verdict"]) == (1, 8.0, None,
+                                                                      "not resolved")
+    assert t_interval([8.0]) is None and t_interval([]) is None
+
+
+@pytest.mark.parametrize("interval, paper, expected", [
+    ((-0.6, -0.05), -0.8, "agrees"),
+    ((0.05, 0.6), 0.3, "agrees"),
+    ((0.05, 0.6), -0.8, "disagrees"),           # resolved, the other sign
+    ((-0.6, -0.05), 0.05, "disagrees"),         # the paper saw no difference, we do
+    ((-0.6, -0.05), -0.1, "agrees"),            # 0.1 points is a difference
+    ((-0.6, 0.1), -0.8, "not resolved"),
+    ((0.0, 0.5), 0.3, "not resolved"),          # a bound at 0 does not exclude it
+    (None, -0.8, "not resolved"),               # fewer than 2 pairs
+    ((0.05, 0.6), None, "resolved"),
+    ((-0.6, 0.1), None, "not resolved"),
+])
+def test_verdict_rule(interval, paper, expected):
+    assert verdict(interval, paper) == expected
+
+
+# ---------------------------------------------------------------------------- a new study, --all
+
+#: a method's study as it is added: one catalog entry, and nothing else
+DUMMY = Study("dummy", "a method added as one catalog entry", "a test with made-up numbers",
+              baseline="plain", notes="Only the dummy study says this.", rows=(
+                  Row("plain", "plain model", SINGLE, paper=(5.0, 0.1)),
+                  Row("smoothed", "label smoothing", LABEL_SMOOTHING, paper=(4.5, 0.1))))
+WAITING = Study("waiting", "a study of a method not landed", "a test", needs="a future method")
+
+
+@pytest.fixture
+def catalog_of(monkeypatch):
+    """Make the catalog hold only the given studies for one test (the real ones come back)."""
+    def register(*entries: Study) -> None:
+        for name in list(STUDIES):
+            monkeypatch.delitem(STUDIES, name)
+        for entry in entries:
+            monkeypatch.setitem(STUDIES, entry.name, entry)
+    return register
+
+
+def test_a_study_added_to_the_catalog_alone_runs_and_is_reported(catalog_of, tmp_path):
+    catalog_of(DUMMY, WAITING)
+    assert run(["reproduce", "--all", "--seeds", 2, "--dir", tmp_path, *TINY]) == 0
+    study_dir = tmp_path / "dummy-small"
+    assert sorted(p.name for p in (study_dir / "runs").iterdir()) == [
+        "plain-seed0", "plain-seed1", "smoothed-seed0", "smoothed-seed1"]
+    report = (study_dir / "report.md").read_text()
+    assert "Runs finished: 4 of 4" in report and "Only the dummy study says this." in report
+    assert table_row(report, "label smoothing")[6] in ("agrees", "disagrees", "not resolved")
+    for word in ("CL-ILR", "consensus", "hierarchical", "paper 000"):  # method-neutral text
+        assert word not in report
+    results = json.loads((study_dir / "results.json").read_text())
+    assert results["rows"][1]["difference"]["pairs"] == 2
+    index = (tmp_path / "index.md").read_text()
+    assert f"collabsurgery reproduce --all --seeds 2 --budget small --dir {tmp_path}" in index
+    assert "- [dummy](dummy-small/report.md): a method added as one catalog entry: 4 of 4 " \
+           "runs; " in index
+    assert "Not landed yet: waiting (needs a future method)." in index
+    # and by name, like any study: nothing left to train
+    assert run(["reproduce", "dummy", "--seeds", 2, "--dir", tmp_path, *TINY]) == 0
+    book = json.loads((study_dir / "study.json").read_text())
+    assert [inv["trained"] for inv in book["invocations"]] == [
+        ["plain-seed0", "smoothed-seed0", "plain-seed1", "smoothed-seed1"], []]
+
+
+def write_summaries(study_dir: Path, errors: dict[str, list[float]]) -> None:
+    """Fake finished runs of one head: row key -> test error % per seed."""
+    for key, row_errors in errors.items():
+        for seed, error in enumerate(row_errors):
+            run_dir = study_dir / "runs" / f"{key}-seed{seed}"
+            run_dir.mkdir(parents=True)
+            summary = fake_summary([1 - error / 100], [0.9])
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+TWO = Study("two", "a resolved difference and a paper tie", "a test", baseline="base", rows=(
+    Row("base", "base", SINGLE, paper=(5.0, 0.1)),
+    Row("better", "better", LABEL_SMOOTHING, paper=(4.2, 0.1)),
+    Row("tie", "tie", SIMPLE2, paper=(5.05, 0.1))))
+#: per seed: "better" is 0.5 to 0.9 points below base (resolved, as the paper); "tie" is
+#: 1 to 1.4 above (resolved) where the paper saw no difference (+0.05 < 0.1): disagrees
+TWO_ERRORS = {"base": [2.0, 2.4, 1.8, 2.2, 2.0], "better": [1.4, 1.6, 1.3, 1.5, 1.1],
+              "tie": [3.2, 3.6, 3.0, 3.6, 3.2]}
+
+
+def test_reproduce_all_writes_an_index_with_a_verdict_line_per_study(catalog_of, tmp_path,
+                                                                     capsys):
+    catalog_of(TWO, DUMMY)
+    write_summaries(tmp_path / "two-small", TWO_ERRORS)
+    index = tmp_path / "docs" / "index.md"
+    assert run(["reproduce", "--all", "--max-runs", 0, "--dir", tmp_path / "studies",
+                "--index", index]) == 0
+    assert f"index: {index}" in capsys.readouterr().out
+    lines = index.read_text().splitlines()
+    assert "# Studies on the small budget" in lines
+    # the fake runs are not under --dir/studies: no runs there, so nothing is resolved
+    assert any(l.startswith("- [two](../studies/two-small/report.md)") for l in lines)
+    assert run(["reproduce", "--all", "--max-runs", 0, "--dir", tmp_path,
+                "--index", index]) == 0
+    lines = index.read_text().splitlines()
+    assert "- [two](../two-small/report.md): a resolved difference and a paper tie: 15 of 15 " \
+           "runs; 2 of 2 differences resolved: 1 agrees, 1 disagrees." in lines
+    assert "- [dummy](../dummy-small/report.md): a method added as one catalog entry: 0 of 10 " \
+           "runs; 0 of 1 difference resolved." in lines
+    report = (tmp_path / "two-small" / "report.md").read_text()
+    for key, paper in (("better", "-0.80"), ("tie", "+0.05")):
+        diffs = [a - b for a, b in zip(TWO_ERRORS[key], TWO_ERRORS["base"])]
+        mean = statistics.fmean(diffs)
+        half = 2.7764451 * statistics.stdev(diffs) / math.sqrt(5)
+        cells = table_row(report, key)
+        assert cells[4:7] == [f"{mean:+.2f} [{mean - half:.2f}, {mean + half:.2f}] (5)", paper,
+                              "agrees" if key == "better" else "disagrees"]
+    assert "Paired differences: 2 of 2 differences resolved: 1 agrees, 1 disagrees." in report
+
+
+def test_the_small_budget_runs_5_seeds_by_default():
+    assert BUDGETS["small"].seeds == 5
+
+
+def test_a_catalog_refuses_two_studies_of_one_name_and_a_study_its_mistakes():
+    with pytest.raises(ValueError, match="two studies are called 'dummy'"):
+        studies.catalog(DUMMY, DUMMY)
+    with pytest.raises(ValueError, match="baseline 'nope' is not a row"):
+        dataclasses.replace(DUMMY, baseline="nope")
+    with pytest.raises(ValueError, match="row key 'plain' is used twice"):
+        dataclasses.replace(DUMMY, rows=(DUMMY.rows[0], DUMMY.rows[0]))
