@@ -725,3 +725,30 @@ def test_a_catalog_refuses_two_studies_of_one_name_and_a_study_its_mistakes():
         dataclasses.replace(DUMMY, baseline="nope")
     with pytest.raises(ValueError, match="row key 'plain' is used twice"):
         dataclasses.replace(DUMMY, rows=(DUMMY.rows[0], DUMMY.rows[0]))
+
+
+#: two series over x, each point of "cl" compared with "single" at the same x (Row.baseline)
+SERIES = Study("series", "rows with their own baseline rows", "a test", rows=tuple(
+    Row(f"{key}-{x}", f"{key}, x {x}", SINGLE, series=key, x=x,
+        baseline=None if key == "single" else f"single-{x}")
+    for key in ("single", "cl") for x in (0, 1)))
+SERIES_ERRORS = {"single-0": [2.0, 2.4, 1.8], "single-1": [5.0, 5.2, 4.6],
+                 "cl-0": [2.1, 2.3, 1.9], "cl-1": [4.0, 4.1, 3.7]}
+
+
+def test_a_row_is_compared_with_its_own_baseline_row(catalog_of, tmp_path):
+    catalog_of(SERIES)
+    write_summaries(tmp_path / "series-small", SERIES_ERRORS)
+    assert run(["reproduce", "series", "--seeds", 3, "--max-runs", 0, "--dir", tmp_path]) == 0
+    results = {r["key"]: r for r in json.loads(
+        (tmp_path / "series-small" / "results.json").read_text())["rows"]}
+    assert results["single-0"]["difference"] is None
+    at0, at1 = results["cl-0"]["difference"], results["cl-1"]["difference"]
+    assert (at0["baseline"], at1["baseline"]) == ("single-0", "single-1")
+    assert at0["diff"] == pytest.approx(0.1 / 3) and at0["verdict"] == "not resolved"
+    assert at1["diff"] == pytest.approx(-1.0) and at1["verdict"] == "resolved"
+    report = (tmp_path / "series-small" / "report.md").read_text()
+    assert table_row(report, "cl, x 1")[4].endswith("(3) vs single-1")
+    assert table_row(report, "single, x 1")[4] == "baseline"
+    with pytest.raises(ValueError, match="not a row"):
+        Study("x", "x", "x", rows=(Row("a", "a", (), baseline="b"),))

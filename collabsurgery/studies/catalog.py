@@ -223,11 +223,13 @@ STUDIES: dict[str, Study] = catalog(
               Row("backprop", "backprop rescaling", shared(4, "layer1", rescale="backprop"),
                   (5.82, 0.08)))),
     Study("clilr-noise", "CL-ILR: test error against label noise",
-          "paper 000 Figure 3 (CIFAR-10, ResNet-32; no table numbers)", notes=_HEAD0,
+          "paper 000 Figure 3 (CIFAR-10, ResNet-32; no table numbers)",
+          notes=_HEAD0 + " Each collaborative row is compared with the single model at the same "
+          "noise level (its baseline), seed by seed.",
           x_label="label noise (fraction of training labels redrawn every epoch)", rows=tuple(
               Row(f"{key}-noise{level:g}", f"{label}, noise {level:g}",
                   (*overrides, f"data.label_noise={level}"), series=label, x=level,
-                  budgets=budgets)
+                  budgets=budgets, baseline=None if key == "single" else f"single-noise{level:g}")
               for key, label, overrides, budgets in _NOISE_SETUPS for level in _NOISE_LEVELS)),
     Study("cgl-ablation", "CGL: random routing, sub-set data and sub-group imitation, each "
           "left out, against a single model and CL-ILR",

@@ -36,13 +36,14 @@ def _ratio(cost: dict | None, key: str) -> str:
     return "—" if not cost or cost.get(key) is None else f"{cost[key]:.2f}"
 
 
-def _difference(d: dict[str, Any]) -> list[str]:
-    """Ours ``-0.45 [-0.90, 0.00] (5)`` (no interval with one pair, — with none), the paper's
-    difference and the verdict."""
+def _difference(d: dict[str, Any], named: bool = False) -> list[str]:
+    """Ours ``-0.45 [-0.90, 0.00] (5)`` (no interval with one pair, — with none; ``named``:
+    followed by ``vs <baseline row>``), the paper's difference and the verdict."""
     ours = "—"
     if d["diff"] is not None:
         ci = "" if d["ci"] is None else f" [{d['ci'][0] + 0:.2f}, {d['ci'][1] + 0:.2f}]"
         ours = f"{d['diff']:+.2f}{ci} ({d['pairs']})"  # + 0: no "-0.00" for a zero bound
+        ours += f" vs {d['baseline']}" if named else ""
     paper = "—" if d["paper_diff"] is None else f"{d['paper_diff']:+.2f}"
     return [ours, paper, d["verdict"]]
 
@@ -109,7 +110,7 @@ def write_report(study: Study, budget: Budget, study_dir: Path, rows: Sequence[R
 
     done = sum(len(r["runs"]) for r in results)
     total = seeds * len(rows)
-    base = next((r for r in results if r["key"] == study.baseline), None)
+    compared = any(r["difference"] for r in results)
     per_student = any(row.cells for row in rows)
     column_bases = any(c.baseline for row in rows for c in row.cells)
     lines = [f"# {study.name}: {study.title}", "",
@@ -123,13 +124,13 @@ def write_report(study: Study, budget: Budget, study_dir: Path, rows: Sequence[R
     lines += [f"Runs finished: {done} of {total} ({seeds} seed(s) x {len(rows)} rows)"
               + ("" if done == total else " — **incomplete**: run the same command again to "
                                           "continue") + ".", ""]
-    if base or column_bases:
+    if compared or column_bases:
         lines += [f"Paired differences: {verdict_summary(results)}.", ""]
     if per_student:
         lines += _student_lines(rows, results, seeds)
         lines += _difference_legend() if column_bases else []
-    lines += _row_table(study, results, seeds, base, per_student)
-    lines += _difference_legend() if base and not column_bases else []
+    lines += _row_table(study, results, seeds, compared, per_student)
+    lines += _difference_legend() if compared and not column_bases else []
     lines += _noise_lines(results) + _cost_lines(results)
     if per_student:
         lines += ["## Setups", "", "Each row's overrides on top of the budget's:", ""]
@@ -142,15 +143,17 @@ def write_report(study: Study, budget: Budget, study_dir: Path, rows: Sequence[R
     return path
 
 
-def _row_table(study: Study, results: list[dict], seeds: int, base: dict | None,
+def _row_table(study: Study, results: list[dict], seeds: int, compared: bool,
                per_student: bool) -> list[str]:
     """Every row's head 0, best head and ensemble errors, its difference to the baseline row,
     the extras and the costs."""
     lines = [f"## {'Every head: t' if per_student else 'T'}est error (%), mean ± std over seeds",
              ""]
     head = ["setup", "runs", "head 0"] + ([] if per_student else ["paper"])
-    if base:
-        head += [f"head 0 − {base['key']} {_CI} (pairs)", f"paper − {base['key']}", "verdict"]
+    bases = {r["difference"]["baseline"] for r in results if r["difference"]}
+    if compared:
+        name = next(iter(bases)) if len(bases) == 1 else "its baseline"
+        head += [f"head 0 − {name} {_CI} (pairs)", f"paper − {name}", "verdict"]
     head += ["best head on hold-out", "ensemble", *(e.label for e in study.extras), "time ×",
              "memory ×", "FLOPs ×", "params ×"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -158,8 +161,9 @@ def _row_table(study: Study, results: list[dict], seeds: int, base: dict | None,
         paper = "—" if r["paper"] is None else f"{r['paper'][0]:.2f} ± {r['paper'][1]:.2f}"
         cells = [r["label"], f"{len(r['runs'])}/{seeds}", _pm(r["head0_err"])]
         cells += [] if per_student else [paper]
-        if base:
-            cells += ["baseline", "", ""] if r is base else _difference(r["difference"])
+        if compared:
+            cells += (["baseline", "", ""] if r["key"] in bases else ["", "", ""]) \
+                if r["difference"] is None else _difference(r["difference"], len(bases) > 1)
         cells += [_pm(r["best_err"]), _pm(r["ensemble_err"])]
         cells += [_pm(r[e.key], e.digits) for e in study.extras]
         cells += [_ratio(r["cost"], k) for k in ("time_ratio", "mem_ratio", "flop_ratio",

@@ -49,6 +49,7 @@ class Row:
     x: float | None = None     # ... and its x value
     budgets: tuple[str, ...] = ("small", "full")
     cells: tuple[Cell, ...] = ()  # per-student columns (students of different architectures)
+    baseline: str | None = None  # the row head 0 is compared with (default: the study's)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class Study:
         duplicated = sorted({k for k in keys if keys.count(k) > 1})
         if duplicated:
             raise ValueError(f"study {self.name}: row key {duplicated[0]!r} is used twice")
+        for row in self.rows:
+            if row.baseline is not None and row.baseline not in keys:
+                raise ValueError(f"study {self.name}: row {row.key!r} is compared with "
+                                 f"{row.baseline!r}, which is not a row")
         if self.baseline is not None and self.rows and self.baseline not in keys:
             raise ValueError(f"study {self.name}: baseline {self.baseline!r} is not a row; "
                              f"rows: {', '.join(keys)}")

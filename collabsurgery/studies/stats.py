@@ -72,13 +72,14 @@ def add_differences(rows: Sequence[Row], results: list[dict[str, Any]],
                     baseline: str | None) -> None:
     """Add the paired differences to a study's per-row ``results`` (in the order of ``rows``).
 
-    Every row gets ``difference``: head 0 against the ``baseline`` row (None for that row, or
-    without a baseline); every cell of a column with a baseline row gets that row's ``baseline``
+    Every row gets ``difference``: head 0 against its own baseline row (``Row.baseline``, else
+    the study's ``baseline``; None for a baseline row, or without one); every cell of a column with a baseline row gets that row's ``baseline``
     key and the fields of :func:`paired_difference` (not the baseline's own cell).
     """
-    base = next((r for r in results if r["key"] == baseline), None)
-    for r in results:
+    by_key = {r["key"]: r for r in results}
+    for row, r in zip(rows, results):
         r["difference"] = None
+        base = by_key.get(row.baseline or baseline)
         if base is not None and r is not base:
             papers = [None if x["paper"] is None else x["paper"][0] for x in (r, base)]
             r["difference"] = {"baseline": base["key"], **paired_difference(
