@@ -202,7 +202,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
                             f"both (got '{args.study}')")
         overrides.insert(0, args.study)  # with --all, the first key=value lands in `study`
     options = dict(seeds=args.seeds, budget=args.budget, root=args.dir, overrides=overrides,
-                   max_runs=args.max_runs, threads=args.threads)
+                   max_runs=args.max_runs, threads=args.threads, jobs=args.jobs)
     if args.all:
         run_all(index=args.index, **options)
     elif args.study is None:
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: 1 without a GPU, steadiest on a shared "
                         "machine)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in its own process (on a CPU about cores / "
+                        "threads, e.g. 2 on 2 cores; the results do not depend on it)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="for every run, e.g. data.source=/data/cifar10 train.epochs=50")
     p.set_defaults(func=cmd_reproduce)

@@ -22,7 +22,7 @@ from collabsurgery.reporting import headline
 from collabsurgery.studies import (BUDGETS, LABEL_SMOOTHING, SIMPLE2, SINGLE, STUDIES, Row, Study,
                                    cell_error, get_study, head_error, holdout_epoch_error,
                                    paired_difference, recipe_for, run_study, t_interval, verdict)
-from conftest import one_line_error
+from conftest import assert_same_weights, latest_weights, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.epochs=1", "data.max_train_examples=64", "data.image_size=8",
@@ -88,6 +88,17 @@ def test_half_finished_study_is_resumed_without_retraining(study):
     assert weights.stat().st_mtime_ns == mtime  # resumed from its last checkpoint, not retrained
     book = json.loads((study_dir / "study.json").read_text())
     assert [inv["trained"] for inv in book["invocations"]] == [RUNS[:1], RUNS[1:], RUNS[3:]]
+
+
+def test_runs_trained_two_at_a_time_equal_the_runs_trained_in_turn(study, tmp_path):
+    """--jobs 2 trains each run in its own process: the same weights as one process."""
+    parallel = run_study(STUDY, seeds=2, root=tmp_path, overrides=TINY, jobs=2,
+                         log=lambda s: None)
+    for name in RUNS:
+        assert_same_weights(latest_weights(parallel / "runs" / name),
+                            latest_weights(study[0] / "runs" / name))
+    book = json.loads((parallel / "study.json").read_text())
+    assert sorted(book["invocations"][0]["trained"]) == sorted(RUNS)
 
 
 def test_report_numbers_come_from_the_runs_summaries(study):
@@ -200,6 +211,7 @@ def test_cli_report_only(study, monkeypatch, capsys):
     (["cgl-ablation", "data.subsets=true"], "would change what the rows"),
     (["cgl-ablation", "train.lr=0.01"], "would change what the rows"),  # one optimizer
     (["clilr-table1", "--budget", "full"], "give data.source="),
+    (["clilr-table1", "--jobs", "0"], "--jobs must be an integer >= 1"),
     (["clilr-table1", "--budget", "full", "data.source=builtin:digits"], "give data.source="),
     (["clilr-table1", "graph.heads=2"], "would change what the rows"),
     (["clilr-table1", "run.name=x"], "set by the study runner"),

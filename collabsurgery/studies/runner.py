@@ -10,10 +10,12 @@ trains, for one study or, with :func:`run_all`, for every landed study.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shlex
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,24 @@ def _check_max_runs(max_runs: int | None) -> None:
         raise UserError(f"--max-runs must be >= 0, got {max_runs}")
 
 
+def train_run(recipe: Recipe, threads: int | None = None) -> tuple[float, str | None]:
+    """Train (or resume) one run: its wall seconds and why it stopped (None: it finished)."""
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    try:
+        engine.train(recipe)
+    except TrainingStopped as err:
+        return time.perf_counter() - start, str(err)
+    return time.perf_counter() - start, None
+
+
+def _check_jobs(jobs: int) -> int:
+    if not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"--jobs must be an integer >= 1 (runs trained at once), got {jobs}")
+    return jobs
+
+
 def _default_threads(threads: int | None) -> int | None:
     """1 without a GPU (several times faster than 2 on a busy 2-core machine), else as given."""
     return 1 if threads is None and not torch.cuda.is_available() else threads
@@ -224,7 +244,7 @@ def _is_main() -> bool:
 
 def run_study(study: str | Study, *, seeds: int | None = None, budget: str = "small",
               root: str | Path = "studies", overrides: Sequence[str] = (),
-              max_runs: int | None = None, threads: int | None = None,
+              max_runs: int | None = None, threads: int | None = None, jobs: int = 1,
               command: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Train what is missing of ``study`` (resuming), then write its report; returns its dir.
 
@@ -236,13 +256,16 @@ def run_study(study: str | Study, *, seeds: int | None = None, budget: str = "sm
         overrides: ``key=value`` for every run (not the keys the rows set).
         max_runs: train at most this many runs now (0: only measure costs and write the report).
         threads: CPU threads for torch; default 1 when there is no GPU, else unchanged.
+        jobs: runs trained at once, each in its own process with ``threads`` threads (on a
+            CPU, about cores / threads; results do not depend on it).
         command: recorded in the report; default: the equivalent ``collabsurgery`` command.
     """
     _check_max_runs(max_runs)
     plan = plan_study(study, seeds, budget, root, overrides)
     threads = _default_threads(threads)
     record = _execute(plan, max_runs, threads, command or canonical_command(
-        plan.study.name, plan.seeds, plan.budget.name, root, plan.overrides, threads), log)
+        plan.study.name, plan.seeds, plan.budget.name, root, plan.overrides, threads), log,
+        _check_jobs(jobs))
     _raise_if_stopped(record["stopped"], f"the report in {plan.directory} covers the "
                       "finished runs")
     return plan.directory
@@ -250,7 +273,7 @@ def run_study(study: str | Study, *, seeds: int | None = None, budget: str = "sm
 
 def run_all(*, seeds: int | None = None, budget: str = "small", root: str | Path = "studies",
             overrides: Sequence[str] = (), max_runs: int | None = None,
-            threads: int | None = None, index: str | Path | None = None,
+            threads: int | None = None, index: str | Path | None = None, jobs: int = 1,
             log: Callable[[str], None] = print) -> Path:
     """Run every landed study with rows on ``budget`` in turn (as :func:`run_study`), then
     write an index page linking their reports; returns the index's path.
@@ -271,7 +294,7 @@ def run_all(*, seeds: int | None = None, budget: str = "small", root: str | Path
     for plan in plans:
         record = _execute(plan, None if max_runs is None else max_runs - done, threads,
                           canonical_command(plan.study.name, plan.seeds, chosen.name, root,
-                                            plan.overrides, threads), log)
+                                            plan.overrides, threads), log, _check_jobs(jobs))
         done += len(record["trained"]) + len(record["stopped"])
         stopped.update({f"{plan.study.name}/{k}": v for k, v in record["stopped"].items()})
     if _is_main():
@@ -292,7 +315,7 @@ def _raise_if_stopped(stopped: dict[str, str], covered: str) -> None:
 
 
 def _execute(plan: Plan, max_runs: int | None, threads: int | None, command: str,
-             log: Callable[[str], None]) -> dict[str, Any]:
+             log: Callable[[str], None], jobs: int = 1) -> dict[str, Any]:
     """Train the plan's missing runs, record the call in study.json, measure the costs and
     write the report; returns the call's record (``trained``, ``stopped``, ...)."""
     study, study_dir, states = plan.study, plan.directory, plan.states
@@ -309,7 +332,8 @@ def _execute(plan: Plan, max_runs: int | None, threads: int | None, command: str
             f"finished, {sum(s == 'partial' for s in states.values())} to resume -> {study_dir}")
         if main:
             study_dir.mkdir(parents=True, exist_ok=True)
-        _train_missing(plan, record, max_runs, study_dir / "timings.json", main, log)
+        _train_missing(plan, record, max_runs, study_dir / "timings.json", main, log, jobs,
+                       threads)
     finally:
         torch.set_num_threads(before)
         if main and study_dir.is_dir():  # an interrupted call is recorded too
@@ -328,30 +352,48 @@ def _execute(plan: Plan, max_runs: int | None, threads: int | None, command: str
 
 
 def _train_missing(plan: Plan, record: dict[str, Any], max_runs: int | None,
-                   timings_file: Path, main: bool, log: Callable[[str], None]) -> None:
-    """Train (or resume) every run that is not finished, at most ``max_runs`` of them.
+                   timings_file: Path, main: bool, log: Callable[[str], None],
+                   jobs: int = 1, threads: int | None = None) -> None:
+    """Train (or resume) every run that is not finished, at most ``max_runs`` of them, ``jobs``
+    at a time (each in its own process, ``threads`` torch threads; 1: in this process).
 
-    A run that stops (non-finite loss) is recorded and the others go on.
+    A run that stops (non-finite loss) is recorded and the others go on. Runs are independent
+    (every random choice is keyed by the run's seed), so running several at once changes only
+    the wall time.
     """
-    for i, (row, seed, recipe) in enumerate(plan.grid, 1):
-        name = run_name(row, seed)
-        if plan.states[name] == "finished":
-            continue
-        if max_runs is not None and len(record["trained"]) + len(record["stopped"]) >= max_runs:
-            log("stopping here (--max-runs); run again to continue")
-            return
+    todo = [(i, row, recipe) for i, (row, seed, recipe) in enumerate(plan.grid, 1)
+            if plan.states[run_name(row, seed)] != "finished"]
+    if max_runs is not None and len(todo) > max_runs:
+        todo = todo[:max_runs]
+        log("stopping here (--max-runs); run again to continue")
+
+    def finished(row: Row, recipe: Recipe, seconds: float, stopped: str | None) -> None:
+        name = run_name(row, recipe.seed)
+        if main:
+            timings = read_json(timings_file, {})
+            timings[name] = timings.get(name, 0.0) + seconds
+            write_json(timings_file, timings)
+        if stopped is None:
+            record["trained"].append(name)
+        else:
+            log(f"{name} stopped: {stopped}")
+            record["stopped"][name] = stopped
+
+    def announce(i: int, row: Row, recipe: Recipe) -> None:
+        name = run_name(row, recipe.seed)
         verb = "resuming" if plan.states[name] == "partial" else "training"
         log(f"[{i}/{len(plan.grid)}] {verb} {name}: {row.label}")
-        start = time.perf_counter()
-        try:
-            engine.train(recipe)
-        except TrainingStopped as err:
-            log(f"{name} stopped: {err}")
-            record["stopped"][name] = str(err)
-            continue
-        finally:
-            if main:
-                timings = read_json(timings_file, {})
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-                write_json(timings_file, timings)
-        record["trained"].append(name)
+
+    if jobs <= 1 or len(todo) <= 1 or not main:
+        for i, row, recipe in todo:
+            announce(i, row, recipe)
+            finished(row, recipe, *train_run(recipe))
+        return
+    # spawn: a fresh interpreter per worker (no forked torch or Accelerate state)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for i, row, recipe in todo:
+            announce(i, row, recipe)
+            futures[pool.submit(train_run, recipe, threads)] = (row, recipe)
+        for future in as_completed(futures):
+            finished(*futures[future], *future.result())
