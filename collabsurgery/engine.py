@@ -31,11 +31,12 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint, reporting
+from . import atomic, checkpoint, preflight, reporting
 from .batches import SharedBatches, SubsetBatches
 from .data import Splits, load_splits
 from .errors import ArgumentError, TrainingStopped, UserError
 from .evaluate import evaluate
+from .integrity import describe_names, non_finite
 from .graphs import TrainingGraph, build_graph, builder_arguments
 from .objectives import OBJECTIVES, LossOutput, Objective, Step, build_objective
 from .recipe import Recipe, data_arguments, recipe_to_dict, save_recipe
@@ -54,6 +55,10 @@ def run_directory(recipe: Recipe) -> Path:
 
 def build_net(recipe: Recipe, num_classes: int) -> TrainingGraph:
     """The training graph a recipe asks for."""
+    given = recipe.model.kwargs.get("num_classes", num_classes)
+    if given != num_classes:
+        raise UserError(f"recipe key 'model.kwargs.num_classes' is {given!r} but the data has "
+                        f"{num_classes} classes; leave it out (it is set from the data)")
     size = recipe.data.image_size
     args = dict(recipe.graph.args)
     if "seed" in builder_arguments(recipe.graph.pattern):  # random structure (routes): seeded
@@ -116,20 +121,33 @@ def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
     return 1.0
 
 
-def _resume_point(recipe: Recipe, ckpt_dir: Path) -> Path | None:
+def _resume_point(recipe: Recipe, ckpt_dir: Path
+                  ) -> tuple[Path, checkpoint.Loaded] | None:
+    """The checkpoint to resume from, loaded: the newest intact one for ``auto`` (damaged newer
+    ones are reported and skipped), the one named, or None for a new run."""
     mode = recipe.run.resume
     if mode == "no":
-        if checkpoint.latest(ckpt_dir) is not None:
+        if checkpoint.candidates(ckpt_dir):
             raise UserError(f"{ckpt_dir.parent} already holds checkpoints; set run.resume=auto to "
                             "continue that run, or choose another run.name")
         return None
     if mode == "auto":
-        return checkpoint.latest(ckpt_dir)
+        return checkpoint.load_latest(ckpt_dir, warn=preflight.warn)
     path = Path(mode)
-    if not (path / "state.json").is_file() or path.name.endswith(".tmp"):
+    if not path.is_dir() or path.name.endswith(".tmp"):
         raise UserError(f"run.resume '{mode}' is not a complete checkpoint directory; valid: "
                         "no, auto, or a checkpoints/ckpt-N directory")
-    return path
+    return path, checkpoint.load(path)
+
+
+def _kept_checkpoint(session: Session) -> str:
+    """What a stopped run leaves to resume from, in words."""
+    ckpts = checkpoint.candidates(session.checkpoints)
+    if ckpts:
+        return f"the last good checkpoint is {ckpts[0]}"
+    every = session.recipe.run.checkpoint_every
+    when = f"every {every} optimizer steps and " if every else ""
+    return f"no checkpoint was written yet (they are written {when}at the end of every epoch)"
 
 
 def _flat_config(recipe: Recipe) -> dict[str, Any]:
@@ -211,19 +229,19 @@ def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
 
 def setup(recipe: Recipe) -> Session:
     """Data, graph + objective, optimizer and Accelerate for ``recipe``, resumed if asked."""
-    t = recipe.train
     run_dir = run_directory(recipe)
+    preflight.check_writable(run_dir)
+    preflight.check_trackers(recipe.run.log_with, run_dir)
+    recipe = preflight.runnable_precision(recipe)
+    t = recipe.train
     resume_from = _resume_point(recipe, run_dir / "checkpoints")
     splits = load_splits(**data_arguments(recipe.data), seed=recipe.seed)
     set_seed(recipe.seed)
     graph = build_net(recipe, splits.num_classes)
     objective = build_objective_from(recipe)
     objective.check_compatible(graph.num_heads, splits.num_classes)
-    if objective.wants_holdout and recipe.data.holdout_split == recipe.data.test_split:
-        raise UserError(f"objective '{recipe.objective.name}' learns from the hold-out split, "
-                        f"which must not be the test split '{recipe.data.test_split}'; set "
-                        "data.holdout_split: null (a data.holdout_fraction carved from training) "
-                        "or another split")
+    if resume_from is not None:
+        preflight.check_resumable(run_dir, graph)
     objective.attach(graph)
     # Accelerate keeps mixed precision in a process-wide singleton and refuses a second
     # Accelerator with another setting; forget it (not the process group) so that train() can
@@ -252,23 +270,28 @@ def setup(recipe: Recipe) -> Session:
     session = Session(recipe, accelerator, run_dir, model, accelerator.unwrap_model(model),
                       optimizer, scheduler, batches, holdout, test)
     if resume_from is not None:
-        _restore(session, resume_from)
+        _restore(session, *resume_from)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
-        (run_dir / "graph.json").write_text(graph.config.to_json())
+        atomic.write_text(run_dir / "graph.json", graph.config.to_json())
     if recipe.run.log_with:
         accelerator.init_trackers(run_dir.name, config=_flat_config(recipe))
     return session
 
 
-def _restore(session: Session, path: Path) -> None:
-    model_state, states, progress = checkpoint.load(path)
+def _restore(session: Session, path: Path, loaded: checkpoint.Loaded) -> None:
+    model_state, states, progress = loaded
     graph_state, objective_state = checkpoint.split_state(model_state)
-    session.collaboration.graph.load_state_dict(graph_state)
-    session.collaboration.objective.load_state_dict(objective_state)
-    session.optimizer.load_state_dict(states["optimizer"])
-    session.scheduler.load_state_dict(states["scheduler"])
+    try:
+        session.collaboration.graph.load_state_dict(graph_state)
+        session.collaboration.objective.load_state_dict(objective_state)
+        session.optimizer.load_state_dict(states["optimizer"])
+        session.scheduler.load_state_dict(states["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"checkpoint {path} does not fit this recipe's graph, objective or "
+                        f"optimizer ({first}); resume with the run's own recipe "
+                        f"({session.run_dir / 'recipe.yaml'}) or choose another run.name") from None
     scaler = session.accelerator.scaler
     if "scaler" in states and scaler is not None:
         scaler.load_state_dict(states["scaler"])
@@ -280,7 +303,15 @@ def _restore(session: Session, path: Path) -> None:
 def save_checkpoint(session: Session) -> None:
     """Write a checkpoint of graph + objective, optimizer, scheduler and progress (atomic)."""
     accelerator, progress = session.accelerator, session.progress
-    accelerator.wait_for_everyone()
+    state = session.collaboration.state_dict()
+    bad = non_finite(state)
+    if bad:
+        accelerator.set_trigger()
+    if accelerator.check_trigger():  # a collective: every process stops together
+        raise TrainingStopped(
+            f"NaN or infinite values in the training state after optimizer step "
+            f"{progress.global_step} ({describe_names(bad) or 'on another process'}); stopped "
+            f"every process without writing a checkpoint; {_kept_checkpoint(session)}")
     # mid-epoch: keep the epoch's loss so far (a collective, so before the main-process test)
     mid_epoch = progress.batch > 0
     progress.loss_sum = accelerator.reduce(session.loss_sum, "mean").item() if mid_epoch else 0.0
@@ -290,8 +321,7 @@ def save_checkpoint(session: Session) -> None:
                   "scheduler": session.scheduler.state_dict()}
         if accelerator.scaler is not None:
             states["scaler"] = accelerator.scaler.state_dict()
-        checkpoint.save(session.checkpoints, progress.global_step,
-                        session.collaboration.state_dict(), states, progress,
+        checkpoint.save(session.checkpoints, progress.global_step, state, states, progress,
                         session.recipe.run.keep)
     accelerator.wait_for_everyone()
 
@@ -309,7 +339,7 @@ def _train_step(session: Session, x: torch.Tensor, labels: torch.Tensor, step: S
         if accelerator.check_trigger():
             raise TrainingStopped(
                 f"non-finite loss at epoch {step.epoch + 1}, batch {step.batch + 1}; stopped "
-                f"every process; the last good checkpoint is kept in {session.checkpoints}")
+                f"every process; {_kept_checkpoint(session)}")
         accelerator.backward(loss)
         if accelerator.sync_gradients and t.grad_clip:
             accelerator.clip_grad_norm_(session.model.parameters(), t.grad_clip)
@@ -400,7 +430,7 @@ def _finish(session: Session) -> None:
     accelerator, history = session.accelerator, session.progress.history
     if accelerator.is_main_process and history:
         run_dir, final = session.run_dir, history[-1]
-        (run_dir / "summary.json").write_text(json.dumps(
+        atomic.write_text(run_dir / "summary.json", json.dumps(
             {**reporting.headline(final), "final": final,
              "num_processes": accelerator.num_processes}, indent=1))
         reporting.plot_history(history, run_dir / "accuracy.png", run_dir.name)
@@ -421,10 +451,8 @@ def train(recipe: Recipe) -> Path:
 
 def history_of(run_dir: Path) -> list[dict[str, Any]]:
     """Epoch records of a run, from its latest checkpoint (what export and reports read)."""
-    latest = checkpoint.latest(run_dir / "checkpoints")
-    if latest is None:
-        return []
-    return json.loads((latest / "state.json").read_text())["history"]
+    found = checkpoint.load_latest(run_dir / "checkpoints")
+    return found[1][2].history if found else []
 
 
 __all__ = ["Collaboration", "Session", "TrainingStopped", "build_net", "end_epoch",

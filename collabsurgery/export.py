@@ -10,15 +10,16 @@ The file holds exactly the keys of the unmodified model's ``state_dict()`` and s
 ``head``              index of the exported head in the training graph
 ``version``           collabsurgery version
 ``recipe``/``metrics`` JSON, when exported from a training run
+``sha256``            checksum of the tensors and the other metadata, checked on load
 ====================  =========================================================
 
-Files are written atomically: to a temporary file beside the target, then renamed.
+Files are written atomically (:mod:`collabsurgery.atomic`). A file with a NaN or an infinity in
+any tensor is never written, and a flipped bit is found on load (:mod:`collabsurgery.integrity`).
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +29,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__, backbones
+from .atomic import atomic_path
 from .errors import UserError
+from .integrity import CHECKSUM_KEY, describe_names, non_finite, tensors_sha256
 
 FORMAT = "collabsurgery.backbone/1"
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                             metadata: dict[str, str]) -> Path:
-    """``save_file`` to a temp file in the target directory, then rename over ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"output {path} is a directory; valid: a file path such as "
-                        f"{path / 'backbone.safetensors'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:  # parent is a file, no permission, ...
-        raise UserError(f"cannot write {path} ({err.strerror or err}); valid: a path in a "
-                        "writable directory") from None
-    os.close(fd)
+    """``save_file`` through :func:`~collabsurgery.atomic.atomic_path`, with the checksum of
+    tensors and metadata recorded under ``metadata["sha256"]`` (verified by :func:`load_state`)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    try:
+    metadata = {**metadata, CHECKSUM_KEY: tensors_sha256(tensors, metadata)}
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def export(net: nn.Module, head: int = 0, path: str | os.PathLike = "backbone.safetensors",
@@ -62,8 +52,15 @@ def export(net: nn.Module, head: int = 0, path: str | os.PathLike = "backbone.sa
     """Write head ``head`` of training graph ``net`` as a plain backbone; returns the path.
 
     Only ``net.head_state_dict(head)`` is written (nothing an objective owns), with
-    ``net.head_spec(head)`` as the architecture: peers export each as its own.
+    ``net.head_spec(head)`` as the architecture: peers export each as its own. A head with a
+    non-finite tensor is refused.
     """
+    from .graphs import TrainingGraph
+
+    if not isinstance(net, TrainingGraph):
+        raise UserError(f"export takes a training graph (from collabsurgery.wrap), got "
+                        f"{type(net).__name__}; a plain model needs no export: use "
+                        "safetensors.torch.save_file(model.state_dict(), path)")
     if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < net.num_heads:
         raise UserError(f"head {head!r} out of range; valid: 0..{net.num_heads - 1}")
     spec = net.head_spec(head)
@@ -77,7 +74,13 @@ def export(net: nn.Module, head: int = 0, path: str | os.PathLike = "backbone.sa
     }
     for key, value in (extra_metadata or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return save_safetensors_atomic(net.head_state_dict(head), path, metadata)
+    state = net.head_state_dict(head)
+    bad = non_finite(state)
+    if bad:
+        raise UserError(f"head {head} has NaN or infinite values in {len(bad)} tensors "
+                        f"({describe_names(bad)}); nothing exported; valid: a head of a run "
+                        "that trained without diverging (an earlier checkpoint, or a lower lr)")
+    return save_safetensors_atomic(state, path, metadata)
 
 
 def read_metadata(path: str | os.PathLike, expected_format: str = FORMAT,
@@ -98,12 +101,30 @@ def read_metadata(path: str | os.PathLike, expected_format: str = FORMAT,
 
 
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, with a UserError if it is truncated or corrupt."""
+    """All tensors of a safetensors file, with a UserError if it is truncated or corrupt, or
+    if they do not match the checksum in its metadata (files without one are not checked)."""
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{path} could not be read ({err}); the file is truncated or corrupt") \
             from None
+    if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != tensors_sha256(tensors, metadata):
+        raise UserError(f"{path} is corrupt: its content does not match the checksum written "
+                        "with it (a flipped bit or an edit); valid: an intact copy")
+    return tensors
+
+
+def _factory_kwargs(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    try:
+        kwargs = json.loads(metadata.get("model_kwargs", "{}"))
+    except json.JSONDecodeError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{path}: metadata model_kwargs is not a JSON object "
+                        f"({metadata['model_kwargs'][:60]!r}); the file is damaged")
+    return kwargs
 
 
 def load_backbone(path: str | os.PathLike, model: nn.Module | None = None,
@@ -116,11 +137,16 @@ def load_backbone(path: str | os.PathLike, model: nn.Module | None = None,
     metadata = read_metadata(path)
     state = load_state(path)
     if model is None:
-        if metadata["library"] not in ("timm", "torchvision"):
+        library, name = metadata.get("library"), metadata.get("architecture", "")
+        if library == "module":
             raise UserError(f"{path} was exported from a ready module; pass model= to load it")
-        kwargs = {**json.loads(metadata["model_kwargs"]), **model_kwargs}
-        model = backbones.create(backbones.BackboneSpec(metadata["library"],
-                                                        metadata["architecture"], kwargs))
+        if library not in ("timm", "torchvision"):
+            raise UserError(f"{path}: metadata library is {library!r}; valid: timm or "
+                            "torchvision (or pass model= to load into your own module)")
+        kwargs = {**_factory_kwargs(Path(path), metadata), **model_kwargs}
+        prefix = backbones.TORCHVISION_PREFIX if library == "torchvision" else ""
+        spec = backbones.parse_model_name(prefix + name, kwargs)  # UserError: unknown name
+        model = backbones.create(spec)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

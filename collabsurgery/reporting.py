@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import atomic
+
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write one JSON record per line, atomically (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, path)
+    """Write one JSON record per line, atomically."""
+    atomic.write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def headline(record: dict[str, Any]) -> dict[str, float]:
@@ -70,11 +69,13 @@ def pyplot():
 
 
 def save_figure(fig, ax, path: Path, legend_size: int = 8, grid_axis: str = "both") -> Path:
-    """Grid, legend, tight layout, write ``path`` as a 100-dpi PNG and free the figure."""
+    """Grid, legend, tight layout, write ``path`` atomically as a 100-dpi PNG and free the
+    figure."""
     ax.grid(axis=grid_axis, alpha=0.3)
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     pyplot().close(fig)
     return path
 

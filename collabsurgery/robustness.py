@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from . import atomic
 from .errors import UserError
 from .reporting import pyplot, save_figure
 from .seeding import generator
@@ -140,21 +140,10 @@ def plot_robustness(results: Mapping[str, Mapping[str, Any]], path: Path,
     return save_figure(fig, ax, path)
 
 
-def _replace(path: Path, write: Callable[[Path], Any]) -> Path:
-    """``write`` a temp file beside ``path`` (same suffix, for matplotlib), then rename it."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_robustness(result: Mapping[str, Any], directory: Path, label: str
                     ) -> tuple[Path, Path]:
     """Write ``robustness.json`` and ``robustness.png`` (its line labelled ``label``) into
     ``directory``, each atomically."""
-    png = _replace(directory / "robustness.png", lambda tmp: plot_robustness({label: result}, tmp))
+    png = plot_robustness({label: result}, directory / "robustness.png")
     data = json.dumps(result, indent=1, sort_keys=True)
-    return _replace(directory / "robustness.json", lambda tmp: tmp.write_text(data)), png
+    return atomic.write_text(directory / "robustness.json", data), png

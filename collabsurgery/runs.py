@@ -1,12 +1,10 @@
 """Find what to export: a training graph file, or the last checkpoint of a training run."""
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import yaml
-
-from safetensors.torch import load_file
 
 from . import checkpoint
 from .errors import UserError
@@ -38,20 +36,25 @@ def parse_head(text: str, net: TrainingGraph) -> int | None:
     return head
 
 
+def _warn(message: str) -> None:
+    print(f"collabsurgery: {message}", file=sys.stderr)
+
+
 def load_run(run_dir: Path) -> tuple[TrainingGraph, list[dict]]:
-    """The training graph of a run at its latest checkpoint (without what the objective owns),
-    and its epoch records."""
+    """The training graph of a run at its newest intact checkpoint (without what the objective
+    owns), and its epoch records. Damaged newer checkpoints are reported on stderr and skipped;
+    reading is safe while the run is still training (see :func:`checkpoint.load_latest`)."""
     if not (run_dir / "graph.json").is_file():
         raise UserError(f"{run_dir} is not a training run (no graph.json); valid: a run "
                         "directory written by collabsurgery train, or a training graph file")
-    latest = checkpoint.latest(run_dir / "checkpoints")
-    if latest is None:
+    found = checkpoint.load_latest(run_dir / "checkpoints", warn=_warn)
+    if found is None:
         raise UserError(f"{run_dir} has no complete checkpoint yet")
+    _, (model_state, _, progress) = found
     net = rebuild(config_from_json((run_dir / "graph.json").read_text()))
-    graph_state, _ = checkpoint.split_state(load_file(str(latest / "model.safetensors")))
+    graph_state, _ = checkpoint.split_state(model_state)
     net.load_state_dict(graph_state, strict=True)
-    history = json.loads((latest / "state.json").read_text())["history"]
-    return net.eval(), history
+    return net.eval(), progress.history
 
 
 def best_head(run_dir: Path, history: list[dict], num_heads: int) -> int:

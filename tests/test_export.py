@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import collabsurgery as cs
 from collabsurgery.graphfile import load_graph, save_graph
+from collabsurgery.integrity import tensors_sha256
 from conftest import assert_same_logits, make_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,6 +48,8 @@ def test_metadata_is_strings_with_recipe_and_metrics(net, tmp_path):
     assert path == tmp_path / "sub" / "dir" / "h3.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
+    checksum = meta.pop("sha256")
+    assert checksum == tensors_sha256(load_file(str(path)), meta)
     assert meta == {"format": "collabsurgery.backbone/1", "architecture": "cifar_resnet20",
                     "library": "timm", "model_kwargs": json.dumps({"num_classes": C}),
                     "head": "3", "version": cs.__version__, "recipe": "name: x\n",
@@ -54,7 +57,7 @@ def test_metadata_is_strings_with_recipe_and_metrics(net, tmp_path):
     # no pickle anywhere: the file is an 8-byte header length, a JSON header, raw tensors
     raw = path.read_bytes()
     header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-    assert header["__metadata__"] == meta
+    assert header["__metadata__"] == {**meta, "sha256": checksum}
     assert _listing(path.parent) == ["h3.safetensors"]
 
 

@@ -11,10 +11,10 @@ A study lives in ``<root>/<study>-<budget>/``:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from .spec import Budget, Row, Study
 
 
@@ -34,7 +34,5 @@ def read_json(path: Path, default: Any) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write ``value`` to ``path`` through a temporary file, so a reader never sees half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Write ``value`` to ``path`` atomically, so a reader never sees half."""
+    atomic.write_text(path, json.dumps(value, indent=1, sort_keys=True))
