@@ -100,6 +100,11 @@ def resolve(model: str | nn.Module, **kwargs: Any) -> tuple[nn.Module, BackboneS
         if kwargs:
             raise UserError("factory keyword arguments only apply to a model given by name")
         return model, BackboneSpec("module", type(model).__name__)
+    classes = kwargs.get("num_classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                or classes < 1):
+        raise UserError(f"num_classes must be an integer >= 1 (every head classifies), "
+                        f"got {classes!r}")
     spec = parse_model_name(model, kwargs)
     return create(spec), spec
 

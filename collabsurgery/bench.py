@@ -229,7 +229,15 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def bench_device(name: str | None) -> torch.device:
     """The device to measure on (default: CUDA when there is one), cuDNN autotuning on CUDA."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    valid = "valid: cpu" + (f", cuda or cuda:0..{torch.cuda.device_count() - 1}"
+                            if torch.cuda.is_available() else " (no CUDA GPU is visible here)")
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device; {valid}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (
+            not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count())):
+        raise UserError(f"--device '{name}' is not available; {valid}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device

@@ -5,11 +5,12 @@ A user mistake prints one line, ``collabsurgery: error: ...``, and exits with st
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import TrainingStopped, UserError
+from .errors import Interrupted, TrainingStopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +36,19 @@ def _input_size(text: str) -> tuple[int, int, int]:
         return (3, int(text), int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer image size, got '{text}'")
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got '{text}'")
+        return value
+    return parse
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
@@ -96,12 +110,6 @@ def _sigmas(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got '{text}'")
 
 
-def _draws(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'")
-    return int(text)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Test accuracy of one head of a training run as a plain backbone; with ``--perturb``,
     under Gaussian noise on its weights (paper 002, Fig. 6), written to the run directory."""
@@ -140,12 +148,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train (or resume) a recipe with Accelerate."""
-    from .engine import train
+    from . import checkpoint
+    from .engine import run_directory, train
     from .recipe import load_recipe
 
     from accelerate import PartialState
 
-    run_dir = train(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        run_dir = train(recipe)
+    except KeyboardInterrupt:
+        ckpts = checkpoint.candidates(run_directory(recipe) / "checkpoints")
+        raise Interrupted("interrupted; " + (
+            f"resume with run.resume=auto from {ckpts[0].name}" if ckpts else
+            "no checkpoint was written yet, so running it again starts over")) from None
     if PartialState().is_main_process:
         print(f"run directory: {run_dir}")
 
@@ -284,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="timm name (resnet50) or torchvision.<name>; for --pattern "
                    "peers several, comma-separated")
     graph_options(p)
-    p.add_argument("--image-size", type=int, default=224, metavar="N")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N")
+    p.add_argument("--image-size", type=_at_least(1), default=224, metavar="N")
+    p.add_argument("--batch-size", type=_at_least(1), default=16, metavar="N")
     p.add_argument("--num-classes", type=int, default=None, metavar="N")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast dtype (fp32: no autocast)")
@@ -297,10 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated execution modes (loop,fused,packed,auto) or all")
     p.add_argument("--checkpoint", action="store_true",
                    help="also measure each mode with activation checkpointing of branch stages")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=_at_least(1), default=5, help="timed steps (median)")
+    p.add_argument("--warmup", type=_at_least(0), default=2, help="untimed steps first")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=_at_least(1), default=None, metavar="N",
                    help="CPU threads (torch.set_num_threads); 1 is steadiest on a shared machine")
     p.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="CPU timing: wall clock, or this process's CPU time (steadier when the "
@@ -326,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated standard deviations of the noise added to every "
                         "parameter, e.g. 0.01,0.02,0.05; writes robustness.json and "
                         "robustness.png into the run directory")
-    p.add_argument("--draws", type=_draws, default=5, metavar="N",
+    p.add_argument("--draws", type=_at_least(1), default=5, metavar="N",
                    help="noise draws per sigma (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.set_defaults(func=cmd_evaluate)
@@ -356,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each study goes to DIR/<study>-<budget>/ (default: studies)")
     p.add_argument("--max-runs", type=int, default=None, metavar="N",
                    help="train at most N runs now, then report what is finished (0: report only)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=_at_least(1), default=None, metavar="N",
                    help="torch CPU threads (default: 1 without a GPU, steadiest on a shared "
                         "machine)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -373,17 +389,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of an error; one raised in a DataLoader worker arrives wrapped in the
+    worker's traceback, whose last line is ``<module>.<Type>: <message>``."""
+    text = str(err).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def _report(message: str) -> None:
+    """Print one line on stderr, once per launch: from the first process of a multi-process
+    run only (torchrun and accelerate set RANK), so N processes do not repeat it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``collabsurgery`` console script."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except UserError as err:
-        print(f"collabsurgery: error: {err}", file=sys.stderr)
+        _report(f"collabsurgery: error: {_one_line(err)}")
         return 2
     except TrainingStopped as err:
-        print(f"collabsurgery: training stopped: {err}", file=sys.stderr)
+        _report(f"collabsurgery: training stopped: {err}")
         return 1
+    except Interrupted as err:
+        _report(f"collabsurgery: {err}")
+        return 130
+    except KeyboardInterrupt:  # outside training: nothing to resume
+        _report("collabsurgery: interrupted")
+        return 130
     return 0
 
 

@@ -96,9 +96,19 @@ class ImageDataset(Dataset):
     def cache(self, max_bytes: int = _CACHE_BYTES) -> bool:
         """Decode and resize every image once if they fit in ``max_bytes``; returns whether."""
         if self.cached is None and len(self.hf) * 3 * self.image_size ** 2 <= max_bytes:
-            self.cached = torch.stack([_to_uint8(ex[self.image_column], self.image_size)
-                                       for ex in self.hf])
+            self.cached = torch.stack([self._decode(i) for i in range(len(self.hf))])
         return self.cached is not None
+
+    def _decode(self, i: int) -> Tensor:
+        """Row ``i``'s image as uint8 ``[3, S, S]``; a file that cannot be decoded is a
+        UserError naming it."""
+        try:
+            return _to_uint8(self.hf[i][self.image_column], self.image_size)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for a bad file
+            raw = self.hf.cast_column(self.image_column, datasets.Image(decode=False))[i]
+            name = (raw[self.image_column] or {}).get("path") or f"row {i}"
+            raise UserError(f"image {name} cannot be decoded ({type(err).__name__}: "
+                            f"{_first_line(err)}); remove or replace it") from None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -107,7 +117,7 @@ class ImageDataset(Dataset):
         """Example ``i`` resized, as floats in [0, 1], not normalised."""
         if self.cached is not None:
             return self.cached[int(i)].float() / 255
-        return _to_uint8(self.hf[int(i)][self.image_column], self.image_size).float() / 255
+        return self._decode(int(i)).float() / 255
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         return (self.image(i) - self.mean) / self.std, int(self.labels[i])

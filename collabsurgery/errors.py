@@ -16,6 +16,13 @@ class TrainingStopped(RuntimeError):
     """
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) during training: the message says where to resume from.
+
+    The CLI prints it on one line and exits with status 130, as shells do for SIGINT.
+    """
+
+
 class ArgumentError(UserError):
     """A bad value for one named argument of a graph builder or an objective.
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type
 
 import yaml
 
+from . import atomic
 from .errors import UserError
 
 __all__ = [
@@ -329,6 +330,11 @@ def _check(r: Recipe) -> Recipe:
     if t.milestones != sorted(set(t.milestones)):
         raise UserError(f"recipe key 'train.milestones' must be strictly increasing epochs, "
                         f"got {t.milestones}")
+    if r.data.holdout_split is not None and r.data.holdout_split == r.data.test_split:
+        raise UserError(f"recipe key 'data.holdout_split' is the test split "
+                        f"'{r.data.test_split}': the best head would be chosen (and hold-out "
+                        "objectives would learn) on the test set; set data.holdout_split: null "
+                        "(a data.holdout_fraction carved from training) or another split")
     if not r.data.source:
         raise UserError("recipe key 'data.source' is empty; valid: builtin:digits, "
                         "builtin:digits-lowres, a save_to_disk directory, an imagefolder "
@@ -341,6 +347,25 @@ def _check(r: Recipe) -> Recipe:
 def recipe_from_dict(raw: dict[str, Any] | None) -> Recipe:
     """Validate a (possibly partial) nested mapping and return the full :class:`Recipe`."""
     return _check(_build(Recipe, raw, ""))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error (plain YAML
+    loading lets the last one silently win)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
@@ -357,7 +382,7 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
             raise UserError(f"malformed override {item!r}; expected dotted.key=value, "
                             "e.g. train.epochs=1")
         try:
-            value = yaml.safe_load(text)
+            value = _load_yaml(text)
         except yaml.YAMLError as e:
             raise UserError(f"override {item!r}: value is not valid YAML "
                             f"({str(e).splitlines()[0]})") from None
@@ -403,7 +428,10 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
         if not path.is_file():
             raise UserError(f"recipe file '{path}' does not exist (give a path to a .yaml recipe)")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = _load_yaml(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"recipe file '{path}' is not text (not UTF-8); valid: a YAML "
+                            "recipe such as recipes/demo.yaml") from None
         except yaml.YAMLError as e:
             raise UserError(f"recipe file '{path}' is not valid YAML: "
                             f"{' '.join(str(e).split())}") from None
@@ -433,7 +461,4 @@ def data_arguments(data: DataConfig) -> dict[str, Any]:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     """Write the resolved recipe as YAML (every key, defaults included); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    return path
+    return atomic.write_text(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

@@ -461,5 +461,5 @@ def test_general_on_the_test_split_is_one_line_exit_2_and_writes_nothing(tmp_pat
             "train.batch_size=16", f"run.dir={tmp_path / 'runs'}", "run.progress=false"]
     assert cli.main(argv) == 2
     line = one_line_error(capsys.readouterr().err)
-    assert "learns from the hold-out split, which must not be the test split 'test'" in line
+    assert "'data.holdout_split' is the test split 'test'" in line
     assert not (tmp_path / "runs").exists()

@@ -35,8 +35,9 @@ def wrap(model: str | nn.Module | Sequence[str | nn.Module], split: str | Sequen
     # None means "unset" for an argument of any graph kind (branches=None with instances)
     graph_words = {a for kind in GRAPH_KINDS for a in builder_arguments(kind)}
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k not in graph_words}
-    args = {k: v for k, v in kwargs.items() if k in takes}
-    model_kwargs = {k: v for k, v in kwargs.items() if k not in takes}
+    # another pattern's argument is refused by name rather than handed to the model factory
+    args = {k: v for k, v in kwargs.items() if k in takes or k in graph_words}
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in args}
     if num_classes is not None:
         model_kwargs["num_classes"] = num_classes
     for name, value in (("split", split), ("heads", heads), ("input_size", input_size)):
