@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import backbones
 from .errors import UserError
 from .graphs import EXECUTION_MODES, TrainingGraph, build_graph
+from .preserve import preserved_buffers
 from .summary import saved_tensor_bytes
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -193,16 +194,13 @@ def _peak_bytes(runner: _Runner) -> int:
 
 def _flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(forward, forward + backward) FLOPs of one fp32 training step on ``x``."""
-    buffers = {k: b.clone() for k, b in model.named_buffers()}
     try:
-        with FlopCounterMode(display=False) as forward:
-            out = model(x)
-        with FlopCounterMode(display=False) as backward:
-            out.float().sum().backward()
+        with preserved_buffers(model):
+            with FlopCounterMode(display=False) as forward:
+                out = model(x)
+            with FlopCounterMode(display=False) as backward:
+                out.float().sum().backward()
     finally:
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(buffers[k])
         for p in model.parameters():
             p.grad = None
     total = forward.get_total_flops()

@@ -58,8 +58,13 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
 def cmd_splits(args: argparse.Namespace) -> None:
     """Print the clean split points of a model, one per line."""
     from .graphs import splits
+    from .surgery.cuts import NO_SPLIT_POINTS
 
-    print("\n".join(splits(args.model, input_size=args.input_size, **_model_kwargs(args))))
+    points = splits(args.model, input_size=args.input_size, **_model_kwargs(args))
+    if not points:
+        raise UserError(f"{args.model} has no clean split point; valid split points: "
+                        f"{NO_SPLIT_POINTS}")
+    print("\n".join(points))
 
 
 def _graph_arguments(args: argparse.Namespace) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,10 @@ def load_backbone(path: str | os.PathLike, model: nn.Module | None = None,
         prefix = backbones.TORCHVISION_PREFIX if library == "torchvision" else ""
         spec = backbones.parse_model_name(prefix + name, kwargs)  # UserError: unknown name
         model = backbones.create(spec)
+    # the module versions of the code that loads it, as a state_dict() of its own would carry
+    # (torchvision's MNASNet refuses a state without them)
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

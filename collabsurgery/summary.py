@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import backbones
 from .graphs import TrainingGraph
+from .preserve import preserved_buffers
 
 
 @dataclass
@@ -49,15 +50,12 @@ def saved_tensor_bytes(model: nn.Module) -> Iterator[dict[int, int]]:
 def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     was_training = model.training
     model.train()
-    buffers = {k: b.clone() for k, b in model.named_buffers()}
     try:
-        with torch.random.fork_rng(devices=[]), saved_tensor_bytes(model) as seen:
+        with preserved_buffers(model), torch.random.fork_rng(devices=[]), \
+                saved_tensor_bytes(model) as seen:
             model(x)
     finally:
         model.train(was_training)
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(buffers[k])
     return sum(seen.values()) // x.shape[0]
 
 
@@ -65,7 +63,7 @@ def _piece_cost(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(parameters, forward FLOPs per image) of one piece of a graph on its input."""
     was_training = module.training
     module.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with preserved_buffers(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(x[:1])
     module.train(was_training)
     return sum(p.numel() for p in module.parameters()), counter.get_total_flops()

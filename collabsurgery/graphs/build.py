@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .. import backbones
 from ..errors import ArgumentError, UserError
-from ..surgery import Stage, cut_graph, resolve_splits, split_points, trace
+from ..surgery import Stage, cut_graph, resolve_splits, split_points, trace, valid_list
 from .base import GraphConfig, register_graph
 from .execution import check_mode
 from .tree import RESCALE_MODES, TreeNet
@@ -140,7 +140,7 @@ def build_tree(model: str | nn.Module, split: str | Sequence[str] | None = None,
         if heads > 1:
             raise ArgumentError("split", f"is empty, but pattern 'tree' with {heads} heads needs "
                                          "split points; valid split points: "
-                                         f"{', '.join(split_points(trace(module, size)))}")
+                                         f"{valid_list(split_points(trace(module, size)))}")
         net = TreeNet([module], [1], rescale, spec, reference_keys, config, ["input..output"])
         return _finish(net, module, spec, execution, checkpoint_branches)
     fanouts = _fanouts(heads, split, branches)

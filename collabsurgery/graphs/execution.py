@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ArgumentError, UserError
+from ..preserve import BufferSnapshot
 from ..surgery import Stage, trace
 from .fused import FusedStage
 from .packed import PackedStage, Unsupported
@@ -98,18 +99,6 @@ def _build(mode: str, group: Sequence[nn.Module], x: torch.Tensor) -> Plan:
     return PackedStage(group, group[0].train_graph if training else group[0].eval_graph)
 
 
-class _Buffers:
-    """Snapshot of modules' buffers, restored on exit (running stats, batch counters)."""
-
-    def __init__(self, modules: Sequence[nn.Module]):
-        self.saved = [(b, b.clone()) for m in modules for b in m.buffers()]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for buffer, value in self.saved:
-                buffer.copy_(value)
-
-
 def _fork_rng(x: torch.Tensor):
     return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
 
@@ -119,7 +108,7 @@ def _validate(plan: Plan, group: Sequence[nn.Module], x: torch.Tensor) -> None:
     param = next(group[0].parameters(), None)
     dtype = param.dtype if param is not None and x.is_floating_point() else x.dtype
     sample = x[:2].detach().to(dtype)
-    buffers = _Buffers(group)
+    buffers = BufferSnapshot(*group)
     try:
         with torch.no_grad(), _fork_rng(x), torch.autocast(x.device.type, enabled=False):
             torch.manual_seed(0)
@@ -143,7 +132,7 @@ def _time_plans(plans: dict[str, Plan], group: Sequence[nn.Module], x: torch.Ten
     """Forward+backward seconds of each plan on ``x``: best of ``repeats - 1`` after a warm-up."""
     params = [p for m in group for p in m.parameters() if p.requires_grad]
     samples: dict[str, list[float]] = {mode: [] for mode in plans}
-    buffers = _Buffers(group)
+    buffers = BufferSnapshot(*group)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     try:
         with _fork_rng(x):
@@ -171,7 +160,7 @@ def _checkpointed(plan: Plan, x: torch.Tensor, group: Sequence[nn.Module]) -> li
         calls += 1
         if calls == 1:
             return plan(inp)
-        buffers = _Buffers(group)  # recomputation in backward: BatchNorm must not count twice
+        buffers = BufferSnapshot(*group)  # recomputation in backward: BatchNorm must not count twice
         try:
             return plan(inp)
         finally:

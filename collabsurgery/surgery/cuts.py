@@ -82,6 +82,15 @@ def split_points(traced: TracedModel) -> list[str]:
     return [by_node[n] for n in sorted(by_node, key=order.__getitem__)]
 
 
+NO_SPLIT_POINTS = ("none: no single tensor carries the whole state between its blocks; use "
+                   "pattern='instances' (whole-model copies, no split points)")
+
+
+def valid_list(points: Sequence[str]) -> str:
+    """Split points for a message: comma-separated, or why there are none and what works."""
+    return ", ".join(points) or NO_SPLIT_POINTS
+
+
 def resolve_splits(traced: TracedModel, names: Sequence[str]) -> list[tuple[fx.Node, fx.Node]]:
     """(train node, eval node) of each split point; a bad or misordered name is a UserError."""
     valid = None
@@ -93,7 +102,7 @@ def resolve_splits(traced: TracedModel, names: Sequence[str]) -> list[tuple[fx.N
             valid = valid or split_points(traced)
             why = "no such module or node" if None in nodes else "not a clean single-tensor cut"
             raise UserError(f"invalid split point '{name}' ({why}); valid split points: "
-                            f"{', '.join(valid)}")
+                            f"{valid_list(valid)}")
         resolved.append(nodes)
     for graph_index, graph in enumerate(traced.graphs()):
         order = {n: i for i, n in enumerate(graph.nodes)}

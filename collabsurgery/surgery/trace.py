@@ -31,6 +31,7 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import NodePathTracer
 
 from ..errors import UserError
+from ..preserve import preserved_buffers
 
 
 @dataclass
@@ -114,24 +115,25 @@ class _Recorder(fx.Interpreter):
 
 def _probe(model: nn.Module, traced: TracedGraph, input_size: tuple[int, int, int],
            training: bool) -> None:
-    """Run ``traced`` once on random input without changing the model's state or RNG."""
+    """Run ``traced`` once on random input without changing the model's state or RNG; a model
+    whose output is not one tensor of logits is a UserError."""
     batch = 2  # train-mode BatchNorm needs more than one value per channel
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
     gm = fx.GraphModule(model, traced.graph)
     gm.train(training)
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with preserved_buffers(model), torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(0)
             x = torch.randn(batch, *input_size)
-            _Recorder(gm, traced, batch).run(x)
+            out = _Recorder(gm, traced, batch).run(x)
     except Exception as err:
         raise UserError(f"{type(model).__name__} failed on a {batch}x{'x'.join(map(str, input_size))}"
                         f" probe input ({type(err).__name__}: {str(err).splitlines()[0]}); "
                         "pass a valid input size") from None
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"{type(model).__name__} returns a {type(out).__name__}, not one tensor "
+                        f"of logits, in {'training' if training else 'eval'} mode; every head "
+                        "must return logits (torchvision googlenet and inception_v3: pass "
+                        "aux_logits=False)")
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int]) -> TracedModel:
