@@ -27,10 +27,12 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -356,10 +358,30 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def finite_json(result: dict, rows: list[dict], keys: Sequence[str], label: str) -> str:
+    """``result`` as JSON, after checking ``keys`` of every row are finite (a non-finite
+    number would be invalid JSON: it is an error naming the row by its ``label`` key)."""
+    for row in rows:
+        for key in keys:
+            if not math.isfinite(row[key]):
+                raise ValueError(f"{key} of {row.get(label, row)} is not finite")
+    return json.dumps(result, indent=2)
+
+
+def run_tool(run: Callable[..., dict], cfg: Any, as_json: bool, to_json: Callable[[dict], str],
+             format_table: Callable[[dict], str]) -> int:
+    """A benchmark tool's main: run ``cfg`` (progress on stderr), print JSON or a table; 2 and
+    one line on stderr for a setting that cannot be measured."""
+    try:
+        result = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(to_json(result) if as_json else format_table(result))
+    return 0
+
+
 def to_json(result: dict) -> str:
     """The result as JSON (non-finite numbers would be invalid JSON: they are an error)."""
-    for e in result["modes"]:
-        for key in ("time_ratio", "stage_limit_ratio", "flop_ratio", "mem_ratio"):
-            if not math.isfinite(e[key]):
-                raise ValueError(f"{key} of mode {e['mode']} is not finite")
-    return json.dumps(result, indent=2)
+    return finite_json(result, result["modes"],
+                       ("time_ratio", "stage_limit_ratio", "flop_ratio", "mem_ratio"), "mode")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__, backbones
 from .atomic import atomic_path
@@ -107,7 +107,7 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{path} could not be read ({err}); the file is truncated or corrupt") \
             from None

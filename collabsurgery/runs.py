@@ -1,12 +1,11 @@
 """Find what to export: a training graph file, or the last checkpoint of a training run."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
 
-from . import checkpoint
+from . import checkpoint, preflight
 from .errors import UserError
 from .export import export
 from .graphfile import config_from_json, load_graph
@@ -36,10 +35,6 @@ def parse_head(text: str, net: TrainingGraph) -> int | None:
     return head
 
 
-def _warn(message: str) -> None:
-    print(f"collabsurgery: {message}", file=sys.stderr)
-
-
 def load_run(run_dir: Path) -> tuple[TrainingGraph, list[dict]]:
     """The training graph of a run at its newest intact checkpoint (without what the objective
     owns), and its epoch records. Damaged newer checkpoints are reported on stderr and skipped;
@@ -47,7 +42,7 @@ def load_run(run_dir: Path) -> tuple[TrainingGraph, list[dict]]:
     if not (run_dir / "graph.json").is_file():
         raise UserError(f"{run_dir} is not a training run (no graph.json); valid: a run "
                         "directory written by collabsurgery train, or a training graph file")
-    found = checkpoint.load_latest(run_dir / "checkpoints", warn=_warn)
+    found = checkpoint.load_latest(run_dir / "checkpoints", warn=preflight.warn)
     if found is None:
         raise UserError(f"{run_dir} has no complete checkpoint yet")
     _, (model_state, _, progress) = found

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import re
 import statistics
 import sys
@@ -60,8 +59,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from collabsurgery import backbones
-from collabsurgery.bench import (_Timer, bench_device, check_timing, device_name, minor_faults,
-                                 torch_threads)
+from collabsurgery.bench import (_Timer, bench_device, check_timing, device_name, finite_json,
+                                 minor_faults, run_tool, torch_threads)
 from collabsurgery.engine import Collaboration
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import build_graph, splits
@@ -430,10 +429,7 @@ def compare_execution(cfg: CglBenchConfig) -> list[dict]:
 
 def to_json(result: dict) -> str:
     """The result as JSON (a non-finite ratio would be invalid JSON: it is an error)."""
-    for row in result["rows"] + result["independent"]:
-        if not math.isfinite(row["step_ratio"]):
-            raise ValueError(f"step_ratio of {row} is not finite")
-    return json.dumps(result, indent=2)
+    return finite_json(result, result["rows"] + result["independent"], ("step_ratio",), "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -445,13 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"K={r['students']}: loop {r['loop_ms']:.1f} ms, concat {r['concat_ms']:.1f} ms, "
             f"concat / loop {r['concat_over_loop']:.2f}" for r in rows))
         return 0
-    try:
-        result = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(to_json(result) if as_json else format_table(result))
-    return 0
+    return run_tool(run, cfg, as_json, to_json, format_table)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,6 @@ same peak that leaves out transient buffers.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -56,7 +54,7 @@ import torch.nn as nn
 
 from collabsurgery import backbones
 from collabsurgery.bench import (_flops, _Runner, _saved_bytes, _Timer, bench_device, check_timing,
-                                 device_name, minor_faults, torch_threads)
+                                 device_name, finite_json, minor_faults, run_tool, torch_threads)
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import EXECUTION_MODES, build_graph, even_branches, splits
 
@@ -305,11 +303,8 @@ def format_table(result: dict) -> str:
 
 def to_json(result: dict) -> str:
     """The result as JSON (a non-finite ratio would be invalid JSON: it is an error)."""
-    for row in result["variants"]:
-        for key in ("time_ratio", "flop_ratio", "mem_ratio", "dropout_mem_over"):
-            if not math.isfinite(row[key]):
-                raise ValueError(f"{key} of {row['name']} is not finite")
-    return json.dumps(result, indent=2)
+    return finite_json(result, result["variants"],
+                       ("time_ratio", "flop_ratio", "mem_ratio", "dropout_mem_over"), "name")
 
 
 def _points(text: str) -> list[str] | None:
@@ -359,13 +354,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[IntraBenchConfig, boo
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark the command line asks for; 2 (one line on stderr) for a bad option."""
     cfg, as_json = parse_args(argv)
-    try:
-        result = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(to_json(result) if as_json else format_table(result))
-    return 0
+    return run_tool(run, cfg, as_json, to_json, format_table)
 
 
 if __name__ == "__main__":
