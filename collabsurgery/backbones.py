@@ -110,10 +110,14 @@ def resolve(model: str | nn.Module, **kwargs: Any) -> tuple[nn.Module, BackboneS
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The (C, H, W) a model expects: timm's pretrained_cfg, else ImageNet's 3x224x224."""
+    """The (C, H, W) a model expects: timm's pretrained_cfg, else the ``image_size`` a
+    torchvision ViT was built for, else ImageNet's 3x224x224."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size")
-    return tuple(size) if size else (3, 224, 224)
+    if size:
+        return tuple(size)
+    side = getattr(model, "image_size", None)
+    return (3, side, side) if isinstance(side, int) and side > 0 else (3, 224, 224)
 
 
 def fresh_instance(module: nn.Module, spec: BackboneSpec) -> nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,8 +101,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export one head of a training graph file or a training run as a plain backbone."""
     from .runs import export_from_source
 
-    path, head = export_from_source(Path(args.source), args.head, Path(args.output))
-    print(f"exported head {head} to {path}")
+    output = Path(args.output)
+    if args.format == "safetensors":
+        path, head = export_from_source(Path(args.source), args.head, output)
+        print(f"exported head {head} to {path}")
+        return
+    from .model_folder import save_timm_folder
+
+    with tempfile.TemporaryDirectory(prefix="collabsurgery-export-") as tmp:
+        path, head = export_from_source(Path(args.source), args.head, Path(tmp) / "head.safetensors")
+        folder = save_timm_folder(path, output)
+    print(f"exported head {head} to {folder} (load: timm.create_model(\"local-dir:{folder}\", "
+          "pretrained=True))")
 
 
 def _sigmas(text: str) -> tuple[float, ...]:
@@ -335,7 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="head index, 'best' (best on hold-out), or for a peer group a student's "
                         "architecture (resnet18); default: the head the run's method keeps "
                         "(OKDDip: the leader, the last head; otherwise best)")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .safetensors file (--format timm-folder: a new directory)")
+    p.add_argument("--format", choices=("safetensors", "timm-folder"), default="safetensors",
+                   help="safetensors: one file for cs.load_backbone or timm's file overlay; "
+                        "timm-folder: config.json + model.safetensors + README.md model card, "
+                        "as timm's save_for_hf writes (timm.create_model('local-dir:DIR', "
+                        "pretrained=True); pushable to the Hub)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="test accuracy of one head of a run; --perturb: under "

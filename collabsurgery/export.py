@@ -22,6 +22,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -117,7 +118,8 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _factory_kwargs(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+def factory_kwargs(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """The factory keyword arguments recorded in an export's metadata (UserError if damaged)."""
     try:
         kwargs = json.loads(metadata.get("model_kwargs", "{}"))
     except json.JSONDecodeError:
@@ -128,13 +130,25 @@ def _factory_kwargs(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
     return kwargs
 
 
-def load_backbone(path: str | os.PathLike, model: nn.Module | None = None,
+def load_backbone(path: str | os.PathLike, model: nn.Module | None = None, *,
+                  features_only: bool = False, out_indices: Sequence[int] | None = None,
                   **model_kwargs: Any) -> nn.Module:
     """Rebuild the unmodified backbone from an export's metadata and load it strictly.
 
     ``model`` loads into a given module instead (required for exports of a ready module);
-    ``model_kwargs`` override the recorded factory arguments.
+    ``model_kwargs`` override the recorded factory arguments. ``features_only=True`` returns
+    the backbone without its classifier as a feature extractor (``forward(x)`` -> list of maps,
+    ``feature_info``; ``out_indices`` picks the levels): see :mod:`collabsurgery.features`.
     """
+    if features_only:
+        from .features import load_features
+
+        if model is not None:
+            raise UserError("features_only rebuilds the model from the export's metadata; "
+                            "pass either model= or features_only=True, not both")
+        return load_features(path, out_indices, **model_kwargs)
+    if out_indices is not None:
+        raise UserError("out_indices needs features_only=True")
     metadata = read_metadata(path)
     state = load_state(path)
     if model is None:
@@ -144,7 +158,7 @@ def load_backbone(path: str | os.PathLike, model: nn.Module | None = None,
         if library not in ("timm", "torchvision"):
             raise UserError(f"{path}: metadata library is {library!r}; valid: timm or "
                             "torchvision (or pass model= to load into your own module)")
-        kwargs = {**_factory_kwargs(Path(path), metadata), **model_kwargs}
+        kwargs = {**factory_kwargs(Path(path), metadata), **model_kwargs}
         prefix = backbones.TORCHVISION_PREFIX if library == "torchvision" else ""
         spec = backbones.parse_model_name(prefix + name, kwargs)  # UserError: unknown name
         model = backbones.create(spec)

@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
@@ -118,6 +119,31 @@ def test_export_bad_source(kind, match, graph_file, tmp_path, capsys):
     assert run(["export", source, "--head", "0", "-o", out_dir / "x.safetensors"]) == 2
     assert re.search(match, one_line_error(capsys.readouterr().err))
     assert os.listdir(out_dir) == []
+
+
+def test_export_a_timm_model_folder(graph_file, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    assert run(["export", graph_file, "--head", "2", "--format", "timm-folder", "-o", folder]) == 0
+    assert f'local-dir:{folder}' in capsys.readouterr().out
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    net = load_graph(graph_file).eval()
+    x = make_input()
+    with torch.no_grad():
+        assert torch.equal(model(x), net(x)[2])
+
+
+def test_export_refuses_an_unknown_format_or_a_full_folder(graph_file, tmp_path, capsys):
+    assert run(["export", graph_file, "--head", "0", "--format", "onnx", "-o", tmp_path / "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --format: invalid choice: 'onnx'" in err[0]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert run(["export", graph_file, "--head", "0", "--format", "timm-folder",
+                "-o", tmp_path / "taken"]) == 2
+    assert "exists and is not empty" in one_line_error(capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+    assert os.listdir(tmp_path / "taken") == ["notes.txt"]
 
 
 def test_export_to_a_directory(graph_file, tmp_path, capsys):

@@ -6,6 +6,8 @@
 - torchvision MNASNet loads back (its loader needs module versions a safetensors file lacks).
 - A model whose training output is not one tensor is refused in one line (googlenet).
 - A model with no clean split point says so and points at pattern='instances'.
+- ViT and Hiera cut between blocks (optional forward arguments traced at their defaults).
+- A wrong input size names the model's own.
 """
 from __future__ import annotations
 
@@ -91,3 +93,30 @@ def test_a_model_without_split_points_says_so(capsys):
     assert "pattern='instances'" in err
     with pytest.raises(UserError, match="valid split points: none: .*pattern='instances'"):
         cs.wrap("crossvit_tiny_240", split="blocks.0", heads=2)
+
+
+@pytest.mark.parametrize("name,split", [("vit_tiny_patch16_224", "blocks.5"),
+                                        ("hiera_tiny_224", "blocks.6")])
+def test_optional_forward_arguments_do_not_block_cuts_between_blocks(name, split, tmp_path):
+    """ViT's attn_mask/is_causal and Hiera's mask are traced at their defaults, so every block
+    boundary is a clean cut (CL-ILR splits a ViT at blocks.N)."""
+    points = cs.splits(name)
+    assert {f"blocks.{i}" for i in range(1, 10)} <= set(points)
+    net = cs.wrap(name, split=split, heads=2, num_classes=10)
+    x = torch.randn(2, 3, 224, 224)
+    net(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in net.parameters() if p.requires_grad)
+    net.eval()
+    path = cs.export(net, 1, tmp_path / "head1.safetensors")
+    with torch.no_grad():
+        assert_same_logits(cs.load_backbone(path)(x), net(x)[1])
+
+
+def test_a_wrong_input_size_names_the_models_own(capsys):
+    assert cli.main(["wrap", "swinv2_tiny_window8_256", "--split", "layers.2",
+                     "--input-size", "224"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "its own input size is 3x256x256" in err
+    points = cs.splits("swinv2_tiny_window8_256")  # no size given: the model's own 256
+    assert "layers.2" in points

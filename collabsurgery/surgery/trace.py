@@ -10,6 +10,9 @@ Tracer settings are the union of both libraries' own conventions: torchvision's 
 (``get_notrace_modules()`` are leaves, ``get_notrace_functions()`` are auto-wrapped). Each
 setting only affects the classes of its own library, so the union is safe for either.
 
+Optional forward arguments (ViT's ``attn_mask``, Hiera's ``mask``) are traced as constants at
+their defaults (``concrete_args``); as graph inputs every block would read them.
+
 Because ``self.training`` branches are frozen into a trace, the model is traced twice, once in
 train mode and once in eval mode, like torchvision's ``DualGraphModule``. Each graph is run once
 on a small probe batch to learn which nodes yield a single Tensor and how large it is.
@@ -30,6 +33,7 @@ import torchvision
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import NodePathTracer
 
+from ..backbones import default_input_size
 from ..errors import UserError
 from ..preserve import preserved_buffers
 
@@ -42,6 +46,7 @@ class TracedGraph:
     qualnames: dict[fx.Node, str]
     is_tensor: dict[fx.Node, bool] = field(default_factory=dict)
     numel_per_sample: dict[fx.Node, int] = field(default_factory=dict)
+    shape: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)  # batch dim included
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -86,11 +91,23 @@ def tracer_kwargs() -> dict:
     }
 
 
+def optional_arguments(model: nn.Module) -> dict[str, object]:
+    """The forward arguments after the input that have defaults (ViT's ``attn_mask``,
+    ``is_causal``; Hiera's ``mask``), to be traced as constants at those defaults.
+
+    Traced as graph inputs instead, they would be read by every block, and no point between
+    blocks would be a clean cut.
+    """
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def _trace_once(model: nn.Module, training: bool) -> TracedGraph:
     model.train(training)
     tracer = NodePathTracer(**tracer_kwargs())
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=optional_arguments(model) or None)
     except Exception as err:  # FX raises many types for untraceable code
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{type(model).__name__} cannot be traced by torch.fx ({first_line}); "
@@ -110,6 +127,7 @@ class _Recorder(fx.Interpreter):
         self.traced.is_tensor[n] = isinstance(out, torch.Tensor)
         if isinstance(out, torch.Tensor):
             self.traced.numel_per_sample[n] = out.numel() // self.batch
+            self.traced.shape[n] = tuple(out.shape)
         return out
 
 
@@ -126,9 +144,12 @@ def _probe(model: nn.Module, traced: TracedGraph, input_size: tuple[int, int, in
             x = torch.randn(batch, *input_size)
             out = _Recorder(gm, traced, batch).run(x)
     except Exception as err:
+        own = default_input_size(model)
+        hint = (f"its own input size is {'x'.join(map(str, own))} (the default when none is "
+                "given)" if tuple(own) != tuple(input_size) else "pass a valid input size")
         raise UserError(f"{type(model).__name__} failed on a {batch}x{'x'.join(map(str, input_size))}"
                         f" probe input ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                        "pass a valid input size") from None
+                        f"{hint}") from None
     if not isinstance(out, torch.Tensor):
         raise UserError(f"{type(model).__name__} returns a {type(out).__name__}, not one tensor "
                         f"of logits, in {'training' if training else 'eval'} mode; every head "
