@@ -115,6 +115,17 @@ def cmd_export(args: argparse.Namespace) -> None:
           "pretrained=True))")
 
 
+def cmd_finetune_detection(args: argparse.Namespace) -> None:
+    """Fine-tune a detector on an exported backbone (see :mod:`collabsurgery.detection`)."""
+    from .detection import run
+
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; continue with --resume (from the last finished "
+                          "epoch's checkpoint)") from None
+
+
 def _sigmas(text: str) -> tuple[float, ...]:
     from .robustness import check_sigmas
 
@@ -403,6 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="for every run, e.g. data.source=/data/cifar10 train.epochs=50")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("finetune-detection", help="fine-tune a Faster R-CNN (FPN) on an "
+                       "exported backbone, with COCO mAP (also: accelerate launch "
+                       "tools/finetune_detection.py)")
+    from .detection import add_arguments as detection_arguments
+
+    detection_arguments(p)
+    p.set_defaults(func=cmd_finetune_detection)
 
     p = sub.add_parser("demo", help="CL-ILR vs single model on the built-in digits, then export")
     p.add_argument("--recipe", default=None, help="default: the built-in demo settings")

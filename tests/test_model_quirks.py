@@ -77,7 +77,7 @@ def test_mnasnet_exports_and_loads_back(tmp_path):
 
 
 def test_a_model_with_auxiliary_outputs_is_refused_in_one_line():
-    with pytest.raises(UserError, match="returns a GoogLeNetOutputs, not one tensor of logits, "
+    with pytest.raises(UserError, match="returns GoogLeNetOutputs, not one tensor of logits, "
                                         "in training mode.*aux_logits=False"):
         cs.wrap("torchvision.googlenet", split="inception4a", heads=2, num_classes=10,
                 input_size=(3, 64, 64))

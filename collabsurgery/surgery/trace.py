@@ -151,7 +151,7 @@ def _probe(model: nn.Module, traced: TracedGraph, input_size: tuple[int, int, in
                         f" probe input ({type(err).__name__}: {str(err).splitlines()[0]}); "
                         f"{hint}") from None
     if not isinstance(out, torch.Tensor):
-        raise UserError(f"{type(model).__name__} returns a {type(out).__name__}, not one tensor "
+        raise UserError(f"{type(model).__name__} returns {type(out).__name__}, not one tensor "
                         f"of logits, in {'training' if training else 'eval'} mode; every head "
                         "must return logits (torchvision googlenet and inception_v3: pass "
                         "aux_logits=False)")
