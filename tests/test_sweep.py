@@ -1,0 +1,174 @@
+"""The model sweep (collabsurgery.sweep, tools/sweep_models.py) on a handful of small models."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import collabsurgery.sweep as sweep
+from collabsurgery.sweep import (CSV_COLUMNS, STAGES, SweepResult, check_model, default_models,
+                                 family_of, normalise_reason, summarise)
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMM_STAGES = list(STAGES)
+TORCHVISION_STAGES = [s for s in STAGES if s != "overlay"]
+
+
+@pytest.mark.parametrize("name, family", [
+    ("resnet18", "resnet"),                          # a CNN at its own 224
+    ("vit_tiny_patch16_224", "vision_transformer"),  # a ViT
+    ("levit_128s", "levit"),                         # a conv/attention hybrid
+    ("torchvision.squeezenet1_0", "squeezenet"),     # torchvision
+])
+def test_small_models_pass_every_check(name: str, family: str) -> None:
+    result = check_model(name, threads=1)
+    assert result.status == "pass", f"{result.stage}: {result.reason}"
+    assert result.family == family and result.split and result.params_m > 0
+    expected = TORCHVISION_STAGES if name.startswith("torchvision.") else TIMM_STAGES
+    assert result.checks == expected and result.stage == expected[-1]
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
+    assert result.no_grad == [] and result.reason == ""
+    if result.library == "timm":
+        assert result.overlay_max_abs_diff is not None and result.overlay_max_abs_diff <= 1e-4
+
+
+def test_model_without_a_clean_cut_is_refused() -> None:
+    result = check_model("crossvit_tiny_240", threads=1)
+    assert (result.status, result.stage, result.split) == ("refused", "wrap", "")
+    assert "no single tensor carries the whole state" in result.reason
+    assert "pattern='instances'" in result.reason
+    assert result.checks == ["create", "splits"]
+
+
+def test_unknown_model_is_refused_at_create() -> None:
+    result = check_model("no_such_model_xyz")
+    assert (result.status, result.stage) == ("refused", "create")
+    assert "unknown model" in result.reason
+
+
+def test_wrong_logits_are_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_load = sweep.cs.load_backbone
+
+    def load_and_perturb(path, *args, **kwargs):
+        model = real_load(path, *args, **kwargs)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "bias" in n).add_(1.0)
+        return model
+
+    monkeypatch.setattr(sweep.cs, "load_backbone", load_and_perturb)
+    result = check_model("cifar_resnet20", threads=1)
+    assert (result.status, result.stage) == ("fail", "logits")
+    assert "loaded backbone logits differ" in result.reason
+    assert result.checks == TIMM_STAGES[:TIMM_STAGES.index("logits")]
+
+
+def test_missing_gradients_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_wrap = sweep.cs.wrap
+
+    def wrap_with_unused_parameter(*args, **kwargs):
+        net = real_wrap(*args, **kwargs)
+        net.register_parameter("unused_weight", torch.nn.Parameter(torch.zeros(3)))
+        return net
+
+    monkeypatch.setattr(sweep.cs, "wrap", wrap_with_unused_parameter)
+    result = check_model("cifar_resnet20", threads=1)
+    assert (result.status, result.stage) == ("fail", "gradients")
+    assert result.no_grad == ["unused_weight"] and "unused_weight" in result.reason
+
+
+def test_family_of() -> None:
+    assert family_of("resnet50") == "resnet"
+    assert family_of("vit_tiny_patch16_224") == "vision_transformer"
+    assert family_of("torchvision.mobilenet_v2") == "mobilenetv2"
+
+
+def test_default_models_keep_the_smallest_of_each_timm_family() -> None:
+    sizes = {"resnet50": 25.6, "resnet18": 11.7, "vit_small_patch16_224": 22.1,
+             "vit_tiny_patch16_224": 5.7, "torchvision.resnet50": 25.6,
+             "torchvision.resnet18": 11.7}
+    chosen = default_models(sizes, params=sizes.__getitem__)
+    assert chosen == [("resnet18", 11.7), ("vit_tiny_patch16_224", 5.7),
+                      ("torchvision.resnet50", 25.6), ("torchvision.resnet18", 11.7)]
+    capped = default_models(sizes, max_params_m=12, every=True, params=sizes.__getitem__)
+    assert [n for n, _ in capped] == ["resnet18", "vit_tiny_patch16_224", "torchvision.resnet18"]
+    assert default_models(["resnet50"], every=True) == [("resnet50", None)]  # nothing counted
+
+
+def test_summarise_groups_causes_and_messages() -> None:
+    results = [
+        SweepResult("resnet18", "resnet", "timm", 11.7, "pass", "overlay", bit_equal=True),
+        SweepResult("vit_a", "vision_transformer", "timm", 5.0, "fail", "logits",
+                    "loaded backbone logits differ from head 1's: max abs diff 0.031"),
+        SweepResult("vit_b", "vision_transformer", "timm", 9.0, "fail", "logits",
+                    "loaded backbone logits differ from head 1's: max abs diff 2.5e-03"),
+        SweepResult("foo_net", "foo", "timm", 1.0, "fail", "export",
+                    "RuntimeError: shape [2, 3] of 'foo_net.blocks.1' is wrong"),
+        SweepResult("crossvit_a", "crossvit", "timm", 7.0, "refused", "wrap",
+                    "invalid split point 'blocks.0' (not a clean single-tensor cut)"),
+        SweepResult("crossvit_b", "crossvit", "timm", 8.0, "refused", "wrap",
+                    "invalid split point 'blocks.2' (not a clean single-tensor cut)"),
+        SweepResult("torchvision.alexnet", "alexnet", "torchvision", 61.1, "pass", "logits"),
+        SweepResult("torchvision.vgg11", "vgg", "torchvision", 132.9, "timeout", "wrap",
+                    "no result after 300 s"),
+    ]
+    text = summarise(results, command="python tools/sweep_models.py --all")
+    assert "`python tools/sweep_models.py --all`" in text
+    assert "- timm: 1/4 families pass (25.0%); 1 refused, 2 fail, 0 timeout" in text
+    assert "- timm models: 1/6 models pass (16.7%)" in text
+    assert "- torchvision: 1/2 models pass (50.0%); 0 refused, 0 fail, 1 timeout" in text
+    failures = text.split("## Failures by cause")[1].split("##")[0]
+    assert "| 2 | logits: loaded backbone logits differ from head N's: max abs diff N |" \
+        in failures and "| 1 | export: RuntimeError" in failures
+    refusals = text.split("## Refusals by message")[1].split("##")[0]
+    assert "| 2 | invalid split point '…' (…) |" in refusals
+    assert "torchvision.vgg11" in text.split("## Timeouts")[1]
+
+
+def test_normalise_reason_strips_model_specific_detail() -> None:
+    assert normalise_reason("model 'resnet18' wants 224x224, got [2, 3, 32, 32] (batch 2)",
+                            "resnet18") == "model '…' wants NxN, got […] (…)"
+    assert normalise_reason("resnet18 failed at layer3.1", "resnet18") == \
+        "<model> failed at <name>.N"
+    assert normalise_reason("Inception3 returns a InceptionOutputs, not logits") == \
+        normalise_reason("GoogLeNet returns a GoogLeNetOutputs, not logits") == \
+        "<name> returns a <name>, not logits"
+    assert normalise_reason("RuntimeError: mat1 and mat2 shapes cannot be multiplied") == \
+        "RuntimeError: <name> and <name> shapes cannot be multiplied"
+
+
+def test_sweep_tool_writes_csv_and_summary(tmp_path: Path) -> None:
+    csv_path, summary = tmp_path / "sweep.csv", tmp_path / "sweep.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sweep_models.py"), "--all", "--no-torchvision",
+         "--filter", "cifar_resnet20", "--filter", "no_such_model_xyz,mobilenetv3_small_050",
+         "--csv", str(csv_path), "--summary", str(summary), "--jobs", "2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "[2/2]" in done.stdout and "pass" in done.stdout
+    with csv_path.open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == CSV_COLUMNS
+    assert {r["model"]: (r["status"], r["stage"]) for r in rows} == {
+        "mobilenetv3_small_050": ("pass", "overlay"), "cifar_resnet20": ("pass", "overlay")}
+    text = summary.read_text()
+    assert "- timm: 2/2 families pass (100.0%)" in text
+    assert "--filter cifar_resnet20" in text
+
+
+def test_sweep_tool_times_out(tmp_path: Path) -> None:
+    csv_path = tmp_path / "sweep.csv"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sweep_models.py"), "--no-torchvision",
+         "--filter", "cifar_resnet20", "--timeout", "0.5", "--csv", str(csv_path),
+         "--summary", str(tmp_path / "sweep.md")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    with csv_path.open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["model"], row["status"]) == ("cifar_resnet20", "timeout")
+    assert row["reason"] == "no result after 0.5 s"
