@@ -21,4 +21,4 @@ test: $(STAMP)  ## the whole test suite (CPU only)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf runs/demo-* .pytest_cache
+	rm -rf runs/demo-* runs/detection-* .pytest_cache
