@@ -209,6 +209,16 @@ def _flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return total, total + backward.get_total_flops()
 
 
+# checkpoint_branches settings measured by --checkpoint, and their row names' suffixes
+RECOMPUTE_SUFFIX: dict[bool | str, str] = {False: "", True: "+ckpt", "selective": "+sel"}
+
+
+def _recompute_of(row: str) -> bool | str:
+    """The checkpoint_branches setting of a row name (``packed+sel`` -> "selective")."""
+    suffix = "+" + row.partition("+")[2] if "+" in row else ""
+    return next(k for k, v in RECOMPUTE_SUFFIX.items() if v == suffix)
+
+
 def _limit(times: list[float], pieces: list) -> float:
     """The stage-time limit: every piece's time times its copies, over the plain model's pieces."""
     return sum(t * p.executions for t, p in zip(times, pieces)) / \
@@ -272,8 +282,8 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
 
     variants: dict[str, TrainingGraph] = {}
     for mode in modes:
-        for ckpt in ((False, True) if cfg.checkpoint else (False,)):
-            variants[mode + ("+ckpt" if ckpt else "")] = copy.deepcopy(net).set_execution(
+        for ckpt in (tuple(RECOMPUTE_SUFFIX) if cfg.checkpoint else (False,)):
+            variants[mode + RECOMPUTE_SUFFIX[ckpt]] = copy.deepcopy(net).set_execution(
                 mode, checkpoint_branches=ckpt, compile=cfg.compile)
     if cfg.compile:
         plain.compile()
@@ -311,7 +321,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
     entries = []
     for name, variant in variants.items():
         entries.append(dict(
-            mode=name.split("+")[0], checkpoint=name.endswith("+ckpt"),
+            mode=name.split("+")[0], checkpoint=_recompute_of(name),
             time_ratio=median[name] / median["plain"],
             time_ratio_min=best[name] / best["plain"], mem_ratio=mem[name] / mem["plain"],
             step_ms=median[name] * 1e3, mem_mb=mem[name] / 1e6, **common,
@@ -345,7 +355,7 @@ def format_table(result: dict) -> str:
              "", f"{'mode':<14} {'step ms':>9} {'time':>6} {'limit':>6} {'FLOPs':>6} {'mem':>6}"
              f" {'time/limit (min)':>17}"]
     for e in result["modes"]:
-        name = e["mode"] + ("+ckpt" if e["checkpoint"] else "")
+        name = e["mode"] + RECOMPUTE_SUFFIX[e["checkpoint"]]
         lines.append(f"{name:<14} {e['step_ms']:>9.1f} {e['time_ratio']:>6.2f} "
                      f"{e['stage_limit_ratio']:>6.2f} {e['flop_ratio']:>6.2f} "
                      f"{e['mem_ratio']:>6.2f} {e['time_ratio_min']:>8.2f}/"

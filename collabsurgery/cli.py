@@ -109,7 +109,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .model_folder import save_timm_folder
 
     with tempfile.TemporaryDirectory(prefix="collabsurgery-export-") as tmp:
-        path, head = export_from_source(Path(args.source), args.head, Path(tmp) / "head.safetensors")
+        path, head = export_from_source(Path(args.source), args.head,
+                                        Path(tmp) / "head.safetensors")
         folder = save_timm_folder(path, output)
     print(f"exported head {head} to {folder} (load: timm.create_model(\"local-dir:{folder}\", "
           "pretrained=True))")
@@ -339,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--execution", type=_modes, default="all", metavar="MODES",
                    help="comma-separated execution modes (loop,fused,packed,auto) or all")
     p.add_argument("--checkpoint", action="store_true",
-                   help="also measure each mode with activation checkpointing of branch stages")
+                   help="also measure each mode with activation checkpointing of branch stages "
+                        "(+ckpt: recompute all; +sel: recompute all but convolutions and "
+                        "matmuls)")
     p.add_argument("--repeats", type=_at_least(1), default=5, help="timed steps (median)")
     p.add_argument("--warmup", type=_at_least(0), default=2, help="untimed steps first")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")

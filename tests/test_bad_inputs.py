@@ -197,9 +197,13 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint(tmp_path):
     recipe_file = save_recipe(tiny(tmp_path, "run.name=sig", "run.checkpoint_every=1",
                                    "train.epochs=50"), tmp_path / "sig.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "collabsurgery.cli", "train", "--recipe",
-                             str(recipe_file)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # as a shell starts a foreground command: SIGINT neither ignored nor blocked, whatever this
+    # test process inherited (under a busy CI run the child once ignored the signal)
+    child = ("import signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+             "signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from collabsurgery.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", child, "train", "--recipe", str(recipe_file)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpts = tmp_path / "sig" / "checkpoints"
     deadline = time.monotonic() + 120
     def steps_done() -> int:  # the newest finished checkpoint's step (older ones are pruned)
@@ -210,8 +214,8 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint(tmp_path):
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out[-2000:], err)
     line = err.strip().splitlines()
     assert len(line) == 1 and "Traceback" not in err, err
     assert line[0].startswith("collabsurgery: interrupted; resume with run.resume=auto from "

@@ -175,7 +175,8 @@ class TrainingGraph(nn.Module):
         copy counts (stages of head 0's path; each student of a peer group)."""
         raise NotImplementedError
 
-    def set_execution(self, mode: str | None = None, checkpoint_branches: bool | None = None,
+    def set_execution(self, mode: str | None = None,
+                      checkpoint_branches: bool | str | None = None,
                       compile: bool | dict | None = None) -> "TrainingGraph":
         """Choose how the graph runs; graphs without alternatives accept only loop/auto."""
         if mode not in (None, "loop", "auto") or checkpoint_branches:

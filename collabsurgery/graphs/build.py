@@ -102,7 +102,7 @@ def _config(kind: str, spec: backbones.BackboneSpec, size: tuple[int, ...], **ar
 
 
 def _finish(net: TreeNet, module: nn.Module, spec: backbones.BackboneSpec, execution: str,
-            checkpoint_branches: bool) -> TreeNet:
+            checkpoint_branches: bool | str) -> TreeNet:
     _reinitialise_copies(net, module, spec)
     net.set_execution(execution, checkpoint_branches)
     net.train(module.training)
@@ -118,7 +118,8 @@ def _tree_example(backbone: str, points: Sequence[str]) -> dict[str, Any]:
 def build_tree(model: str | nn.Module, split: str | Sequence[str] | None = None, heads: int = 2,
                branches: Sequence[int] | None = None, rescale: str = "backprop",
                input_size: Sequence[int] | None = None, execution: str = "auto",
-               checkpoint_branches: bool = False, model_kwargs: dict | None = None) -> TreeNet:
+               checkpoint_branches: bool | str = False, model_kwargs: dict | None = None
+               ) -> TreeNet:
     """Shared trunk up to the first split point; with several split points the heads branch
     hierarchically, ``branches`` (default: an even factorisation of ``heads``) giving the
     fan-out at each. ``heads=1`` without split points is the plain model.
@@ -170,7 +171,7 @@ def cut_stages(module: nn.Module, size: tuple[int, ...], split: Sequence[str]
 @register_graph("instances", example=lambda backbone, points: {"heads": 2})
 def build_instances(model: str | nn.Module, heads: int = 2, rescale: str = "backprop",
                     input_size: Sequence[int] | None = None, execution: str = "auto",
-                    checkpoint_branches: bool = False, model_kwargs: dict | None = None
+                    checkpoint_branches: bool | str = False, model_kwargs: dict | None = None
                     ) -> TreeNet:
     """``heads`` independent copies of the whole model (paper 000, Fig. 1b); each head may run
     on its own batch (``[H, B, ...]`` input). ``rescale="loss"`` weights each head's loss 1/H."""

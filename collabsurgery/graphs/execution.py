@@ -27,8 +27,13 @@ group, and each single-copy stage) in ``torch.compile``: regional compilation th
 module names and ``state_dict`` alone.
 
 ``checkpoint_branches`` recomputes branch stages (stages with more than one copy) in backward
-(``torch.utils.checkpoint``, ``use_reentrant=False``); BatchNorm running statistics are restored
-after the recomputation so they are updated exactly once per step.
+(``torch.utils.checkpoint``, ``use_reentrant=False``): ``True`` saves only each stage's input and
+recomputes all of it; ``"selective"`` (torch's selective activation checkpointing) saves what
+convolutions, matmuls and attention return and recomputes normalisation, activations, pooling,
+elementwise ops and packed weight concatenation (ResNet-50, 4 heads, CPU estimate: memory 1.59x
+instead of 1.79x at the loop's step time; ``True``: 1.35x at +25%). BatchNorm running statistics
+are restored after the recomputation so they are updated exactly once per step. ``auto`` never
+turns recomputation on by itself: it trades time for memory, and auto only times.
 """
 from __future__ import annotations
 
@@ -36,9 +41,14 @@ import copy
 import itertools
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 from ..errors import ArgumentError, UserError
 from ..preserve import BufferSnapshot
@@ -51,6 +61,14 @@ CANDIDATES = ("loop", "fused", "packed")
 Plan = Callable[[torch.Tensor], list[torch.Tensor]]
 _MIN_GAIN = 0.03  # auto keeps the loop unless another mode is this much faster
 TIMED_DEVICES = {"cuda"}  # where auto times the modes; elsewhere it runs the loop
+# checkpoint_branches values (and their spellings in recipes and graph JSON)
+RECOMPUTE: dict[Any, bool | str] = {False: False, None: False, True: True,
+                                    "selective": "selective"}
+# what selective recomputation saves (aten op names); everything else is recomputed
+_SAVED_OPS = {"convolution", "mm", "addmm", "bmm", "baddbmm",
+              "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention",
+              "_scaled_dot_product_flash_attention_for_cpu"}
 
 
 def untimed_choice(x: torch.Tensor) -> str:
@@ -152,7 +170,27 @@ def _time_plans(plans: dict[str, Plan], group: Sequence[nn.Module], x: torch.Ten
     return {mode: min(s[1:]) if len(s) > 1 else s[0] for mode, s in samples.items()}
 
 
-def _checkpointed(plan: Plan, x: torch.Tensor, group: Sequence[nn.Module]) -> list[torch.Tensor]:
+def check_recompute(value: bool | str | None) -> bool | str:
+    """``checkpoint_branches`` normalised: False, True (recompute everything) or
+    ``"selective"`` (recompute all but convolutions and matmuls); else a UserError."""
+    if value in RECOMPUTE:
+        return RECOMPUTE[value]
+    raise ArgumentError("checkpoint_branches", f"{value!r} is not a recomputation setting; "
+                                               "valid: false, true, 'selective'")
+
+
+def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Save what the expensive ops (convolutions, matmuls, attention) return; recompute the rest
+    (normalisation, activations, elementwise ops, pooling, weight concatenation) in backward."""
+    if op.overloadpacket.__name__ in _SAVED_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(plan: Plan, x: torch.Tensor, group: Sequence[nn.Module],
+                  recompute: bool | str = True) -> list[torch.Tensor]:
+    """``plan(x)`` recomputed in backward (all of it, or only the cheap ops: ``"selective"``),
+    with BatchNorm statistics updated only by the first forward."""
     calls = 0
 
     def body(inp: torch.Tensor) -> list[torch.Tensor]:
@@ -160,11 +198,20 @@ def _checkpointed(plan: Plan, x: torch.Tensor, group: Sequence[nn.Module]) -> li
         calls += 1
         if calls == 1:
             return plan(inp)
-        buffers = BufferSnapshot(*group)  # recomputation in backward: BatchNorm must not count twice
+        # recomputation in backward: BatchNorm must not count twice. Outside dispatch modes,
+        # because selective checkpointing replays the forward's exact op sequence.
+        with _disable_current_modes():
+            buffers = BufferSnapshot(*group)
         try:
             return plan(inp)
         finally:
-            buffers.restore()
+            with _disable_current_modes():
+                buffers.restore()
+    if recompute == "selective":  # what it caches passes through saved-tensor hooks (CPU
+        # memory estimates, offloading) like any tensor autograd saves
+        return checkpoint(body, x, use_reentrant=False, respect_saved_tensors_hooks=True,
+                          context_fn=partial(create_selective_checkpoint_contexts,
+                                             _selective_policy))
     return checkpoint(body, x, use_reentrant=False)
 
 
@@ -192,10 +239,10 @@ class Executor:
     tensors move).
     """
 
-    def __init__(self, mode: str = "auto", checkpoint_branches: bool = False,
+    def __init__(self, mode: str = "auto", checkpoint_branches: bool | str = False,
                  compile: bool | dict = False):
         self.mode = check_mode(mode)
-        self.checkpoint_branches = bool(checkpoint_branches)
+        self.checkpoint_branches = check_recompute(checkpoint_branches)
         self.compile = compile  # True, or keyword arguments of torch.compile
         self.clear()
 
@@ -222,7 +269,7 @@ class Executor:
         """Outputs of every copy of stage ``index``; copy ``c`` reads ``parents[c // fanout]``
         (the copies reading one parent are a sibling group)."""
         fanout = len(copies) // len(parents)
-        ckpt = self.checkpoint_branches and len(copies) > 1 and torch.is_grad_enabled()
+        ckpt = self.checkpoint_branches if len(copies) > 1 and torch.is_grad_enabled() else False
         outputs: list[torch.Tensor] = []
         for p, x in enumerate(parents):
             group = list(copies[p * fanout:(p + 1) * fanout])
@@ -230,9 +277,9 @@ class Executor:
             if not ckpt:
                 outputs.extend(plan(x))
             elif mode == "loop":
-                outputs.extend(_checkpointed(_loop([c]), x, [c])[0] for c in group)
+                outputs.extend(_checkpointed(_loop([c]), x, [c], ckpt)[0] for c in group)
             else:
-                outputs.extend(_checkpointed(plan, x, group))
+                outputs.extend(_checkpointed(plan, x, group, ckpt))
         return outputs
 
     @torch.compiler.disable
@@ -290,7 +337,9 @@ class Executor:
         """One line per stage (its name, copies and sibling-group size): the requested and the
         running mode, and why."""
         lines = [f"execution: {self.mode}" +
-                 (", branch stages checkpointed" if self.checkpoint_branches else "") +
+                 {False: "", True: ", branch stages checkpointed",
+                  "selective": ", branch stages recomputed selectively (convolutions and "
+                               "matmuls saved)"}[self.checkpoint_branches] +
                  (", every sibling group compiled" if self.compile else "")]
         for i, (name, count, group) in enumerate(zip(stage_names, copies, group_sizes)):
             if group == 1:

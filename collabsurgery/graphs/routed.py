@@ -47,7 +47,7 @@ class RoutedNet(StagedGraph):
         self._last: tuple[torch.Tensor, dict[tuple, torch.Tensor]] | None = None
         self.execution = "loop"
 
-    def set_execution(self, mode: str | None = None, checkpoint_branches: bool | None = None,
+    def set_execution(self, mode: str | None = None, checkpoint_branches: bool | str | None = None,
                       compile: bool | dict | None = None) -> "RoutedNet":
         """``loop``: each module once per distinct input; ``concat``: a module several students
         use in one step runs once on their inputs concatenated (BatchNorm still normalises each

@@ -154,7 +154,7 @@ class StagedGraph(TrainingGraph):
 
     # ---------------------------------------------------------------- execution modes
 
-    def set_execution(self, mode: str | None = None, checkpoint_branches: bool | None = None,
+    def set_execution(self, mode: str | None = None, checkpoint_branches: bool | str | None = None,
                       compile: bool | dict | None = None) -> "StagedGraph":
         """Choose how sibling copies run (``loop``, ``fused``, ``packed``, ``auto``), whether
         branch stages are recomputed in backward and whether each stage's plan is compiled;
