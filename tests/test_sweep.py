@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import collabsurgery.sweep as sweep
@@ -42,6 +43,34 @@ def test_model_without_a_clean_cut_is_refused() -> None:
     assert "no single tensor carries the whole state" in result.reason
     assert "pattern='instances'" in result.reason
     assert result.checks == ["create", "splits"]
+
+
+class _BranchesOnData(torch.nn.Module):
+    """A classifier with data-dependent control flow, as Gemma 4's ViT has: FX cannot trace it."""
+
+    def __init__(self, num_classes: int = 1000, **_: object):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.mean() > 0:
+            x = x.relu()
+        return self.fc(x.mean((2, 3)))
+
+
+@timm.models.register_model
+def sweep_test_untraceable(pretrained: bool = False, **kwargs: object) -> torch.nn.Module:
+    """Registered under a test-only name so that the sweep can build it by name."""
+    return _BranchesOnData(**kwargs)
+
+
+def test_an_untraceable_model_is_refused() -> None:
+    result = check_model("sweep_test_untraceable", threads=1)
+    assert (result.status, result.stage) == ("refused", "splits")
+    assert "cannot be traced by torch.fx" in result.reason
+    assert "pattern='instances'" in result.reason
 
 
 def test_unknown_model_is_refused_at_create() -> None:
