@@ -9,6 +9,13 @@ class UserError(ValueError):
     """
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty
+    (for quoting a library's error inside one line of our own)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept.
 

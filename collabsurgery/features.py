@@ -30,7 +30,7 @@ from timm.models import FeatureInfo
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from .backbones import default_input_size
-from .errors import UserError
+from .errors import UserError, first_line
 from .export import factory_kwargs, load_backbone, load_state, read_metadata
 from .surgery.cuts import split_points
 from .surgery.trace import trace
@@ -67,11 +67,6 @@ def _quiet_timm() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _timm_features(path: Path, name: str, kwargs: dict[str, Any],
                    out_indices: Sequence[int] | None) -> nn.Module:
     if out_indices is not None:
@@ -83,7 +78,7 @@ def _timm_features(path: Path, name: str, kwargs: dict[str, Any],
     except Exception as err:  # timm raises RuntimeError, AssertionError, IndexError, ...
         raise UserError(f"timm cannot build {name} with features_only=True"
                         f"{f', out_indices={tuple(out_indices)}' if out_indices else ''} "
-                        f"({_first_line(err)}); valid: a model timm gives a feature extractor "
+                        f"({first_line(err)}); valid: a model timm gives a feature extractor "
                         f"(timm.create_model(..., features_only=True)) and out_indices within "
                         "its feature_info, or cs.load_backbone(path) with your own hooks") from None
 

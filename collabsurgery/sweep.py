@@ -46,7 +46,7 @@ import collabsurgery as cs
 
 from . import backbones
 from .bench import torch_threads
-from .errors import UserError
+from .errors import UserError, first_line
 
 STAGES = ("create", "splits", "wrap", "forward-backward", "gradients", "export", "load",
           "logits", "overlay")
@@ -209,18 +209,18 @@ def _smallest_per_family(names: list[str], counted: dict[str, float | None]) -> 
 
 
 def input_size_of(name: str, module: nn.Module) -> tuple[int, int, int]:
-    """The model's own default input size (timm: its pretrained_cfg)."""
-    if library_of(name) == "torchvision":
-        return TORCHVISION_INPUT_SIZES.get(name.split(".", 1)[1], (3, 224, 224))
-    return tuple(backbones.default_input_size(module))
+    """The model's own default input size (:func:`~collabsurgery.backbones.default_input_size`;
+    torchvision inception_v3 at the 299 px it was designed for)."""
+    short = name.split(".", 1)[1] if library_of(name) == "torchvision" else ""
+    return TORCHVISION_INPUT_SIZES.get(short) or tuple(backbones.default_input_size(module))
 
 
 # ---------------------------------------------------------------------------------- the check
 
 def one_line(err: BaseException) -> str:
     """``Type: first line of the message`` (at most 300 characters)."""
-    text = str(err).strip().splitlines()
-    line = f"{type(err).__name__}: {text[0] if text else ''}".strip()
+    text = str(err).strip()
+    line = f"{type(err).__name__}: {first_line(err) if text else ''}".strip()
     return line if len(line) <= 300 else line[:297] + "..."
 
 
@@ -251,7 +251,7 @@ def check_model(name: str, threads: int | None = None,
         except UserError as err:
             refused = result.stage in REFUSING_STAGES
             result.status = "refused" if refused else "fail"
-            result.reason = str(err).strip().splitlines()[0] if refused else one_line(err)
+            result.reason = first_line(err) if refused else one_line(err)
         except CheckFailed as err:
             result.reason = str(err)
         except Exception as err:  # noqa: BLE001 - a sweep reports every failure and goes on

@@ -153,3 +153,34 @@ def load_tool(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def train_step(net: nn.Module, x: torch.Tensor, autocast: torch.dtype | None = None
+               ) -> torch.Tensor:
+    """One training step: forward, a loss that weighs heads differently, backward."""
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        logits = net(x)
+    weights = torch.arange(1, logits.shape[0] + 1, dtype=torch.float32).view(-1, 1, 1)
+    (logits.float().square() * weights).mean().backward()
+    return logits
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, what: str,
+                        rtol: float = 1e-4) -> None:
+    """allclose with an absolute tolerance relative to ``expected``'s largest value."""
+    actual, expected = actual.detach().float(), expected.detach().float()
+    scale = expected.abs().max().clamp_min(1e-6).item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def assert_same_training_step(other: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
+    """One :func:`train_step` of each gives the same logits, gradients and buffers (BatchNorm
+    statistics and ``num_batches_tracked``: updated once)."""
+    assert_close_scaled(train_step(other, x), train_step(ref, x), "logits")
+    grads = dict(ref.named_parameters())
+    for name, p in other.named_parameters():
+        assert_close_scaled(p.grad, grads[name].grad, f"grad of {name}")
+    buffers = dict(ref.named_buffers())
+    for name, b in other.named_buffers():
+        assert_close_scaled(b, buffers[name], f"buffer {name}", rtol=1e-5)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import collabsurgery as cs
 from collabsurgery.graphs import execution
 
-from conftest import make_input
+from conftest import assert_close_scaled, assert_same_training_step, make_input, train_step
 
 MODES = ("fused", "packed", "auto")
 GRAPHS = {
@@ -52,22 +52,6 @@ def timed_on_cpu(monkeypatch):
     monkeypatch.setattr(execution, "TIMED_DEVICES", {"cuda", "cpu"})
 
 
-def _step(net: cs.TreeNet, x: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
-    """One training step: forward, a loss that weighs heads differently, backward."""
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        logits = net(x)
-    weights = torch.arange(1, logits.shape[0] + 1, dtype=torch.float32).view(-1, 1, 1)
-    (logits.float().square() * weights).mean().backward()
-    return logits
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
-    actual, expected = actual.detach().float(), expected.detach().float()
-    scale = expected.abs().max().clamp_min(1e-6).item()
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale,
-                               msg=lambda m: f"{what}: {m}")
-
-
 def _pair(net: cs.TreeNet, mode: str, **kwargs) -> tuple[cs.TreeNet, cs.TreeNet]:
     return copy.deepcopy(net).train(), copy.deepcopy(net).train().set_execution(mode, **kwargs)
 
@@ -76,15 +60,15 @@ def _pair(net: cs.TreeNet, mode: str, **kwargs) -> tuple[cs.TreeNet, cs.TreeNet]
 def test_mode_matches_loop(net, mode, timed_on_cpu):
     ref, other = _pair(net, mode)
     x = make_input(4)
-    _close(_step(other, x), _step(ref, x), "logits")
+    assert_close_scaled(train_step(other, x), train_step(ref, x), "logits")
     assert list(other.state_dict()) == list(ref.state_dict())
     grads = dict(ref.named_parameters())
     for name, p in other.named_parameters():
         assert p.grad is not None, name
-        _close(p.grad, grads[name].grad, f"grad of {name}")
+        assert_close_scaled(p.grad, grads[name].grad, f"grad of {name}")
     buffers = dict(ref.named_buffers())
     for name, b in other.named_buffers():
-        _close(b, buffers[name], f"buffer {name}", rtol=1e-5)
+        assert_close_scaled(b, buffers[name], f"buffer {name}", rtol=1e-5)
     if mode == "auto":
         assert set(other.executor.timings) == {i for i, f in enumerate(net.fanouts) if f > 1}
     else:
@@ -97,19 +81,20 @@ def test_mode_matches_loop(net, mode, timed_on_cpu):
         actual = other.head_state_dict(head)
         assert list(actual) == list(expected)
         for key in expected:
-            _close(actual[key], expected[key], f"head {head} {key}", rtol=1e-5)
+            assert_close_scaled(actual[key], expected[key], f"head {head} {key}", rtol=1e-5)
     ref.eval(), other.eval()
     with torch.no_grad():
-        _close(other(x), ref(x), "eval logits")
+        assert_close_scaled(other(x), ref(x), "eval logits")
 
 
 @pytest.mark.parametrize("mode", ("loop", *MODES))
 def test_bf16_autocast_runs(cifar_tree, mode, timed_on_cpu):
     ref, other = _pair(cifar_tree, mode)
     x = make_input(4)
-    logits = _step(other, x, autocast=torch.bfloat16)
+    logits = train_step(other, x, autocast=torch.bfloat16)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    _close(logits, _step(ref, x, autocast=torch.bfloat16), "bf16 logits", rtol=5e-2)
+    expected = train_step(ref, x, autocast=torch.bfloat16)
+    assert_close_scaled(logits, expected, "bf16 logits", rtol=5e-2)
     assert all(torch.isfinite(p.grad).all() for p in other.parameters())
 
 
@@ -117,23 +102,17 @@ def test_bf16_autocast_runs(cifar_tree, mode, timed_on_cpu):
 def test_channels_last_runs(cifar_tree, mode, timed_on_cpu):
     ref, other = (m.to(memory_format=torch.channels_last) for m in _pair(cifar_tree, mode))
     x = make_input(4).contiguous(memory_format=torch.channels_last)
-    _close(_step(other, x), _step(ref, x), "logits")
+    assert_close_scaled(train_step(other, x), train_step(ref, x), "logits")
     grads = dict(ref.named_parameters())
     for name, p in other.named_parameters():
-        _close(p.grad, grads[name].grad, f"grad of {name}")
+        assert_close_scaled(p.grad, grads[name].grad, f"grad of {name}")
 
 
 @pytest.mark.parametrize("mode", ("loop", "packed"))
 def test_checkpointed_branches_match_loop(net, mode):
     ref, other = _pair(net, mode, checkpoint_branches=True)
-    x = make_input(4)
-    _close(_step(other, x), _step(ref, x), "logits")
-    grads = dict(ref.named_parameters())
-    for name, p in other.named_parameters():
-        _close(p.grad, grads[name].grad, f"grad of {name}")
-    buffers = dict(ref.named_buffers())
-    for name, b in other.named_buffers():  # recomputation must not update BatchNorm twice
-        _close(b, buffers[name], f"buffer {name}", rtol=1e-5)
+    # recomputation must not update BatchNorm twice
+    assert_same_training_step(other, ref, make_input(4))
 
 
 def _groupnorm_model() -> nn.Module:
@@ -149,11 +128,11 @@ def test_unsupported_stage_falls_back_to_loop():
                   execution="packed")
     ref = copy.deepcopy(net).set_execution("loop")
     x = make_input(4, 16)
-    _close(_step(net, x), _step(ref, x), "logits")
+    assert_close_scaled(train_step(net, x), train_step(ref, x), "logits")
     assert net.executor.used[1] == "loop"
     assert "packed: module 'body.1' (GroupNorm)" in net.describe_execution()
     fused = copy.deepcopy(ref).set_execution("fused")  # its first conv still fuses
-    _close(_step(fused, x), _step(copy.deepcopy(ref), x), "fused logits")
+    assert_close_scaled(train_step(fused, x), train_step(copy.deepcopy(ref), x), "fused logits")
     assert fused.executor.used[1] == "fused"
 
 
@@ -166,7 +145,7 @@ def test_auto_on_cpu_follows_the_thread_rule_without_timing(threads, expected):
         assert net.executor.mode == "auto"
         ref = copy.deepcopy(net).set_execution("loop")
         x = make_input(4)
-        _close(_step(net, x), _step(ref, x), "logits")
+        assert_close_scaled(train_step(net, x), train_step(ref, x), "logits")
     finally:
         torch.set_num_threads(before)
     assert net.executor.used == {0: "loop", 1: expected} and not net.executor.timings
@@ -182,11 +161,11 @@ def test_bad_mode_is_a_user_error(net):
 
 def test_deepcopy_keeps_mode_and_rebuilds_plans(net):
     packed = copy.deepcopy(net).set_execution("packed", checkpoint_branches=True)
-    _step(packed, make_input(4))
+    train_step(packed, make_input(4))
     clone = copy.deepcopy(packed)
     assert clone.executor.mode == "packed" and clone.executor.checkpoint_branches
     assert not clone.executor.used  # plans referenced the original's copies
-    _step(clone, make_input(4))
+    train_step(clone, make_input(4))
     assert clone.executor.used[len(net.fanouts) - 1] == "packed"
 
 
@@ -195,8 +174,8 @@ def test_plans_trace_without_graph_breaks(net, mode):
     """Regional compilation: each plan is one dynamo graph (eager backend keeps this fast)."""
     ref, other = _pair(net, mode, compile={"backend": "eager", "fullgraph": True})
     x = make_input(4)
-    _close(_step(other, x), _step(ref, x), "logits")
+    assert_close_scaled(train_step(other, x), train_step(ref, x), "logits")
     buffers = dict(ref.named_buffers())
     for name, b in other.named_buffers():
-        _close(b, buffers[name], f"buffer {name}", rtol=1e-5)
+        assert_close_scaled(b, buffers[name], f"buffer {name}", rtol=1e-5)
     assert "compiled" in other.describe_execution()

@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import collabsurgery as cs
-
-from conftest import make_input
+from collabsurgery.summary import saved_tensor_bytes
+from conftest import assert_close_scaled, assert_same_training_step, make_input, train_step
 
 
 @pytest.fixture(scope="module")
@@ -32,33 +32,10 @@ def net() -> cs.TreeNet:
                    input_size=(3, 32, 32), execution="loop")
 
 
-def _step(net: cs.TreeNet, x: torch.Tensor) -> torch.Tensor:
-    logits = net(x)
-    weights = torch.arange(1, logits.shape[0] + 1, dtype=torch.float32).view(-1, 1, 1)
-    (logits.square() * weights).mean().backward()
-    return logits
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
-    scale = expected.detach().abs().max().clamp_min(1e-6).item()
-    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=rtol, atol=rtol * scale,
-                               msg=lambda m: f"{what}: {m}")
-
-
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in one forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    del out
+    with saved_tensor_bytes(model) as seen:
+        model(x)
     return sum(seen.values())
 
 
@@ -106,14 +83,7 @@ def _concatenated_weight_bytes(net: cs.TreeNet) -> int:
 def test_matches_loop(net, mode, recompute):
     ref = copy.deepcopy(net).train()
     other = copy.deepcopy(net).train().set_execution(mode, checkpoint_branches=recompute)
-    x = make_input(4)
-    _close(_step(other, x), _step(ref, x), "logits")
-    grads = dict(ref.named_parameters())
-    for name, p in other.named_parameters():
-        _close(p.grad, grads[name].grad, f"grad of {name}")
-    buffers = dict(ref.named_buffers())
-    for name, b in other.named_buffers():  # running stats and num_batches_tracked: one update
-        _close(b, buffers[name], f"buffer {name}", rtol=1e-5)
+    assert_same_training_step(other, ref, make_input(4))
     assert all(other.executor.used[i] == mode for i, f in enumerate(net.fanouts) if f > 1)
 
 
@@ -136,9 +106,9 @@ def test_packed_saves_a_shared_input_once_for_a_grouped_conv():
     net = cs.wrap(model, split="1", heads=4, input_size=(3, 16, 16), execution="loop")
     x = make_input(4, 16)
     ref, packed = copy.deepcopy(net), copy.deepcopy(net).set_execution("packed")
-    _close(_step(packed, x), _step(ref, x), "logits")
+    assert_close_scaled(train_step(packed, x), train_step(ref, x), "logits")
     for (name, p), q in zip(packed.named_parameters(), ref.parameters()):
-        _close(p.grad, q.grad, f"grad of {name}")
+        assert_close_scaled(p.grad, q.grad, f"grad of {name}")
     assert _saved_bytes(packed, x) <= _saved_bytes(ref, x)
 
 

@@ -34,7 +34,7 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import NodePathTracer
 
 from ..backbones import default_input_size
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..preserve import preserved_buffers
 
 
@@ -109,8 +109,8 @@ def _trace_once(model: nn.Module, training: bool) -> TracedGraph:
     try:
         graph = tracer.trace(model, concrete_args=optional_arguments(model) or None)
     except Exception as err:  # FX raises many types for untraceable code
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{type(model).__name__} cannot be traced by torch.fx ({first_line}); "
+        raise UserError(f"{type(model).__name__} cannot be traced by torch.fx "
+                        f"({first_line(err)}); "
                         "pattern='instances' needs no tracing") from None
     return TracedGraph(graph, dict(tracer.node_to_qualname))
 
@@ -147,8 +147,9 @@ def _probe(model: nn.Module, traced: TracedGraph, input_size: tuple[int, int, in
         own = default_input_size(model)
         hint = (f"its own input size is {'x'.join(map(str, own))} (the default when none is "
                 "given)" if tuple(own) != tuple(input_size) else "pass a valid input size")
-        raise UserError(f"{type(model).__name__} failed on a {batch}x{'x'.join(map(str, input_size))}"
-                        f" probe input ({type(err).__name__}: {str(err).splitlines()[0]}); "
+        size = "x".join(map(str, input_size))
+        raise UserError(f"{type(model).__name__} failed on a {batch}x{size}"
+                        f" probe input ({type(err).__name__}: {first_line(err)}); "
                         f"{hint}") from None
     if not isinstance(out, torch.Tensor):
         raise UserError(f"{type(model).__name__} returns {type(out).__name__}, not one tensor "
