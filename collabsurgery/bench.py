@@ -15,10 +15,11 @@ drifts of a shared machine hit them alike.
   ``sum(t_i * runs_i) / sum(t_i of the pieces the plain model runs)``.
 - ``flop_ratio``: FLOPs of one training step (forward + backward,
   ``torch.utils.flop_counter.FlopCounterMode``); ``forward_flop_ratio`` beside it.
-- ``mem_ratio``: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a step. On CPU,
-  which keeps no allocator statistics, an estimate of the same peak: parameter bytes + gradient
-  bytes + the bytes of the distinct tensors autograd saves for backward in the forward
-  (``saved_tensors_hooks``; storages shared with parameters excluded).
+- ``mem_ratio``: peak memory of a step: on CUDA ``torch.cuda.max_memory_allocated``; on the
+  CPU, which keeps no allocator statistics, parameters and buffers plus the peak of the C heap
+  in use after any op of the step, forward and backward, recomputation included
+  (:class:`collabsurgery.memory.HeapPeak`); without glibc, an estimate: parameter + gradient
+  bytes + the tensors autograd saves for backward.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import backbones
 from .errors import UserError
 from .graphs import EXECUTION_MODES, TrainingGraph, build_graph
+from .memory import can_measure_cpu_peak, step_peak_bytes
 from .preserve import preserved_buffers
 from .summary import saved_tensor_bytes
 
@@ -184,14 +186,20 @@ def _saved_bytes(runner: _Runner) -> int:
 
 
 def _peak_bytes(runner: _Runner) -> int:
-    """Peak memory of one step: allocator peak on CUDA, :func:`_saved_bytes` elsewhere."""
-    if runner.x.device.type != "cuda":
+    """Peak memory of one step (:func:`collabsurgery.memory.step_peak_bytes`), or without a
+    way to measure it on the CPU (no glibc) :func:`_saved_bytes`."""
+    if runner.x.device.type == "cpu" and not can_measure_cpu_peak():
         return _saved_bytes(runner)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    runner.step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    return step_peak_bytes(runner.model, runner.step)
+
+
+def memory_method(device: torch.device) -> str:
+    """How :func:`_peak_bytes` measures on ``device``, in words."""
+    if device.type == "cuda":
+        return "cuda max_memory_allocated"
+    if can_measure_cpu_peak():
+        return "params + peak of the C heap in use during the step (mallinfo2)"
+    return "estimate: params + grads + tensors saved for backward"
 
 
 def _flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -329,8 +337,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
     return dict(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         torch=torch.__version__, clock="cuda events" if device.type == "cuda" else cfg.clock,
-        mem_method="cuda max_memory_allocated" if device.type == "cuda" else
-        "estimate: params + grads + tensors saved for backward",
+        mem_method=memory_method(device),
         plain=dict(step_ms=median["plain"] * 1e3, mem_mb=mem["plain"] / 1e6,
                    flops=plain_flops[1], stage_ms=[t * 1e3 for t in stage_times],
                    stage_names=[p.name for p in pieces], stage_copies=copies,

@@ -54,6 +54,9 @@ class Progress:
     # and batch count, so that a mid-epoch resume logs the same train_loss as a straight run
     loss_sum: float = 0.0
     loss_count: int = 0
+    # what the graph's ``auto`` execution chose, by stage (TrainingGraph.execution_choices), so
+    # that a resumed run replays it instead of timing again
+    execution: dict[str, Any] = field(default_factory=dict)
 
 
 class DamagedCheckpoint(UserError):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -177,6 +177,7 @@ class Session:
     progress: checkpoint.Progress = field(default_factory=checkpoint.Progress)
     loss_sum: torch.Tensor | None = None  # the epoch's summed loss so far (this rank)
     loss_count: int = 0
+    execution_settled: bool = False  # every process runs the main process's auto choices
 
     @property
     def graph(self) -> TrainingGraph:
@@ -287,6 +288,7 @@ def _restore(session: Session, path: Path, loaded: checkpoint.Loaded) -> None:
         session.collaboration.objective.load_state_dict(objective_state)
         session.optimizer.load_state_dict(states["optimizer"])
         session.scheduler.load_state_dict(states["scheduler"])
+        session.collaboration.graph.replay_execution_choices(progress.execution)
     except (RuntimeError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise UserError(f"checkpoint {path} does not fit this recipe's graph, objective or "
@@ -316,6 +318,7 @@ def save_checkpoint(session: Session) -> None:
     mid_epoch = progress.batch > 0
     progress.loss_sum = accelerator.reduce(session.loss_sum, "mean").item() if mid_epoch else 0.0
     progress.loss_count = session.loss_count if mid_epoch else 0
+    progress.execution = session.graph.execution_choices()
     if accelerator.is_main_process:
         states = {"optimizer": session.optimizer.state_dict(),
                   "scheduler": session.scheduler.state_dict()}
@@ -348,6 +351,17 @@ def _train_step(session: Session, x: torch.Tensor, labels: torch.Tensor, step: S
     return loss.detach()
 
 
+def _settle_execution(session: Session) -> None:
+    """After the session's first step: ``auto`` timed the execution modes on every process and
+    each may have chosen differently; all continue with the main process's choices."""
+    accelerator, graph = session.accelerator, session.graph
+    if accelerator.num_processes > 1:
+        choices = broadcast_object_list([graph.execution_choices()])[0]
+        if not accelerator.is_main_process:
+            graph.replay_execution_choices(choices)
+    session.execution_settled = True
+
+
 def train_epoch(session: Session) -> bool:
     """Train the rest of the current epoch; False when ``max_steps`` stopped it early."""
     recipe, accelerator, progress = session.recipe, session.accelerator, session.progress
@@ -370,6 +384,8 @@ def train_epoch(session: Session) -> bool:
         step = Step(recipe.seed, epoch, progress.batch, recipe.train.epochs, len(session.batches),
                     recipe.train.grad_accum)
         loss = _train_step(session, x, labels, step)
+        if not session.execution_settled:
+            _settle_execution(session)
         progress.batch += 1
         session.loss_sum += loss
         session.loss_count += 1
@@ -432,9 +448,11 @@ def _finish(session: Session) -> None:
         run_dir, final = session.run_dir, history[-1]
         atomic.write_text(run_dir / "summary.json", json.dumps(
             {**reporting.headline(final), "final": final,
-             "num_processes": accelerator.num_processes}, indent=1))
+             "num_processes": accelerator.num_processes,
+             "execution": session.graph.describe_execution().splitlines()}, indent=1))
         reporting.plot_history(history, run_dir / "accuracy.png", run_dir.name)
         accelerator.print(reporting.summary_table(final, head_names(session.collaboration)))
+        accelerator.print(session.graph.describe_execution())
     accelerator.end_training()
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from collabsurgery import checkpoint, cli, engine, statefile
 from collabsurgery.data import load_splits
+from collabsurgery.graphs import execution
 from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.recipe import data_arguments, load_recipe, save_recipe
 from collabsurgery.runs import load_run
@@ -28,8 +29,9 @@ STEPS_PER_EPOCH = 8  # 128 training examples / batch 16, drop_last
 TINY = ["data.image_size=16", "data.max_train_examples=128", "train.batch_size=16",
         "model.name=cifar_resnet20", "graph.heads=2", "graph.split=[layer1]",
         "run.progress=false", "train.epochs=2"]
-# dropout and label noise: a resume must replay the same masks and noisy labels
-RANDOM = ["model.kwargs={drop_rate: 0.2}", "data.label_noise=0.2"]
+# dropout and label noise: a resume must replay the same masks and noisy labels; a named
+# execution mode (auto times the modes, so two fresh runs may choose differently)
+RANDOM = ["model.kwargs={drop_rate: 0.2}", "data.label_noise=0.2", "graph.execution=packed"]
 
 
 def tiny(run_dir: Path, *overrides: str):
@@ -101,6 +103,34 @@ def test_resume_mid_epoch_is_bit_exact(straight, tmp_path, capsys):
         return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     assert metrics(run_a) == metrics(run_b) == history_a
+
+
+def test_a_resumed_run_replays_autos_choice(tmp_path, monkeypatch, capsys):
+    """auto times the execution modes when a run starts; the checkpoint records its choice, and
+    the resumed run runs it again without timing, bit-exact to a straight run."""
+    def machine_where(fastest: str) -> None:
+        monkeypatch.setattr(execution, "_time_plans", lambda plans, *args, **kwargs: {
+            mode: 0.5e-3 if mode == fastest else 1e-3 for mode in plans})
+
+    machine_where("packed")
+    run_a = engine.train(tiny(tmp_path, "run.name=a"))
+    stop = STEPS_PER_EPOCH + 3
+    make = lambda *more: tiny(tmp_path, "run.name=b", *more)  # noqa: E731
+    engine.train(make(f"train.max_steps={stop}"))
+    _, _, progress = checkpoint.load(checkpoint.latest(tmp_path / "b" / "checkpoints"))
+    assert progress.execution == {"layer1..output": {"mode": "packed",
+                                                     "ms": {"loop": 1.0, "fused": 1.0,
+                                                            "packed": 0.5}}}
+    machine_where("fused")  # a new timing would choose fused now
+    capsys.readouterr()
+    engine.train(make("run.resume=auto"))
+    out = capsys.readouterr().out
+    assert "layer1..output: 2 copies in groups of 2, running packed (auto replays the " \
+           "checkpointed choice, timed: loop 1.0 ms, fused 1.0 ms, packed 0.5 ms" in out
+    a, b = final_weights(run_a), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert any("running packed (auto replays" in line for line in summary["execution"])
 
 
 # ---------------------------------------------------------------------------- 2. atomic checkpoints

@@ -168,7 +168,7 @@ def _grads(net: nn.Module) -> dict[str, torch.Tensor]:
 
 def _twin(net: cs.TreeNet, model: str, split: str, heads: int, branches, rescale: str):
     other = cs.wrap(model, split=split, heads=heads, branches=branches, rescale=rescale,
-                    num_classes=C, input_size=SIZE)
+                    num_classes=C, input_size=SIZE, execution="loop")
     other.load_state_dict(net.state_dict())
     return other.train()
 
@@ -184,7 +184,7 @@ def test_backprop_rescaling_gives_each_shared_copy_the_mean_of_its_heads(
         model, split, heads, branches):
     x = make_input()
     bp = cs.wrap(model, split=split, heads=heads, branches=branches, rescale="backprop",
-                 num_classes=C, input_size=SIZE).train()
+                 num_classes=C, input_size=SIZE, execution="loop").train()
     none = _twin(bp, model, split, heads, branches, "none")
     ref = _twin(bp, model, split, heads, branches, "none")
     bp(x).sum().backward()

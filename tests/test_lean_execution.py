@@ -7,7 +7,8 @@ convolutions and matmuls saved, the rest recomputed) must do the same, update Ba
 statistics exactly once per step, and keep less alive between forward and backward than no
 recomputation. Memory is measured deterministically on the CPU: bytes autograd saves
 (``saved_tensors_hooks``), and bytes of every tensor still alive after the forward (which also
-sees what selective checkpointing caches outside autograd's saved tensors).
+sees what selective checkpointing caches outside autograd's saved tensors). Recomputation
+segment by segment must lower the peak of a whole step, measured through the C allocator.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import collabsurgery as cs
+from collabsurgery.graphs.recompute import SegmentedCopy, segment_ends
+from collabsurgery.memory import HeapPeak, can_measure_cpu_peak, step_peak_bytes
 from collabsurgery.summary import saved_tensor_bytes
 from conftest import assert_close_scaled, assert_same_training_step, make_input, train_step
 
@@ -128,3 +131,54 @@ def test_recompute_setting_is_checked_and_described(net):
     assert "recomputed selectively" in other.describe_execution()
     with pytest.raises(cs.UserError, match="valid: false, true, 'selective'"):
         copy.deepcopy(net).set_execution("loop", checkpoint_branches="cheap")
+
+
+# ---------------------------------------------------------------------------- the step's peak
+
+needs_heap_peak = pytest.mark.skipif(not can_measure_cpu_peak(),
+                                     reason="measuring a CPU peak needs glibc's mallinfo2")
+
+
+@needs_heap_peak
+def test_heap_peak_is_the_most_held_at_once():
+    mib = 1 << 20
+    with HeapPeak() as heap:
+        a = torch.ones(2 * mib)  # 8 MiB of float32
+        b = a * 2                # 16 MiB held
+        del a, b
+        c = torch.ones(mib)      # 4 MiB: the peak stays
+    del c
+    assert 16 * mib <= heap.peak < 17 * mib
+
+
+def test_segments_end_after_each_residual_block():
+    stages = cs.wrap("resnet18", split="layer2", heads=2, input_size=(3, 32, 32),
+                     execution="loop").stages
+    branch = stages[1][0]  # layer3, layer4 (2 blocks each), pool, fc
+    ends = [n.name for n in segment_ends(branch.train_graph, branch)]
+    # the last block's end moves past pooling and flattening: the classifier is a segment
+    assert ends == ["layer3_0_act2", "layer3_1_act2", "layer4_0_act2", "global_pool_flatten"]
+    x = torch.randn(2, 128, 4, 4)
+    segmented = SegmentedCopy(branch, branch.train_graph)
+    assert len(segmented.segments) == 5
+    with torch.no_grad():
+        assert torch.equal(segmented(x, lambda segment, v: segment(v)), branch(x))
+
+
+@needs_heap_peak
+@pytest.mark.parametrize("mode", ("loop", "packed"))
+def test_recomputation_lowers_the_peak_of_a_step(mode):
+    """What recomputation is for: less memory held at once over forward and backward."""
+    torch.manual_seed(0)
+    tree = cs.wrap("cifar_resnet20", split="layer1,layer2", heads=4, input_size=(3, 32, 32),
+                   execution=mode)
+    x = make_input(32)
+
+    def peak(recompute: bool | str) -> int:
+        model = copy.deepcopy(tree).train().set_execution(checkpoint_branches=recompute)
+        step = lambda: train_step(model, x)  # noqa: E731
+        step()  # plans built
+        return step_peak_bytes(model, step)
+    peaks = {r: peak(r) for r in (False, "selective", True)}
+    assert peaks[True] < peaks["selective"] < peaks[False], peaks
+    assert peaks[True] < 0.8 * peaks[False], peaks

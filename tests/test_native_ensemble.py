@@ -278,7 +278,8 @@ def test_engine_trains_the_gate_exports_none_of_it_and_resumes_bit_exactly(tmp_p
         return load_recipe(None, [
             "data.image_size=16", "data.max_train_examples=64", "train.batch_size=16",
             "run.progress=false", "train.epochs=2", "model.name=cifar_resnet20",
-            "graph={pattern: tree, split: [layer2], heads: 3}",
+            # a named execution mode: two fresh runs of auto may choose differently
+            "graph={pattern: tree, split: [layer2], heads: 3, execution: packed}",
             "objective={name: one, rampup_epochs: 1}", f"run.dir={tmp_path}", f"run.name={name}",
             *more])
 

@@ -188,6 +188,14 @@ class TrainingGraph(nn.Module):
         """How the graph runs, in words."""
         return "execution: loop"
 
+    def execution_choices(self) -> dict[str, dict[str, Any]]:
+        """What ``auto`` chose so far, by stage name; a training checkpoint records it so a
+        resumed run replays it. Graphs without alternatives choose nothing."""
+        return {}
+
+    def replay_execution_choices(self, choices: dict[str, dict[str, Any]]) -> None:
+        """Run the recorded ``choices`` (from :meth:`execution_choices`) instead of timing."""
+
     @contextmanager
     def reference_execution(self) -> Iterator[None]:
         """Within the block the graph runs its reference (loop) execution, with no plan built,

@@ -6,16 +6,16 @@ Siblings are the ``fanout`` copies of a stage that read the same parent tensor. 
 - ``fused``: their first convolutions/Linears on the shared tensor run as one wide layer, then
   each copy runs the rest of its graph on its slice (:mod:`.fused`).
 - ``packed``: the siblings run as one grouped network (:mod:`.packed`).
-- ``auto``: on a GPU (``TIMED_DEVICES``), on the first training-mode forward with gradients,
-  every mode that can run a stage is timed there (forward + backward of that stage's first
-  sibling group on the real input: one warm-up, then the best of two, modes interleaved) and the
-  fastest is kept for that stage; a mode replaces ``loop`` only when it is at least 3% faster.
-  Buffers and RNG state are restored after timing, so the step itself is unchanged. The choice
-  is made again after ``.to()``/``.cuda()``/``.half()`` or ``set_execution``; until it is made
-  (eval, ``no_grad``) the loop runs. On the CPU ``auto`` does not time (timing on a shared CPU
-  is mostly noise and would let a resumed run choose differently) but follows a fixed rule,
-  :func:`untimed_choice`: packed with several threads, the loop on one. Add ``"cpu"`` to
-  ``TIMED_DEVICES`` to time there too. For bit-reproducible runs on a GPU, name a mode.
+- ``auto``: on the first training-mode forward with gradients, every mode that can run a stage
+  is timed there, on whatever device it runs on (forward + backward of that stage's first sibling
+  group on the real input, wall clock: one warm-up, then the best of three, modes interleaved so
+  that a busy machine slows them alike) and the fastest is kept for that stage; a mode replaces
+  ``loop`` only when it is at least 3% faster. Buffers and RNG state are restored after timing,
+  so the step itself is unchanged. Until the choice is made (eval, ``no_grad``) the loop runs;
+  it is made again after ``.to()``/``.cuda()``/``.half()`` or ``set_execution``. The choices
+  (:meth:`Executor.choices`) are what a training run checkpoints, so a resumed run replays them
+  (:meth:`Executor.replay`) instead of timing again, bit-exactly; two fresh runs may choose
+  differently (as with ``cudnn.benchmark``): for bit-reproducible fresh runs, name a mode.
 
 Every mode gives the loop's logits, gradients and BatchNorm statistics (to float tolerance);
 weights stay owned by the copies, so ``state_dict``, optimizers and export do not change. A plan
@@ -26,14 +26,10 @@ check fails) runs as a loop, and :meth:`Executor.describe` says why.
 group, and each single-copy stage) in ``torch.compile``: regional compilation that leaves
 module names and ``state_dict`` alone.
 
-``checkpoint_branches`` recomputes branch stages (stages with more than one copy) in backward
-(``torch.utils.checkpoint``, ``use_reentrant=False``): ``True`` saves only each stage's input and
-recomputes all of it; ``"selective"`` (torch's selective activation checkpointing) saves what
-convolutions, matmuls and attention return and recomputes normalisation, activations, pooling,
-elementwise ops and packed weight concatenation (ResNet-50, 4 heads, CPU estimate: memory 1.59x
-instead of 1.79x at the loop's step time; ``True``: 1.35x at +25%). BatchNorm running statistics
-are restored after the recomputation so they are updated exactly once per step. ``auto`` never
-turns recomputation on by itself: it trades time for memory, and auto only times.
+``checkpoint_branches`` (``True`` or ``"selective"``) recomputes branch stages (stages with more
+than one copy) in backward, one segment (a residual block, say) at a time (:mod:`.recompute`);
+packed groups are segmented alike, fused groups recompute as the loop. ``auto`` never turns
+recomputation on by itself: it trades time for memory, and auto only times.
 """
 from __future__ import annotations
 
@@ -41,46 +37,23 @@ import copy
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
-                                    create_selective_checkpoint_contexts)
 
 from ..errors import ArgumentError, UserError
 from ..preserve import BufferSnapshot
 from ..surgery import Stage, trace
 from .fused import FusedStage
 from .packed import PackedStage, Unsupported
+from .recompute import SegmentedCopy, check_recompute, checkpointed, recompute_with
 
 EXECUTION_MODES = ("loop", "fused", "packed", "auto")
 CANDIDATES = ("loop", "fused", "packed")
 Plan = Callable[[torch.Tensor], list[torch.Tensor]]
 _MIN_GAIN = 0.03  # auto keeps the loop unless another mode is this much faster
-TIMED_DEVICES = {"cuda"}  # where auto times the modes; elsewhere it runs the loop
-# checkpoint_branches values (and their spellings in recipes and graph JSON)
-RECOMPUTE: dict[Any, bool | str] = {False: False, None: False, True: True,
-                                    "selective": "selective"}
-# what selective recomputation saves (aten op names); everything else is recomputed
-_SAVED_OPS = {"convolution", "mm", "addmm", "bmm", "baddbmm",
-              "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-              "_scaled_dot_product_cudnn_attention",
-              "_scaled_dot_product_flash_attention_for_cpu"}
-
-
-def untimed_choice(x: torch.Tensor) -> str:
-    """``auto``'s deterministic choice where it does not time: packed on a CPU with several
-    threads, else the loop.
-
-    Measured with a quiet 2-core CPU (docs/benchmarks.md): packed ran ResNet-18 siblings at
-    1.13x (2 heads) and 1.47x (4 heads) of the plain step against stage-time limits of 1.50x and
-    1.98x, while on one thread grouped convolutions were 6-25% slower than the loop. A fixed
-    rule (not a timing) keeps runs and resumed runs choosing the same way.
-    """
-    return "packed" if x.device.type == "cpu" and torch.get_num_threads() > 1 else "loop"
+_TIMING_REPEATS = 4  # auto's timing: one warm-up, then the best of three
 
 
 def check_mode(mode: str) -> str:
@@ -146,7 +119,7 @@ def _validate(plan: Plan, group: Sequence[nn.Module], x: torch.Tensor) -> None:
 
 
 def _time_plans(plans: dict[str, Plan], group: Sequence[nn.Module], x: torch.Tensor,
-                repeats: int = 3) -> dict[str, float]:
+                repeats: int = _TIMING_REPEATS) -> dict[str, float]:
     """Forward+backward seconds of each plan on ``x``: best of ``repeats - 1`` after a warm-up."""
     params = [p for m in group for p in m.parameters() if p.requires_grad]
     samples: dict[str, list[float]] = {mode: [] for mode in plans}
@@ -168,51 +141,6 @@ def _time_plans(plans: dict[str, Plan], group: Sequence[nn.Module], x: torch.Ten
     finally:
         buffers.restore()
     return {mode: min(s[1:]) if len(s) > 1 else s[0] for mode, s in samples.items()}
-
-
-def check_recompute(value: bool | str | None) -> bool | str:
-    """``checkpoint_branches`` normalised: False, True (recompute everything) or
-    ``"selective"`` (recompute all but convolutions and matmuls); else a UserError."""
-    if value in RECOMPUTE:
-        return RECOMPUTE[value]
-    raise ArgumentError("checkpoint_branches", f"{value!r} is not a recomputation setting; "
-                                               "valid: false, true, 'selective'")
-
-
-def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Save what the expensive ops (convolutions, matmuls, attention) return; recompute the rest
-    (normalisation, activations, elementwise ops, pooling, weight concatenation) in backward."""
-    if op.overloadpacket.__name__ in _SAVED_OPS:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _checkpointed(plan: Plan, x: torch.Tensor, group: Sequence[nn.Module],
-                  recompute: bool | str = True) -> list[torch.Tensor]:
-    """``plan(x)`` recomputed in backward (all of it, or only the cheap ops: ``"selective"``),
-    with BatchNorm statistics updated only by the first forward."""
-    calls = 0
-
-    def body(inp: torch.Tensor) -> list[torch.Tensor]:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return plan(inp)
-        # recomputation in backward: BatchNorm must not count twice. Outside dispatch modes,
-        # because selective checkpointing replays the forward's exact op sequence.
-        with _disable_current_modes():
-            buffers = BufferSnapshot(*group)
-        try:
-            return plan(inp)
-        finally:
-            with _disable_current_modes():
-                buffers.restore()
-    if recompute == "selective":  # what it caches passes through saved-tensor hooks (CPU
-        # memory estimates, offloading) like any tensor autograd saves
-        return checkpoint(body, x, use_reentrant=False, respect_saved_tensors_hooks=True,
-                          context_fn=partial(create_selective_checkpoint_contexts,
-                                             _selective_policy))
-    return checkpoint(body, x, use_reentrant=False)
 
 
 _plan_ids = itertools.count()
@@ -252,6 +180,7 @@ class Executor:
         self.notes: dict[tuple[int, str], str] = {}
         self.chosen: dict[int, str] = {}
         self.timings: dict[int, dict[str, float]] = {}
+        self.replayed: set[int] = set()
         self.used: dict[int, str] = {}
 
     def __getstate__(self) -> dict:
@@ -276,11 +205,25 @@ class Executor:
             plan, mode = self._plan_for(index, p, group, x)
             if not ckpt:
                 outputs.extend(plan(x))
-            elif mode == "loop":
-                outputs.extend(_checkpointed(_loop([c]), x, [c], ckpt)[0] for c in group)
-            else:
-                outputs.extend(_checkpointed(plan, x, group, ckpt))
+            elif self.compile:  # a compiled plan is recomputed whole
+                outputs.extend(checkpointed(plan, x, group, ckpt))
+            elif mode == "packed":
+                outputs.extend(plan(x, recompute=recompute_with(ckpt, group)))
+            else:  # the loop (fused's wide first layer does not split into segments)
+                outputs.extend(segmented(x, recompute_with(ckpt, [copy])) for copy, segmented
+                               in zip(group, self._segmented(index, p, group, x)))
         return outputs
+
+    def _segmented(self, index: int, parent: int, group: list[nn.Module], x: torch.Tensor
+                   ) -> list[SegmentedCopy]:
+        """The copies of ``group`` cut into recomputation segments (built once)."""
+        training = group[0].training
+        key = (index, parent, len(group), "segments", training)
+        if key not in self._plans:
+            self._plans[key] = [
+                SegmentedCopy(stage, stage.train_graph if training else stage.eval_graph)
+                for stage in _traced(group, x)]
+        return self._plans[key]
 
     @torch.compiler.disable
     def _plan_for(self, index: int, parent: int, group: list[nn.Module], x: torch.Tensor
@@ -290,9 +233,7 @@ class Executor:
             mode = "loop"
         elif mode == "auto":
             mode = self.chosen.get(index)
-            if mode is None and x.device.type not in TIMED_DEVICES:
-                mode = self.chosen[index] = untimed_choice(x)
-            elif mode is None and torch.is_grad_enabled() and group[0].training:
+            if mode is None and torch.is_grad_enabled() and group[0].training:
                 mode = self._decide(index, group, x)
             mode = mode or "loop"
         plan = self._plan(index, parent, mode, group, x)
@@ -332,14 +273,34 @@ class Executor:
         self.timings[index], self.chosen[index] = times, best
         return best
 
+    def choices(self) -> dict[int, dict[str, Any]]:
+        """What ``auto`` chose so far, by stage index: ``{"mode": ..., "ms": {mode: time}}``
+        (the timings that chose it, in milliseconds)."""
+        return {i: {"mode": mode, "ms": {m: round(t * 1e3, 3) for m, t in
+                                         self.timings.get(i, {}).items()}}
+                for i, mode in sorted(self.chosen.items())}
+
+    def replay(self, choices: dict[int, dict[str, Any]]) -> None:
+        """Run the modes of ``choices`` (from :meth:`choices`, e.g. of the run a checkpoint
+        came from) instead of timing; ignored unless the mode is ``auto``."""
+        if self.mode != "auto":
+            return
+        for index, choice in choices.items():
+            if choice.get("mode") not in CANDIDATES:
+                raise UserError(f"a recorded execution choice {choice!r} is not one of "
+                                f"{', '.join(CANDIDATES)}")
+            self.chosen[index] = choice["mode"]
+            self.timings[index] = {m: t / 1e3 for m, t in choice.get("ms", {}).items()}
+            self.replayed.add(index)
+
     def describe(self, stage_names: Sequence[str], copies: Sequence[int],
                  group_sizes: Sequence[int]) -> str:
         """One line per stage (its name, copies and sibling-group size): the requested and the
         running mode, and why."""
         lines = [f"execution: {self.mode}" +
-                 {False: "", True: ", branch stages checkpointed",
+                 {False: "", True: ", branch stages recomputed in backward segment by segment",
                   "selective": ", branch stages recomputed selectively (convolutions and "
-                               "matmuls saved)"}[self.checkpoint_branches] +
+                               "matmuls saved) segment by segment"}[self.checkpoint_branches] +
                  (", every sibling group compiled" if self.compile else "")]
         for i, (name, count, group) in enumerate(zip(stage_names, copies, group_sizes)):
             if group == 1:
@@ -347,12 +308,11 @@ class Executor:
                 continue
             used = self.used.get(i, "not run yet")
             line = f"  {name}: {count} copies in groups of {group}, running {used}"
-            if i in self.timings:
-                line += " (timed: " + ", ".join(f"{m} {t * 1e3:.1f} ms"
-                                                for m, t in self.timings[i].items()) + ")"
-            elif i in self.chosen:
-                line += (" (auto's untimed rule: packed on a multi-threaded CPU, else loop; it "
-                         "times modes only on " + ", ".join(sorted(TIMED_DEVICES)) + ")")
+            if i in self.chosen:
+                timed = ", ".join(f"{m} {t * 1e3:.1f} ms" for m, t in self.timings[i].items())
+                replayed = "replays the checkpointed choice, " if i in self.replayed else ""
+                line += (f" (auto {replayed}timed: {timed or 'not recorded'}; a mode beats the "
+                         f"loop only when {_MIN_GAIN:.0%} faster)")
             why = [f"{m}: {r}" for (j, m), r in self.notes.items() if j == i]
             lines.append(line + ("; cannot run " + "; ".join(why) if why else ""))
         return "\n".join(lines)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -35,6 +36,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from .recompute import Recompute, segment_ends
 
 
 class Unsupported(Exception):
@@ -133,7 +136,8 @@ class PackedStage:
     Args:
         copies: the sibling copies (same graph, own weights), in head order.
         graph: the graph to run (the copies' train or eval graph).
-    Calling it with the shared input returns the list of each copy's output.
+    Calling it with the shared input returns the list of each copy's output; with ``recompute``
+    (:mod:`.recompute`) each segment of the stage is recomputed on its own in backward.
     """
 
     def __init__(self, copies: Sequence[fx.GraphModule], graph: fx.Graph):
@@ -156,14 +160,31 @@ class PackedStage:
                 raise Unsupported(f"graph constant '{node.target}'")
             elif node.op != "placeholder":
                 self.steps.append((self.slots[node], self._compile(node)))
+        # recomputation segments: (index after the segment's last step, its output slot)
+        step_of = {slot: i for i, (slot, _) in enumerate(self.steps)}
+        ends = [self.slots[n] for n in segment_ends(graph, self.copies[0])] + [self.output]
+        self.segments = [(step_of[slot] + 1, slot) for slot in ends]
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        env: list = [None] * len(self.slots)
-        env[self.input] = (x, False)
-        for slot, step in self.steps:
-            env[slot] = step(env)
-        value, packed = env[self.output]
+    def __call__(self, x: torch.Tensor, recompute: Recompute | None = None
+                 ) -> list[torch.Tensor]:
+        if recompute is None:
+            value, packed = self._run(0, len(self.steps), self.input, self.output, (x, False))
+        else:
+            value, packed = x, False
+            source, start = self.input, 0
+            for stop, slot in self.segments:
+                value, packed = recompute(partial(self._run, start, stop, source, slot),
+                                          (value, packed))
+                source, start = slot, stop
         return unpack(value, self.n) if packed else [value] * self.n
+
+    def _run(self, start: int, stop: int, source: int, target: int, value: Value) -> Value:
+        """Steps ``start:stop`` from ``value`` in slot ``source``; the value of slot ``target``."""
+        env: list = [None] * len(self.slots)
+        env[source] = value
+        for slot, step in self.steps[start:stop]:
+            env[slot] = step(env)
+        return env[target]
 
     # -- building ---------------------------------------------------------------------------
     def _modules(self, target: str) -> list[nn.Module]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..backbones import BackboneSpec
+from ..errors import UserError
 from .base import INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph
 from .execution import EXECUTION_MODES, Executor
 
@@ -171,6 +173,18 @@ class StagedGraph(TrainingGraph):
         groups = [len(c) // max(1, len(self._parents_of(i))) for i, c in enumerate(self.stages)]
         return self.executor.describe(self.stage_names,
                                       [len(c) for c in self.stages], groups)
+
+    def execution_choices(self) -> dict[str, dict[str, Any]]:
+        """What ``auto`` chose so far, by stage name: the mode and the timings (ms) behind it."""
+        return {self.stage_names[i]: c for i, c in self.executor.choices().items()}
+
+    def replay_execution_choices(self, choices: dict[str, dict[str, Any]]) -> None:
+        """Make ``auto`` run the recorded ``choices`` instead of timing (a resumed run)."""
+        unknown = [name for name in choices if name not in self.stage_names]
+        if unknown:
+            raise UserError(f"the recorded execution choices name stage '{unknown[0]}', which "
+                            f"this graph lacks; its stages: {', '.join(self.stage_names)}")
+        self.executor.replay({self.stage_names.index(n): c for n, c in choices.items()})
 
     def _parents_of(self, stage: int) -> list[int]:
         """The distinct parent copies feeding stage ``stage`` (one for the first stage)."""
