@@ -133,6 +133,25 @@ def test_recompute_setting_is_checked_and_described(net):
         copy.deepcopy(net).set_execution("loop", checkpoint_branches="cheap")
 
 
+@pytest.mark.parametrize("mode", ("loop", "packed"))
+@pytest.mark.parametrize("recompute", ("selective", True))
+def test_recomputation_under_bf16_autocast_with_cached_weight_casts(mode, recompute):
+    """Autocast caches weight casts within its region: a second forward in the region (or
+    auto's timing before the step) finds them cast, and recomputed segments must not depend
+    on that cache (pytorch/pytorch#193338)."""
+    torch.manual_seed(0)
+    net = cs.wrap("cifar_resnet20", split="layer1", heads=2, input_size=(3, 32, 32),
+                  execution=mode, checkpoint_branches=recompute)
+    ref = copy.deepcopy(net).set_execution(checkpoint_branches=False)
+    x = make_input(4)
+    for model in (net, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = [model(x), model(x)]
+        sum(o.float().square().sum() for o in outputs).backward()
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        assert_close_scaled(p.grad, q.grad, f"grad of {name}", rtol=5e-2)
+
+
 # ---------------------------------------------------------------------------- the step's peak
 
 needs_heap_peak = pytest.mark.skipif(not can_measure_cpu_peak(),

@@ -15,6 +15,7 @@ updated exactly once per step.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
@@ -76,11 +78,24 @@ def checkpointed(fn: Callable[[Any], Any], x: Any, modules: Sequence[nn.Module],
         finally:
             with _disable_current_modes():
                 buffers.restore()
-    if setting == "selective":
-        return checkpoint(body, x, use_reentrant=False,
-                          context_fn=partial(create_selective_checkpoint_contexts,
-                                             _selective_policy))
-    return checkpoint(body, x, use_reentrant=False)
+    context = {} if setting is True else {"context_fn": partial(
+        create_selective_checkpoint_contexts, _selective_policy)}
+    with _without_autocast_cache(x):
+        return checkpoint(body, x, use_reentrant=False, **context)
+
+
+def _without_autocast_cache(x: Any) -> AbstractContextManager:
+    """Autocast as it is, minus its cache of weight casts, for a checkpointed region.
+
+    A weight cast earlier in the step (auto timing the modes, another region) is a cache hit in
+    the region's forward, but its recomputation in backward casts again, and checkpoint refuses
+    the differing op sequence (pytorch/pytorch#193338). Without the cache both cast; checkpoint
+    records the setting and recomputes with it.
+    """
+    device = next(t.device.type for t in tree_leaves(x) if isinstance(t, torch.Tensor))
+    if not torch.is_autocast_enabled(device):
+        return nullcontext()
+    return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
 
 
 def recompute_with(setting: bool | str, modules: Sequence[nn.Module]) -> Recompute:
