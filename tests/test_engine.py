@@ -199,6 +199,11 @@ def test_two_process_cpu_run(tmp_path):
     # the training data was sharded: each rank saw half the batches of an epoch
     _, _, progress = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))
     assert progress.epoch == 1 and progress.global_step == STEPS_PER_EPOCH // 2
+    # auto timed on both ranks; the main rank's choice, recorded, is what ran and resumes
+    assert list(progress.execution) == ["layer1..output"]
+    chosen = progress.execution["layer1..output"]["mode"]
+    assert f"  layer1..output: 2 copies in groups of 2, running {chosen} (auto timed: " in \
+        "\n".join(summary["execution"])
     # evaluation gathered both ranks' examples exactly once
     splits = load_splits(**data_arguments(load_recipe(recipe_file).data), seed=0)
     assert summary["final"]["test"]["examples"] == len(splits.test)
