@@ -1,7 +1,8 @@
 """Recomputation of branch stages in backward, one segment at a time.
 
-Recomputing a whole stage in backward brings all of its activations back at once, so the peak
-memory barely drops. So a stage is cut into *segments* at the nodes after which only their own
+Recomputing a whole stage in backward brings all of its activations back at once, which loses
+much of the saving (ResNet-50, 4 heads, batch 8, CPU: a 1.57x peak against 1.69x without
+recomputation and 1.49x by segment; docs/benchmarks.md). So a stage is cut into *segments* at the nodes after which only their own
 value is live (a ResNet block's output, a VGG convolution's activation), each with at least one
 convolution or Linear, and each segment is checkpointed on its own: the segments' inputs are
 kept and one segment at a time comes back in backward.
