@@ -20,12 +20,17 @@ drifts of a shared machine hit them alike.
   in use after any op of the step, forward and backward, recomputation included
   (:class:`collabsurgery.memory.HeapPeak`); without glibc, an estimate: parameter + gradient
   bytes + the tensors autograd saves for backward.
+- ``minor_faults``: the median minor page faults of a timed step. On the CPU these are memory
+  the C allocator handed back to the system and the step touches again (glibc returns blocks
+  over 32 MB at once), paid as system time; a graph that holds more at once pays more of them
+  than the plain model and its stages do, which shows as time over the stage-time limit.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -105,7 +110,8 @@ def minor_faults() -> int:
 
 
 def device_name(device: torch.device) -> str:
-    """The device in words: GPU name, or CPU model and thread count, plus the torch version."""
+    """The device in words: GPU name, or CPU model, thread count and the C allocator's settings
+    from the environment, plus the torch version."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -116,6 +122,10 @@ def device_name(device: torch.device) -> str:
         except (OSError, StopIteration):
             pass
         name = f"CPU {model}, {torch.get_num_threads()} threads"
+        tuned = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                         if k.startswith("MALLOC_") or k == "LD_PRELOAD")
+        if tuned:  # the allocator's settings move CPU times (see minor_faults)
+            name += f", allocator {tuned}"
     return f"{name}, torch {torch.__version__}"
 
 
@@ -139,6 +149,27 @@ class _Timer:
         begin = self.clock()
         fn()
         return self.clock() - begin
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], timer: _Timer, warmup: int,
+                     repeats: int, log: Callable[[str], None]
+                     ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Run every step once per round (``warmup`` untimed rounds, then ``repeats`` timed), so a
+    shared machine's drifts hit all alike. Returns per step name the median seconds, the
+    fastest seconds and the median :func:`minor_faults` of the timed rounds."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[int]] = {name: [] for name in steps}
+    for r in range(warmup + repeats):
+        log(f"{'warm-up' if r < warmup else 'repeat'} {r + 1}/{warmup + repeats}")
+        for name, step in steps.items():
+            before = minor_faults()
+            seconds = timer(step)
+            if r >= warmup:
+                times[name].append(seconds)
+                faults[name].append(minor_faults() - before)
+    return ({name: statistics.median(t) for name, t in times.items()},
+            {name: min(t) for name, t in times.items()},
+            {name: statistics.median(f) for name, f in faults.items()})
 
 
 class _Runner:
@@ -185,7 +216,7 @@ def _saved_bytes(runner: _Runner) -> int:
     return weights + grads + sum(seen.values())
 
 
-def _peak_bytes(runner: _Runner) -> int:
+def peak_bytes(runner: _Runner) -> int:
     """Peak memory of one step (:func:`collabsurgery.memory.step_peak_bytes`), or without a
     way to measure it on the CPU (no glibc) :func:`_saved_bytes`."""
     if runner.x.device.type == "cpu" and not can_measure_cpu_peak():
@@ -194,7 +225,7 @@ def _peak_bytes(runner: _Runner) -> int:
 
 
 def memory_method(device: torch.device) -> str:
-    """How :func:`_peak_bytes` measures on ``device``, in words."""
+    """How :func:`peak_bytes` measures on ``device``, in words."""
     if device.type == "cuda":
         return "cuda max_memory_allocated"
     if can_measure_cpu_peak():
@@ -306,19 +337,12 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
         runners[f"stage{i}"] = _StageRunner(piece.module, piece.input, cfg,
                                             needs_grad=piece.input is not x)
 
-    timer = _Timer(device, cfg.clock)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for r in range(cfg.warmup + cfg.repeats):
-        log(f"{'warm-up' if r < cfg.warmup else 'repeat'} {r + 1}/{cfg.warmup + cfg.repeats}")
-        for name, runner in runners.items():
-            seconds = timer(runner.step)
-            if r >= cfg.warmup:
-                times[name].append(seconds)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    best = {name: min(t) for name, t in times.items()}
+    median, best, median_faults = time_interleaved(
+        {name: runner.step for name, runner in runners.items()}, _Timer(device, cfg.clock),
+        cfg.warmup, cfg.repeats, log)
 
     log("measuring memory")
-    mem = {name: _peak_bytes(runners[name]) for name in ["plain", *variants]}
+    mem = {name: peak_bytes(runners[name]) for name in ["plain", *variants]}
     stage_times = [median[f"stage{i}"] for i in range(len(pieces))]
     copies = [p.executions for p in pieces]
     limit = _limit(stage_times, pieces)
@@ -332,14 +356,16 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
             mode=name.split("+")[0], checkpoint=_recompute_of(name),
             time_ratio=median[name] / median["plain"],
             time_ratio_min=best[name] / best["plain"], mem_ratio=mem[name] / mem["plain"],
-            step_ms=median[name] * 1e3, mem_mb=mem[name] / 1e6, **common,
+            step_ms=median[name] * 1e3, mem_mb=mem[name] / 1e6,
+            minor_faults=median_faults[name], **common,
             notes=variant.describe_execution()))
     return dict(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         torch=torch.__version__, clock="cuda events" if device.type == "cuda" else cfg.clock,
         mem_method=memory_method(device),
         plain=dict(step_ms=median["plain"] * 1e3, mem_mb=mem["plain"] / 1e6,
-                   flops=plain_flops[1], stage_ms=[t * 1e3 for t in stage_times],
+                   minor_faults=median_faults["plain"], flops=plain_flops[1],
+                   stage_ms=[t * 1e3 for t in stage_times],
                    stage_names=[p.name for p in pieces], stage_copies=copies,
                    stage_sum_ratio=sum(t for t, p in zip(stage_times, pieces) if p.in_plain)
                    / median["plain"]),
@@ -349,6 +375,11 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
 def format_table(result: dict) -> str:
     """The result as a table a person can read."""
     cfg, plain = result["config"], result["plain"]
+    on_cpu = result["clock"] != "cuda events"
+
+    def faults(row: dict) -> str:
+        return f", {row['minor_faults']:,.0f} page faults" if on_cpu else ""
+
     graph = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
                      for k, v in cfg["graph_args"].items())
     model = ",".join(cfg["model"]) if isinstance(cfg["model"], list) else cfg["model"]
@@ -356,19 +387,24 @@ def format_table(result: dict) -> str:
              f"{cfg['image_size']}px batch {cfg['batch_size']} {cfg['precision']}"
              f"{' channels_last' if cfg['channels_last'] else ''}"
              f"{' compiled' if cfg['compile'] else ''}", f"device: {result['device']}",
-             f"plain step {plain['step_ms']:.1f} ms; stages " + ", ".join(
+             f"plain step {plain['step_ms']:.1f} ms{faults(plain)}; stages " + ", ".join(
                  f"{n} {t:.1f} ms x{c}" for n, t, c in zip(plain["stage_names"], plain["stage_ms"],
                                                           plain["stage_copies"])),
              "", f"{'mode':<14} {'step ms':>9} {'time':>6} {'limit':>6} {'FLOPs':>6} {'mem':>6}"
-             f" {'time/limit (min)':>17}"]
+             f" {'time/limit (min)':>17}" + (f" {'faults':>9}" if on_cpu else "")]
     for e in result["modes"]:
         name = e["mode"] + RECOMPUTE_SUFFIX[e["checkpoint"]]
         lines.append(f"{name:<14} {e['step_ms']:>9.1f} {e['time_ratio']:>6.2f} "
                      f"{e['stage_limit_ratio']:>6.2f} {e['flop_ratio']:>6.2f} "
                      f"{e['mem_ratio']:>6.2f} {e['time_ratio_min']:>8.2f}/"
-                     f"{e['stage_limit_ratio_min']:.2f}")
+                     f"{e['stage_limit_ratio_min']:.2f}"
+                     + (f" {e['minor_faults']:>9,.0f}" if on_cpu else ""))
     lines += ["", "ratios are against the plain model, medians (min: fastest repeats); limit = "
               f"stage-time limit; clock: {result['clock']}; mem: {result['mem_method']}"]
+    if on_cpu:
+        lines += ["page faults: median minor page faults of a step (memory the C allocator gave "
+                  "back to the system and touches again; see docs/benchmarks.md on "
+                  "MALLOC_MMAP_MAX_)"]
     for e in result["modes"]:
         if e["mode"] == "auto" and not e["checkpoint"]:
             lines += ["", e["notes"]]

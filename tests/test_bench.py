@@ -8,7 +8,9 @@ import math
 
 import pytest
 
-from collabsurgery.bench import format_table
+import torch
+
+from collabsurgery.bench import format_table, minor_faults
 from collabsurgery.cli import main
 
 from conftest import one_line_error
@@ -50,6 +52,18 @@ def test_ratios_are_plausible(result):
 def test_table_renders(result):
     table = format_table(result)
     assert "stage-time limit" in table and "packed" in table
+    assert "page faults" in table  # a CPU run shows them per step
+    assert all(e["minor_faults"] >= 0 for e in (result["plain"], *result["modes"]))
+
+
+def test_minor_faults_count_fresh_memory():
+    """What the faults column counts: touching memory the allocator has just taken from the
+    system (a 64 MB block is past glibc's largest heap block, so it is mmap-ed fresh)."""
+    if minor_faults() == 0:
+        pytest.skip("no resource module here")
+    before = minor_faults()
+    torch.empty(16 * 2**20).fill_(1.0)
+    assert minor_faults() > before
 
 
 def test_checkpoint_entries_save_memory(capsys):

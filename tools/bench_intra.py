@@ -37,14 +37,13 @@ gave back to the system and faults in again, whose system time the process clock
 Peak memory: on CUDA the step's ``max_memory_allocated`` above what was allocated before it
 (every variant's weights stay resident while the others run), plus this variant's parameter bytes
 and the input batch: the peak of the variant alone. On the CPU, which keeps no allocator
-statistics, :func:`collabsurgery.bench._saved_bytes`: parameter + gradient bytes + the bytes of
-the distinct tensors autograd saves for backward (``saved_tensors_hooks``), an estimate of the
-same peak that leaves out transient buffers.
+statistics, what ``collabsurgery bench`` measures: parameters and buffers plus the peak of the C
+heap in use after every op of the step (:class:`collabsurgery.memory.HeapPeak`), or without
+glibc an estimate (parameter + gradient bytes + the tensors autograd saves for backward).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,8 +52,9 @@ import torch
 import torch.nn as nn
 
 from collabsurgery import backbones
-from collabsurgery.bench import (_flops, _Runner, _saved_bytes, _Timer, bench_device, check_timing,
-                                 device_name, finite_json, minor_faults, run_tool, torch_threads)
+from collabsurgery.bench import (_flops, _Runner, _Timer, bench_device, check_timing, device_name,
+                                 finite_json, memory_method, peak_bytes, run_tool,
+                                 time_interleaved, torch_threads)
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import EXECUTION_MODES, build_graph, even_branches, splits
 
@@ -129,8 +129,6 @@ class _WeightedRunner(_Runner):
             p.grad = None
 
 
-
-
 def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -138,7 +136,7 @@ def _param_bytes(model: nn.Module) -> int:
 def _peak_bytes(runner: _WeightedRunner) -> int:
     """Peak memory of one step of ``runner``'s model alone (see the module docstring)."""
     if runner.x.device.type != "cuda":
-        return _saved_bytes(runner)
+        return peak_bytes(runner)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -221,21 +219,9 @@ def _run(cfg: IntraBenchConfig, log: Callable[[str], None]) -> dict:
     flops = {v.name: _flops(v.model, probe)[1] for v in variants}
 
     runners = {v.name: _WeightedRunner(v.model, x, v.weight) for v in variants}
-    timer = _Timer(device, cfg.clock)
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    faults: dict[str, list[int]] = {v.name: [] for v in variants}
-    rounds = cfg.warmup + cfg.repeats
-    for r in range(rounds):
-        log(f"{'warm-up' if r < cfg.warmup else 'repeat'} {r + 1}/{rounds}")
-        for name, runner in runners.items():
-            before = minor_faults()
-            seconds = timer(runner.step)
-            if r >= cfg.warmup:
-                times[name].append(seconds)
-                faults[name].append(minor_faults() - before)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    best = {name: min(t) for name, t in times.items()}
-    median_faults = {name: statistics.median(f) for name, f in faults.items()}
+    median, best, median_faults = time_interleaved(
+        {name: runner.step for name, runner in runners.items()}, _Timer(device, cfg.clock),
+        cfg.warmup, cfg.repeats, log)
 
     log("measuring memory")
     mem = {name: _peak_bytes(runner) for name, runner in runners.items()}
@@ -256,8 +242,7 @@ def _run(cfg: IntraBenchConfig, log: Callable[[str], None]) -> dict:
         threads=None if cuda else torch.get_num_threads(),
         clock="cuda events" if cuda else cfg.clock,
         mem_method="cuda max_memory_allocated of the step above what was allocated before it, "
-                   "+ the variant's parameters and the input" if cuda else
-                   "estimate: params + grads + tensors saved for backward",
+                   "+ the variant's parameters and the input" if cuda else memory_method(device),
         loss="sum of the logits x the graph's loss_weight",
         views=rows[1]["heads"], dropout_points=rows[1]["split"], variants=rows,
         skipped=skipped)
