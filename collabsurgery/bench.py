@@ -21,9 +21,9 @@ drifts of a shared machine hit them alike.
   (:class:`collabsurgery.memory.HeapPeak`); without glibc, an estimate: parameter + gradient
   bytes + the tensors autograd saves for backward.
 - ``minor_faults``: the median minor page faults of a timed step. On the CPU these are memory
-  the C allocator handed back to the system and the step touches again (glibc returns blocks
-  over 32 MB at once), paid as system time; a graph that holds more at once pays more of them
-  than the plain model and its stages do, which shows as time over the stage-time limit.
+  the C allocator handed back to the system and the step touches again (glibc unmaps freed
+  blocks over its mmap threshold, at most 32 MB), paid as system time. They slow the plain
+  model and the graph alike, so they move step times more than ratios (docs/benchmarks.md).
 """
 from __future__ import annotations
 

@@ -2,10 +2,11 @@
 
 Recomputing a whole stage in backward brings all of its activations back at once, which loses
 much of the saving (ResNet-50, 4 heads, batch 8, CPU: a 1.57x peak against 1.69x without
-recomputation and 1.49x by segment; docs/benchmarks.md). So a stage is cut into *segments* at the nodes after which only their own
-value is live (a ResNet block's output, a VGG convolution's activation), each with at least one
-convolution or Linear, and each segment is checkpointed on its own: the segments' inputs are
-kept and one segment at a time comes back in backward.
+recomputation and 1.49x by segment; docs/benchmarks.md). So a stage is cut into *segments* at
+the nodes after which only their own value is live (a ResNet block's output, a VGG
+convolution's activation), each with at least one convolution or Linear, and each segment is
+checkpointed on its own: the segments' inputs are kept and one segment at a time comes back in
+backward.
 
 Settings (``checkpoint_branches``): ``True`` recomputes each segment whole; ``"selective"``
 (torch's selective activation checkpointing) keeps what convolutions, matmuls and attention
