@@ -1,6 +1,6 @@
 """``tools/bench_intra.py``: plain, dropout views, tree and tree at the dropout points, with as
 many heads as views, positive ratios, one weight set for the views, and one-line errors.
-Timings are never asserted (noisy on a shared machine); memory only in orders that cannot flip.
+Timings are never asserted (noisy on a shared machine); memory only beyond the C heap's noise.
 """
 from __future__ import annotations
 
@@ -64,9 +64,11 @@ def test_ratios_are_positive_and_against_plain(result):
         assert row["dropout_mem_over"] == pytest.approx(rows["dropout"]["mem_mb"] / row["mem_mb"])
     plain = rows["plain"]
     assert plain["time_ratio"] == plain["flop_ratio"] == plain["mem_ratio"] == 1.0
-    # the views keep dropout masks and 4-fold late activations, the tree every copy's
-    # activations, weights and gradients (4 classifiers, 2 layer3)
-    assert 1.0 <= rows["dropout"]["mem_ratio"] < rows["tree"]["mem_ratio"]
+    # paper 004: the views cost the plain model's peak (at this size their masks and 4-fold
+    # late activations are a few hundred bytes, under the C heap's noise of about 0.01%); copies
+    # at the same points add their weights and gradients, the tree every copy's activations too
+    assert rows["dropout"]["mem_ratio"] == pytest.approx(1.0, abs=0.002)
+    assert rows["dropout"]["mem_ratio"] < rows["tree_same"]["mem_ratio"] < rows["tree"]["mem_ratio"]
     assert 1.0 <= rows["dropout"]["flop_ratio"] < rows["tree"]["flop_ratio"]
 
 
