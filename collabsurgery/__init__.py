@@ -8,12 +8,11 @@
 >>> cs.export(net, head=0, path="resnet50_cl.safetensors")
 >>> model = cs.load_backbone("resnet50_cl.safetensors")
 """
-__version__ = "0.1.0"
-
-from .errors import UserError  # noqa: E402
-from .export import export, load_backbone  # noqa: E402
-from .graphs import (GraphConfig, GraphOutput, TrainingGraph, TreeNet, rebuild,  # noqa: E402
-                     register_graph, splits, wrap)
+from collabsurgery.common import __version__
+from collabsurgery.errors import UserError
+from collabsurgery.export import export, load_backbone
+from collabsurgery.graphs import (GraphConfig, GraphOutput, TrainingGraph, TreeNet, rebuild,
+                                  register_graph, splits, wrap)
 
 __all__ = ["GraphConfig", "GraphOutput", "TrainingGraph", "TreeNet", "UserError", "__version__",
            "export", "load_backbone", "rebuild", "register_graph", "splits", "wrap"]

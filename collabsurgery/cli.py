@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import Interrupted, TrainingStopped, UserError
+from collabsurgery.errors import Interrupted, TrainingStopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,8 +58,8 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
 
 def cmd_splits(args: argparse.Namespace) -> None:
     """Print the clean split points of a model, one per line."""
-    from .graphs import splits
-    from .surgery.cuts import NO_SPLIT_POINTS
+    from collabsurgery.graphs import splits
+    from collabsurgery.surgery.cuts import NO_SPLIT_POINTS
 
     points = splits(args.model, input_size=args.input_size, **_model_kwargs(args))
     if not points:
@@ -86,9 +86,9 @@ def _models(text: str) -> str | list[str]:
 
 def cmd_wrap(args: argparse.Namespace) -> None:
     """Build a training graph, print what it costs, optionally save it."""
-    from .graphfile import save_graph
-    from .graphs import wrap
-    from .summary import describe
+    from collabsurgery.graphs import wrap
+    from collabsurgery.graphs.saving import save_graph
+    from collabsurgery.measure.costs import describe
 
     net = wrap(_models(args.model), pattern=args.pattern, input_size=args.input_size,
                execution=args.execution, **_graph_arguments(args), **_model_kwargs(args))
@@ -99,14 +99,14 @@ def cmd_wrap(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export one head of a training graph file or a training run as a plain backbone."""
-    from .runs import export_from_source
+    from collabsurgery.export.from_run import export_from_source
 
     output = Path(args.output)
     if args.format == "safetensors":
         path, head = export_from_source(Path(args.source), args.head, output)
         print(f"exported head {head} to {path}")
         return
-    from .model_folder import save_timm_folder
+    from collabsurgery.export.model_folder import save_timm_folder
 
     with tempfile.TemporaryDirectory(prefix="collabsurgery-export-") as tmp:
         path, head = export_from_source(Path(args.source), args.head,
@@ -118,7 +118,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_finetune_detection(args: argparse.Namespace) -> None:
     """Fine-tune a detector on an exported backbone (see :mod:`collabsurgery.detection`)."""
-    from .detection import run
+    from collabsurgery.detection import run
 
     try:
         run(args)
@@ -128,7 +128,7 @@ def cmd_finetune_detection(args: argparse.Namespace) -> None:
 
 
 def _sigmas(text: str) -> tuple[float, ...]:
-    from .robustness import check_sigmas
+    from collabsurgery.measure.robustness import check_sigmas
 
     try:
         return check_sigmas([float(v) for v in text.split(",")])
@@ -144,11 +144,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from .backbones import create
-    from .data import load_splits
-    from .recipe import data_arguments, load_recipe
-    from .robustness import accuracy, format_table, perturbation_curve, save_robustness
-    from .runs import load_run, select_head
+    from collabsurgery.config.recipe import data_arguments, load_recipe
+    from collabsurgery.data.datasets import load_splits
+    from collabsurgery.export.from_run import load_run, select_head
+    from collabsurgery.measure.robustness import (accuracy, format_table, perturbation_curve,
+                                                  save_robustness)
+    from collabsurgery.models.backbones import create
 
     run_dir = Path(args.run)
     net, history = load_run(run_dir)
@@ -176,11 +177,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train (or resume) a recipe with Accelerate."""
-    from . import checkpoint
-    from .engine import run_directory, train
-    from .recipe import load_recipe
-
     from accelerate import PartialState
+
+    from collabsurgery.config.recipe import load_recipe
+    from collabsurgery.rundir import checkpoint
+    from collabsurgery.train.engine import run_directory, train
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
@@ -196,14 +197,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job on the built-in digits: CL-ILR vs single model, export, reload."""
-    from .demo import run_demo
+    from collabsurgery.train.demo import run_demo
 
     run_demo(args.recipe, args.overrides)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """Time a training graph against the plain model and its stage-time limit."""
-    from .bench import BenchConfig, format_table, run_bench, to_json
+    from collabsurgery.measure.bench import BenchConfig, format_table, run_bench, to_json
 
     cfg = BenchConfig(_models(args.model), pattern=args.pattern,
                       graph_args=_graph_arguments(args), image_size=args.image_size,
@@ -237,7 +238,7 @@ class _IntermixedParser(_Parser):
 def cmd_reproduce(args: argparse.Namespace) -> None:
     """Run a paper study (rows x seeds), resuming what is done, and write its report; with
     --all every landed study in turn, then an index page of their reports."""
-    from .studies import run_all, run_study
+    from collabsurgery.studies import run_all, run_study
 
     overrides = list(args.overrides)
     if args.all and args.study is not None:
@@ -259,7 +260,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    from .graphs import EXECUTION_MODES
+    from collabsurgery.graphs import EXECUTION_MODES
 
     modes = EXECUTION_MODES if text == "all" else tuple(m.strip() for m in text.split(","))
     bad = [m for m in modes if m not in EXECUTION_MODES]
@@ -271,7 +272,7 @@ def _modes(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from .graphs import EXECUTION_MODES, GRAPH_KINDS, RESCALE_MODES
+    from collabsurgery.graphs import EXECUTION_MODES, GRAPH_KINDS, RESCALE_MODES
 
     parser = _Parser(prog="collabsurgery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune-detection", help="fine-tune a Faster R-CNN (FPN) on an "
                        "exported backbone, with COCO mAP (also: accelerate launch "
                        "tools/finetune_detection.py)")
-    from .detection import add_arguments as detection_arguments
+    from collabsurgery.detection import add_arguments as detection_arguments
 
     detection_arguments(p)
     p.set_defaults(func=cmd_finetune_detection)

@@ -1,4 +1,8 @@
-"""The one exception type for mistakes in what the user asked for."""
+"""The exceptions the CLI turns into one line and an exit code, and :func:`warn`.
+
+Every layer may import this module; it imports nothing from collabsurgery.
+"""
+import sys
 
 
 class UserError(ValueError):
@@ -41,3 +45,11 @@ class ArgumentError(UserError):
         super().__init__(f"{argument} {problem}")
         self.argument = argument
         self.problem = problem
+
+
+def warn(message: str) -> None:
+    """One line on stderr, from the main process only (every rank may call it)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"collabsurgery: {message}", file=sys.stderr)

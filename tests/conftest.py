@@ -56,7 +56,8 @@ def calibrate_batchnorm(net: nn.Module, size: int) -> None:
 def stop_then_resume(make_recipe, run_dir, stop: int, capsys) -> None:
     """Train ``make_recipe(*overrides)`` until optimizer step ``stop`` (a checkpoint there), then
     resume it with ``run.resume=auto`` to the end, checking that it did resume from there."""
-    from collabsurgery import checkpoint, engine
+    from collabsurgery.rundir import checkpoint
+    from collabsurgery.train import engine
 
     engine.train(make_recipe(f"train.max_steps={stop}"))
     ckpt = run_dir / "checkpoints" / f"ckpt-{stop:08d}"
@@ -121,7 +122,7 @@ def latest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The ``model.safetensors`` of a run's latest checkpoint."""
     from safetensors.torch import load_file
 
-    from collabsurgery import checkpoint
+    from collabsurgery.rundir import checkpoint
 
     return load_file(str(checkpoint.latest(Path(run_dir) / "checkpoints") / "model.safetensors"))
 

@@ -23,9 +23,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import collabsurgery as cs
-from collabsurgery import cli, engine
+from collabsurgery import cli
+from collabsurgery.config.recipe import save_recipe
 from collabsurgery.errors import UserError
-from collabsurgery.recipe import save_recipe
+from collabsurgery.train import engine
+
 from test_engine import tiny
 
 pytestmark = pytest.mark.usefixtures("forget_accelerate_state", "one_thread")

@@ -7,11 +7,10 @@ import json
 import math
 
 import pytest
-
 import torch
 
-from collabsurgery.bench import format_table, minor_faults
 from collabsurgery.cli import main
+from collabsurgery.measure.bench import format_table, minor_faults
 
 from conftest import one_line_error
 

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]

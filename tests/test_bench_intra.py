@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_tool
 
-from collabsurgery.bench import memory_method
+from collabsurgery.measure.bench import memory_method
+
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 

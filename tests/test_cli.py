@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import collabsurgery as cs
 from collabsurgery.cli import main
-from collabsurgery.graphfile import load_graph
+from collabsurgery.graphs.saving import load_graph
+
 from conftest import make_input, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,15 +17,16 @@ import pytest
 import torch
 
 import collabsurgery as cs
-from collabsurgery import checkpoint
-from collabsurgery.checkpoint import Progress
-from collabsurgery.engine import Collaboration
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import (GRAPH_KINDS, GraphConfig, TrainingGraph, build_graph,
                                   builder_arguments, rebuild)
 from collabsurgery.graphs.base import EXAMPLES
 from collabsurgery.objectives import Step, build_objective
-from conftest import TEST_OBJECTIVE, calibrate_batchnorm, assert_same_logits, make_input
+from collabsurgery.rundir import checkpoint
+from collabsurgery.rundir.checkpoint import Progress
+from collabsurgery.train.engine import Collaboration
+
+from conftest import TEST_OBJECTIVE, assert_same_logits, calibrate_batchnorm, make_input
 
 SIZE = (3, 32, 32)
 CLASSES = 10

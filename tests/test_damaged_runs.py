@@ -21,12 +21,15 @@ import torch
 from safetensors.torch import load_file
 
 import collabsurgery as cs
-from collabsurgery import checkpoint, cli, engine
+from collabsurgery import cli
+from collabsurgery.config.recipe import save_recipe
 from collabsurgery.errors import UserError
-from collabsurgery.graphfile import config_from_json
 from collabsurgery.graphs import rebuild, wrap
+from collabsurgery.graphs.saving import config_from_json
 from collabsurgery.objectives.consensus import ConsensusLoss
-from collabsurgery.recipe import save_recipe
+from collabsurgery.rundir import checkpoint
+from collabsurgery.train import engine
+
 from conftest import assert_same_weights, latest_weights, one_line_error
 from test_engine import RANDOM, tiny
 

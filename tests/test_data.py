@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from collabsurgery.data import BUILTIN_DIGITS_LOWRES, corrupted_examples, load_splits
+from collabsurgery.config.recipe import DataConfig, data_arguments
+from collabsurgery.data.datasets import BUILTIN_DIGITS_LOWRES, corrupted_examples, load_splits
 from collabsurgery.errors import UserError
-from collabsurgery.recipe import DataConfig, data_arguments
 
 
 @pytest.fixture(scope="module")

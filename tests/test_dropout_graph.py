@@ -14,6 +14,7 @@ from torch import nn
 from collabsurgery.cli import main
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import DropoutViews, build_graph
+
 from conftest import assert_same_logits, make_input, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")

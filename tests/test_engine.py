@@ -16,12 +16,15 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from collabsurgery import checkpoint, cli, engine, statefile
-from collabsurgery.data import load_splits
-from collabsurgery.graphs import execution
+from collabsurgery import cli
+from collabsurgery.config.recipe import data_arguments, load_recipe, save_recipe
+from collabsurgery.data.datasets import load_splits
+from collabsurgery.export.from_run import load_run
+from collabsurgery.graphs.execution import executor as execution
 from collabsurgery.objectives.consensus import ConsensusLoss
-from collabsurgery.recipe import data_arguments, load_recipe, save_recipe
-from collabsurgery.runs import load_run
+from collabsurgery.rundir import checkpoint, training_state
+from collabsurgery.train import engine
+
 from conftest import stop_then_resume, train_in_two_cpu_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +150,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, cap
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("collabsurgery.checkpoint.statefile.save_state", disk_full)
+    monkeypatch.setattr("collabsurgery.rundir.checkpoint.training_state.save_state", disk_full)
     with pytest.raises(OSError, match="No space left"):
         engine.train(tiny(tmp_path, *common, "train.max_steps=3"))
     monkeypatch.undo()
@@ -251,7 +254,7 @@ def test_every_file_a_run_writes_loads_safely(straight):
         if name.endswith(".safetensors"):
             kind = "safetensors"
             with safe_open(str(path), framework="pt") as f:  # weights, or a statefile state
-                assert list(f.keys()) or f.metadata()["format"] == statefile.FORMAT
+                assert list(f.keys()) or f.metadata()["format"] == training_state.FORMAT
         elif name.endswith(".jsonl"):
             kind = "jsonl"
             assert [json.loads(line) for line in path.read_text().splitlines()]

@@ -12,20 +12,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_peer_objectives import _data, _kl
 
 import collabsurgery as cs
-from collabsurgery import backbones, checkpoint, cli, engine
+from collabsurgery import cli
+from collabsurgery.config.recipe import load_recipe
 from collabsurgery.errors import UserError
-from collabsurgery.export import read_metadata
+from collabsurgery.export import export_metadata
+from collabsurgery.export.from_run import load_run
+from collabsurgery.models import backbones
 from collabsurgery.objectives import EnsembleTargetLoss, build_objective
 from collabsurgery.objectives.ensemble import (general_weights, linear_weights, minlogit_logits,
                                                naive_logits, project_to_simplex)
-from collabsurgery.recipe import load_recipe
-from collabsurgery.runs import load_run
+from collabsurgery.rundir import checkpoint
+from collabsurgery.train import engine
+
 from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
                       one_line_error, stop_then_resume)
 from test_objectives import _log_softmax, _softmax
-from test_peer_objectives import _data, _kl
 
 REPO = Path(__file__).resolve().parents[1]
 LOGIT_TARGETS = ["naive", "linear", "minlogit"]  # built from logits; general from probabilities
@@ -369,7 +373,7 @@ def test_peer_group_of_three_architectures_resumes_bit_exactly_and_exports_every
         out = tmp_path / f"head{h}.safetensors"
         assert cli.main(["export", str(resumed), "--head", str(h), "-o", str(out)]) == 0
         assert f"exported head {h} to {out}" in capsys.readouterr().out
-        metadata = read_metadata(out)
+        metadata = export_metadata(out)
         assert int(metadata["head"]) == h
         assert (metadata["library"], metadata["architecture"]) == THREE_EXPORTED[h]
         plain = backbones.create(graph.head_spec(h))
@@ -384,7 +388,7 @@ def test_peer_group_of_three_architectures_resumes_bit_exactly_and_exports_every
     assert cli.main(["export", str(resumed), "--head", THREE[2], "-o", str(out)]) == 0
     assert "exported head 2 to" in capsys.readouterr().out
     by_name = load_file(str(out))
-    assert int(read_metadata(out)["head"]) == 2
+    assert int(export_metadata(out)["head"]) == 2
     assert by_name.keys() == exported[2].keys()
     assert all(torch.equal(by_name[k], exported[2][k]) for k in by_name)
 

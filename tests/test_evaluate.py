@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from collabsurgery.evaluate import evaluate
+from collabsurgery.train.evaluate import evaluate
 
 
 class FixedHeads(torch.nn.Module):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import collabsurgery as cs
-from collabsurgery.graphs import execution
+from collabsurgery.graphs.execution import executor as execution
 
 from conftest import assert_close_scaled, assert_same_training_step, make_input, train_step
 

@@ -15,13 +15,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import collabsurgery as cs
-from collabsurgery.graphfile import load_graph, save_graph
-from collabsurgery.integrity import tensors_sha256
+from collabsurgery.common.integrity import tensors_sha256
+from collabsurgery.graphs.saving import load_graph, save_graph
+
 from conftest import assert_same_logits, make_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-export_module = importlib.import_module("collabsurgery.export")  # cs.export is the function
+tensorfile = importlib.import_module("collabsurgery.common.tensorfile")
 
 C = 10
 SIZE = (3, 32, 32)
@@ -187,7 +188,7 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_old_export(net, good_fil
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export_module, "save_file", disk_full)
+    monkeypatch.setattr(tensorfile, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         cs.export(net, 0, target)
     assert _listing(tmp_path) == before  # no .backbone.safetensors.*.tmp left behind

@@ -11,9 +11,10 @@ import torch
 from torchvision.models import VisionTransformer
 
 import collabsurgery as cs
+from collabsurgery.common.tensorfile import load_state
 from collabsurgery.errors import UserError
-from collabsurgery.export import load_state
-from collabsurgery.features import feature_levels
+from collabsurgery.export.features import feature_levels
+
 from conftest import calibrate_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import collabsurgery as cs
-from collabsurgery.detection import (CocoDetection, FinetuneConfig, build_detector,
-                                     evaluate_coco, finetune, load_split, write_digits_detection)
+from collabsurgery.detection import (CocoDetection, FinetuneConfig, build_detector, evaluate_coco,
+                                     finetune, load_split, write_digits_detection)
 from collabsurgery.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,10 +210,11 @@ def test_bad_data_is_one_line_before_anything_is_written(edit, message, exports,
 
 
 def test_export_keys_outside_body_and_classifier_are_refused(exports, tmp_path):
-    from collabsurgery.export import read_metadata, save_safetensors_atomic
-    from collabsurgery.integrity import CHECKSUM_KEY
+    from collabsurgery.common.integrity import CHECKSUM_KEY
+    from collabsurgery.common.tensorfile import save_safetensors_atomic
+    from collabsurgery.export import export_metadata
 
-    metadata = {k: v for k, v in read_metadata(exports["torchvision"]).items()
+    metadata = {k: v for k, v in export_metadata(exports["torchvision"]).items()
                 if k != CHECKSUM_KEY}
     state = {**load_file(str(exports["torchvision"])), "extra.weight": torch.zeros(3)}
     odd = save_safetensors_atomic(state, tmp_path / "odd.safetensors", metadata)

@@ -12,7 +12,9 @@ import torch.nn as nn
 from safetensors import safe_open
 
 import collabsurgery as cs
-from collabsurgery import backbones, summary
+from collabsurgery.measure import costs
+from collabsurgery.models import backbones
+
 from conftest import assert_same_logits, make_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -359,7 +361,7 @@ def test_summary_flop_ratio_resnet50_hierarchical_four_heads():
     net = cs.wrap("resnet50", split="layer2,layer3", heads=4)
     assert net.fanouts == (1, 2, 2)
     plain = timm.create_model("resnet50")
-    base, graph = summary.measure(plain, size), summary.measure(net, size)
+    base, graph = costs.measure(plain, size), costs.measure(net, size)
     assert graph.flops / base.flops == pytest.approx(1.95, abs=0.02)
     # parameters: trunk once, layer3 twice, layer4 and fc four times
     p = {name: sum(q.numel() for q in m.parameters()) for name, m in plain.named_children()}
@@ -373,7 +375,7 @@ def test_summary_flop_ratio_resnet50_hierarchical_four_heads():
 def test_summary_describe_names_stages_and_sharing():
     net = cs.wrap("cifar_resnet20", split="layer1,layer2", heads=4, num_classes=C,
                   input_size=SIZE)
-    text = summary.describe(net)
+    text = costs.describe(net)
     assert "4 heads" in text and "fan-outs (1, 2, 2)" in text
     assert "{0,1,2,3}" in text and "{0,1} {2,3}" in text and "{0} {1} {2} {3}" in text
     for label in ("parameters", "forward GFLOPs/image", "activations MB/image"):

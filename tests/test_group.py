@@ -12,21 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_peer_objectives import _kl
 
 import collabsurgery as cs
-from collabsurgery import checkpoint, engine
 from collabsurgery.cli import main
+from collabsurgery.config.recipe import load_recipe, save_recipe
 from collabsurgery.errors import UserError
+from collabsurgery.export.from_run import load_run
 from collabsurgery.graphs import GraphConfig, GraphOutput, TrainingGraph
 from collabsurgery.objectives import GroupImitationLoss, build_objective
 from collabsurgery.objectives.base import LossContext, Step
 from collabsurgery.objectives.group import group_rampup
-from collabsurgery.recipe import load_recipe, save_recipe
-from collabsurgery.runs import load_run
+from collabsurgery.rundir import checkpoint
+from collabsurgery.train import engine
+
 from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
                       one_line_error, stop_then_resume, train_in_two_cpu_processes)
 from test_objectives import _log_softmax, _softmax
-from test_peer_objectives import _kl
 
 REPO = Path(__file__).resolve().parents[1]
 

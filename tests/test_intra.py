@@ -12,23 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_peer_objectives import _data
 
 import collabsurgery as cs
-from collabsurgery import engine
 from collabsurgery.cli import main
+from collabsurgery.config.recipe import load_recipe
 from collabsurgery.errors import UserError
+from collabsurgery.export.from_run import load_run
 from collabsurgery.graphs import build_graph
 from collabsurgery.objectives import IntraModelLoss, build_objective
 from collabsurgery.objectives.base import Step
 from collabsurgery.objectives.intra import kernel_decorrelation
 from collabsurgery.objectives.local_losses import (depth_weights, mid_losses, pull_push_losses,
                                                    similarity)
-from collabsurgery.recipe import load_recipe
-from collabsurgery.runs import load_run
+from collabsurgery.train import engine
+
 from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
                       stop_then_resume)
 from test_objectives import _log_softmax, _softmax
-from test_peer_objectives import _data
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,9 +22,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import collabsurgery as cs
-from collabsurgery.graphs.recompute import SegmentedCopy, segment_ends
-from collabsurgery.memory import HeapPeak, can_measure_cpu_peak, step_peak_bytes
-from collabsurgery.summary import saved_tensor_bytes
+from collabsurgery.graphs.execution.recompute import SegmentedCopy, segment_ends
+from collabsurgery.measure.costs import saved_tensor_bytes
+from collabsurgery.measure.memory import HeapPeak, can_measure_cpu_peak, step_peak_bytes
+
 from conftest import assert_close_scaled, assert_same_training_step, make_input, train_step
 
 

@@ -20,11 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import collabsurgery as cs
-from collabsurgery import model_folder
+from collabsurgery.common.tensorfile import load_state
+from collabsurgery.config.recipe import recipe_from_dict, recipe_to_dict
 from collabsurgery.errors import UserError
-from collabsurgery.export import load_state
-from collabsurgery.model_folder import FOLDER_FILES, save_timm_folder
-from collabsurgery.recipe import recipe_from_dict, recipe_to_dict
+from collabsurgery.export import model_folder
+from collabsurgery.export.model_folder import FOLDER_FILES, save_timm_folder
+
 from conftest import assert_same_logits, calibrate_batchnorm, make_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -245,9 +246,9 @@ def test_collabsurgery_architecture_loads_after_import(tmp_path):
 
 
 def test_collabsurgery_architecture_needs_the_import(tmp_path):
-    """What the card warns about: timm alone, and even ``import collabsurgery``, do not
-    register cifar_resnet20 (collabsurgery registers its models lazily); the card's
-    ``import collabsurgery.models`` does."""
+    """What the card warns about: timm alone does not know cifar_resnet20; ``import
+    collabsurgery`` (which loads its models package) and the card's ``import
+    collabsurgery.models`` register it."""
     net = cs.wrap("cifar_resnet20", split="layer1", heads=2, num_classes=10,
                   input_size=(3, 16, 16))
     folder = save_timm_folder(cs.export(net, 0, tmp_path / "c20.safetensors"), tmp_path / "c20")
@@ -264,5 +265,5 @@ def test_collabsurgery_architecture_needs_the_import(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == ["timm Unknown model (cifar_resnet20)",
-                                        "collabsurgery Unknown model (cifar_resnet20)",
+                                        "collabsurgery 10",
                                         "collabsurgery.models 10"]

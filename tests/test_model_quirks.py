@@ -21,7 +21,8 @@ import torchvision
 import collabsurgery as cs
 from collabsurgery import cli
 from collabsurgery.errors import UserError
-from collabsurgery.summary import measure
+from collabsurgery.measure.costs import measure
+
 from conftest import assert_same_logits, calibrate_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

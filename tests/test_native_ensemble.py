@@ -13,20 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_peer_objectives import _data, _kl
 from torch import nn
 
 import collabsurgery as cs
-from collabsurgery import backbones, checkpoint, engine
 from collabsurgery.cli import main
+from collabsurgery.config.recipe import load_recipe
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import GraphConfig, GraphOutput, TrainingGraph, build_graph
+from collabsurgery.models import backbones
 from collabsurgery.objectives import NativeEnsembleLoss, build_objective
-from collabsurgery.objectives.base import LossContext, Step
-from collabsurgery.objectives.base import sigmoid_rampup
-from collabsurgery.recipe import load_recipe
+from collabsurgery.objectives.base import LossContext, Step, sigmoid_rampup
+from collabsurgery.rundir import checkpoint
+from collabsurgery.train import engine
+
 from conftest import assert_same_weights, latest_weights, one_line_error, stop_then_resume
 from test_objectives import _log_softmax, _softmax
-from test_peer_objectives import _data, _kl
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET = {"model_kwargs": {"num_classes": 10}}

@@ -9,15 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from collabsurgery.errors import UserError
-from collabsurgery.objectives import (
-    ConsensusLoss,
-    LabelSmoothingLoss,
-    LossContext,
-    LossOutput,
-    Step,
-    SingleLoss,
-    build_objective,
-)
+from collabsurgery.objectives import (ConsensusLoss, LabelSmoothingLoss, LossContext, LossOutput,
+                                      SingleLoss, Step, build_objective)
 
 
 def _log_softmax(z: list[float], t: float = 1.0) -> list[float]:

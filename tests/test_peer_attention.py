@@ -13,21 +13,23 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_peer_objectives import _data, _kl
 
 import collabsurgery as cs
-from collabsurgery import backbones, engine
 from collabsurgery.cli import main
+from collabsurgery.config.recipe import load_recipe
 from collabsurgery.errors import UserError
+from collabsurgery.export.from_run import load_run
 from collabsurgery.graphs import build_graph
+from collabsurgery.models import backbones
 from collabsurgery.objectives import PeerAttentionLoss, build_objective
 from collabsurgery.objectives.base import LossContext, Step, sigmoid_rampup
 from collabsurgery.objectives.peer_attention import PeerAttention
-from collabsurgery.recipe import load_recipe
-from collabsurgery.runs import load_run
+from collabsurgery.train import engine
+
 from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
                       one_line_error, stop_then_resume)
 from test_objectives import _log_softmax, _softmax
-from test_peer_objectives import _data, _kl
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET = {"model_kwargs": {"num_classes": 10}}

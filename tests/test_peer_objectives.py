@@ -14,12 +14,17 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 import collabsurgery as cs
-from collabsurgery import checkpoint, cli, engine
+from collabsurgery import cli
+from collabsurgery.config.recipe import load_recipe, save_recipe
 from collabsurgery.errors import UserError
+from collabsurgery.export.from_run import export_from_source, load_run
+from collabsurgery.export.teacher import load_teacher
 from collabsurgery.graphs import GraphOutput
 from collabsurgery.objectives import DistillationLoss, MutualLoss, build_objective
-from collabsurgery.recipe import load_recipe, save_recipe
-from collabsurgery.runs import export_from_source, load_run
+from collabsurgery.rundir import checkpoint
+from collabsurgery.train import engine
+from collabsurgery.train.engine import make_objective
+
 from test_objectives import _log_softmax, _softmax
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,7 +235,7 @@ def _images(seed: int = 0) -> torch.Tensor:
 
 def test_teacher_from_export(exported) -> None:
     path, net = exported
-    obj = DistillationLoss(str(path))
+    obj = DistillationLoss(load_teacher(str(path)))
     x = _images()
     with torch.no_grad():
         expected = net(x[0])[1]
@@ -248,20 +253,20 @@ def test_teacher_from_run_directory(teacher_run) -> None:
         expected = graph(x[0])
     assert not torch.allclose(expected[0], expected[1])  # so the head chosen matters
     for head, kwargs in ((best, {}), (0, {"teacher_head": 0}), (1, {"teacher_head": 1})):
-        obj = DistillationLoss(str(teacher_run), **kwargs)
+        obj = DistillationLoss(load_teacher(str(teacher_run), **kwargs))
         got = obj.teacher_logits(x[0].expand(2, *x[0].shape))[0]
         torch.testing.assert_close(got, expected[head])
     with pytest.raises(UserError, match=r"teacher_head must be a head of the teacher run, got 2; "
                                         r"valid: 0\.\.1"):
-        DistillationLoss(str(teacher_run), teacher_head=2)
+        load_teacher(str(teacher_run), teacher_head=2)
 
 
 def test_teacher_from_model_name_and_weights(tmp_path) -> None:
     model = timm.create_model("cifar_resnet20", num_classes=10).eval()
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    obj = DistillationLoss("cifar_resnet20", teacher_weights=str(weights),
-                           teacher_kwargs={"num_classes": 10})
+    obj = DistillationLoss(load_teacher("cifar_resnet20", teacher_weights=str(weights),
+                                        teacher_kwargs={"num_classes": 10}))
     x = _images(2)
     with torch.no_grad():
         torch.testing.assert_close(obj.teacher_logits(x), torch.stack([model(x[0]), model(x[1])]))
@@ -269,15 +274,16 @@ def test_teacher_from_model_name_and_weights(tmp_path) -> None:
     tv = torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=10)
     tv_weights = tmp_path / "tv.safetensors"
     save_file({k: v.contiguous() for k, v in tv.state_dict().items()}, str(tv_weights))
-    tv_obj = DistillationLoss("torchvision.mobilenet_v3_small", teacher_weights=str(tv_weights),
-                              teacher_kwargs={"num_classes": 10})
+    tv_obj = DistillationLoss(load_teacher("torchvision.mobilenet_v3_small",
+                                           teacher_weights=str(tv_weights),
+                                           teacher_kwargs={"num_classes": 10}))
     tv_obj.check_compatible(1, 10)
     with pytest.raises(UserError, match="predicts 10 classes but the students predict 5"):
         tv_obj.check_compatible(1, 5)
     # weights of another shape: one line naming the file
     with pytest.raises(UserError, match="do not fit cifar_resnet20"):
-        DistillationLoss("cifar_resnet20", teacher_weights=str(weights),
-                         teacher_kwargs={"num_classes": 7})
+        load_teacher("cifar_resnet20", teacher_weights=str(weights),
+                     teacher_kwargs={"num_classes": 7})
 
 
 def test_class_count_without_known_num_classes_checked_on_first_batch() -> None:
@@ -300,26 +306,27 @@ def _plain_safetensors(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("args, match", [
-    ({"teacher": "/no/such/teacher.safetensors"}, "teacher names no existing file or directory"),
-    ({"teacher": "runs/no-such-run"}, "teacher names no existing file or directory"),
+    ({"teacher": "/no/such/teacher.safetensors"}, "objective.teacher' names no existing file or directory"),
+    ({"teacher": "runs/no-such-run"}, "objective.teacher' names no existing file or directory"),
     ({"teacher": "PLAIN"}, "no format=collabsurgery.backbone/1 metadata"),
     ({"teacher": "TEXT"}, "not a readable safetensors file"),
     ({"teacher": "EMPTYDIR"}, "not a training run"),
-    ({"teacher": "EXPORT", "teacher_weights": "PLAIN"}, "teacher_weights applies only"),
-    ({"teacher": "EXPORT", "teacher_kwargs": {"num_classes": 10}}, "teacher_kwargs applies only"),
-    ({"teacher": "EXPORT", "teacher_head": 0}, "teacher_head applies only"),
-    ({"teacher": "cifar_resnet20"}, "teacher_weights is missing: teacher 'cifar_resnet20' is a"),
+    ({"teacher": "EXPORT", "teacher_weights": "PLAIN"}, "objective.teacher_weights' applies only"),
+    ({"teacher": "EXPORT", "teacher_kwargs": {"num_classes": 10}},
+     "objective.teacher_kwargs' applies only"),
+    ({"teacher": "EXPORT", "teacher_head": 0}, "objective.teacher_head' applies only"),
+    ({"teacher": "cifar_resnet20"}, "objective.teacher_weights' is missing: teacher 'cifar_resnet20' is a"),
     ({"teacher": "cifar_resnet20", "teacher_kwargs": {"num_classes": 10}},
-     "teacher_weights is missing"),
+     "objective.teacher_weights' is missing"),
     ({"teacher": "cifar_resnet20", "teacher_weights": "/no/such.safetensors"},
-     "teacher_weights names no existing file"),
+     "objective.teacher_weights' names no existing file"),
     ({"teacher": "cifar_resnet20", "teacher_weights": "TEXT"}, "truncated or corrupt"),
     ({"teacher": "resnet_nope", "teacher_weights": "PLAIN"}, "unknown model 'resnet_nope'"),
-    ({"teacher": "nothing_at_all"}, "teacher must be an existing file or directory or a model"),
-    ({"teacher": 5}, "teacher must be a path or a model name"),
-    ({"teacher": "EXPORT", "temperature": 0}, "temperature must be a number > 0"),
-    ({"teacher": "EXPORT", "alpha": 1.5}, r"alpha must be a number in \[0, 1\]"),
-    ({"teacher": "EXPORT", "temperature": "warm"}, "temperature must be a number > 0, got 'warm'"),
+    ({"teacher": "nothing_at_all"}, "objective.teacher' must be an existing file or directory or a model"),
+    ({"teacher": 5}, "objective.teacher' must be a path or a model name"),
+    ({"teacher": "EXPORT", "temperature": 0}, "objective.temperature' must be a number > 0"),
+    ({"teacher": "EXPORT", "alpha": 1.5}, r"objective.alpha' must be a number in \[0, 1\]"),
+    ({"teacher": "EXPORT", "temperature": "warm"}, "objective.temperature' must be a number > 0, got 'warm'"),
 ])
 def test_kd_bad_teacher_is_one_line_user_error(tmp_path, exported, args, match) -> None:
     text = tmp_path / "notes.txt"
@@ -329,7 +336,7 @@ def test_kd_bad_teacher_is_one_line_user_error(tmp_path, exported, args, match) 
              "EMPTYDIR": str(tmp_path / "empty"), "EXPORT": str(exported[0])}
     args = {k: names.get(v, v) if isinstance(v, str) else v for k, v in args.items()}
     with pytest.raises(UserError, match=match) as err:
-        build_objective("kd", **args)
+        make_objective("kd", args)
     assert "\n" not in str(err.value)
 
 

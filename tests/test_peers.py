@@ -16,13 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import collabsurgery as cs
-from collabsurgery import backbones, checkpoint, cli, engine
+from collabsurgery import cli
+from collabsurgery.config.recipe import load_recipe, save_recipe
 from collabsurgery.errors import UserError
+from collabsurgery.export.from_run import load_run
 from collabsurgery.graphs import PeerGroup
-from collabsurgery.recipe import load_recipe, save_recipe
-from collabsurgery.runs import load_run
-from conftest import TEST_OBJECTIVE, stop_then_resume, calibrate_batchnorm, assert_same_logits, make_input, one_line_error
+from collabsurgery.models import backbones
+from collabsurgery.rundir import checkpoint
+from collabsurgery.train import engine
 
+from conftest import (TEST_OBJECTIVE, assert_same_logits, calibrate_batchnorm, make_input,
+                      one_line_error, stop_then_resume)
 
 OBJECTIVE_KEY = "objective.log_temperature"
 

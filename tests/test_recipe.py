@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collabsurgery.engine import build_net, build_objective_from
+from collabsurgery.config.recipe import (DataConfig, Recipe, load_recipe, parse_overrides,
+                                         recipe_from_dict, recipe_to_dict, save_recipe)
 from collabsurgery.errors import UserError
-from collabsurgery.recipe import (DataConfig, Recipe, load_recipe, parse_overrides,
-                                  recipe_from_dict, recipe_to_dict, save_recipe)
+from collabsurgery.train.engine import build_net, build_objective_from
 
 
 def write(tmp_path: Path, text: str) -> Path:

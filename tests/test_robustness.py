@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import run  # main(argv)'s exit status, usage errors included
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from collabsurgery import engine
+from collabsurgery.config.recipe import load_recipe
 from collabsurgery.errors import UserError
-from collabsurgery.recipe import load_recipe
-from collabsurgery.robustness import noise_generator, perturbation_curve, perturbed
-from test_cli import run  # main(argv)'s exit status, usage errors included
+from collabsurgery.measure.robustness import noise_generator, perturbation_curve, perturbed
+from collabsurgery.train import engine
 
 pytestmark = pytest.mark.usefixtures("one_thread", "forget_accelerate_state")
 

@@ -6,18 +6,19 @@ contract tests (test_contract.py) cover the rest for this kind through its regis
 from __future__ import annotations
 
 import copy
-import re
 import os
+import re
 
 import pytest
 import torch
 
 import collabsurgery as cs
-from collabsurgery import backbones
 from collabsurgery.cli import main
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import RoutedNet, build_graph, rebuild
 from collabsurgery.graphs.routed import draw_paths
+from collabsurgery.models import backbones
+
 from conftest import assert_same_logits, make_input, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")

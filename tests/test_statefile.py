@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from collabsurgery.errors import UserError
-from collabsurgery.statefile import FORMAT, load_state, save_state
+from collabsurgery.rundir.training_state import FORMAT, load_state, save_state
 
 
 def assert_same(actual, expected, where: str = "state") -> None:

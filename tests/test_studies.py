@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from collabsurgery import cli, engine, studies
+from collabsurgery import cli, studies
+from collabsurgery.config.recipe import recipe_to_dict
 from collabsurgery.objectives import OBJECTIVES
-from collabsurgery.recipe import recipe_to_dict
-from collabsurgery.reporting import headline
+from collabsurgery.rundir.metrics import headline
 from collabsurgery.studies import (BUDGETS, LABEL_SMOOTHING, SIMPLE2, SINGLE, STUDIES, Row, Study,
                                    cell_error, get_study, head_error, holdout_epoch_error,
                                    paired_difference, recipe_for, run_study, t_interval, verdict)
+from collabsurgery.train import engine
+
 from conftest import assert_same_weights, latest_weights, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,8 +174,8 @@ def test_a_run_recorded_before_a_recipe_key_existed_still_counts(study):
     then, so the run is not refused as 'trained with other settings'."""
     import yaml
 
-    from collabsurgery import engine
     from collabsurgery.studies import get_budget, run_state
+    from collabsurgery.train import engine
 
     study_dir, _ = study
     row = STUDY.rows_for("small")[0]
@@ -585,7 +587,7 @@ def test_a_cost_measured_before_params_ratio_gets_it_without_a_new_bench(tmp_pat
     (run_dir / "graph.json").write_text(json.dumps(graph))
     key = studies.row_cost_key([recipe])
     (study_dir / "costs.json").write_text(json.dumps({key: {"time_ratio": 1.5}}))
-    monkeypatch.setattr("collabsurgery.bench.run_bench", lambda *a, **k: pytest.fail("bench"))
+    monkeypatch.setattr("collabsurgery.measure.bench.run_bench", lambda *a, **k: pytest.fail("bench"))
     costs = studies.measure_costs(study_dir, [(row, [recipe])], log=lambda s: None)
     assert costs[key]["time_ratio"] == 1.5 and 1.0 < costs[key]["params_ratio"] < 2.0
     assert json.loads((study_dir / "costs.json").read_text()) == costs

@@ -15,11 +15,13 @@ from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.state import AcceleratorState
 
-from collabsurgery import cli, engine
-from collabsurgery.batches import SubsetBatches
-from collabsurgery.data import TrainDataset, load_splits
+from collabsurgery import cli
+from collabsurgery.config.recipe import load_recipe
+from collabsurgery.data.batches import SubsetBatches
+from collabsurgery.data.datasets import TrainDataset, load_splits
 from collabsurgery.errors import UserError
-from collabsurgery.recipe import load_recipe
+from collabsurgery.train import engine
+
 from conftest import one_line_error
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"

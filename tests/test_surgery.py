@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 import collabsurgery as cs
+
 from conftest import make_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")

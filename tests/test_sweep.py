@@ -1,4 +1,4 @@
-"""The model sweep (collabsurgery.sweep, tools/sweep_models.py) on a handful of small models."""
+"""The model sweep (collabsurgery.measure.sweep, tools/sweep_models.py) on a handful of small models."""
 from __future__ import annotations
 
 import csv
@@ -10,9 +10,9 @@ import pytest
 import timm
 import torch
 
-import collabsurgery.sweep as sweep
-from collabsurgery.sweep import (CSV_COLUMNS, STAGES, SweepResult, check_model, default_models,
-                                 family_of, normalise_reason, summarise)
+import collabsurgery.measure.sweep as sweep
+from collabsurgery.measure.sweep import (CSV_COLUMNS, STAGES, SweepResult, check_model,
+                                         default_models, family_of, normalise_reason, summarise)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_STAGES = list(STAGES)
@@ -80,7 +80,7 @@ def test_unknown_model_is_refused_at_create() -> None:
 
 
 def test_wrong_logits_are_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_load = sweep.cs.load_backbone
+    real_load = sweep.load_backbone
 
     def load_and_perturb(path, *args, **kwargs):
         model = real_load(path, *args, **kwargs)
@@ -88,7 +88,7 @@ def test_wrong_logits_are_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
             next(p for n, p in model.named_parameters() if "bias" in n).add_(1.0)
         return model
 
-    monkeypatch.setattr(sweep.cs, "load_backbone", load_and_perturb)
+    monkeypatch.setattr(sweep, "load_backbone", load_and_perturb)
     result = check_model("cifar_resnet20", threads=1)
     assert (result.status, result.stage) == ("fail", "logits")
     assert "loaded backbone logits differ" in result.reason
@@ -96,14 +96,14 @@ def test_wrong_logits_are_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_gradients_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_wrap = sweep.cs.wrap
+    real_wrap = sweep.wrap
 
     def wrap_with_unused_parameter(*args, **kwargs):
         net = real_wrap(*args, **kwargs)
         net.register_parameter("unused_weight", torch.nn.Parameter(torch.zeros(3)))
         return net
 
-    monkeypatch.setattr(sweep.cs, "wrap", wrap_with_unused_parameter)
+    monkeypatch.setattr(sweep, "wrap", wrap_with_unused_parameter)
     result = check_model("cifar_resnet20", threads=1)
     assert (result.status, result.stage) == ("fail", "gradients")
     assert result.no_grad == ["unused_weight"] and "unused_weight" in result.reason

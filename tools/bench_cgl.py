@@ -58,14 +58,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from collabsurgery import backbones
-from collabsurgery.bench import (_Timer, bench_device, check_timing, device_name, finite_json,
-                                 minor_faults, run_tool, torch_threads)
-from collabsurgery.engine import Collaboration
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import build_graph, splits
+from collabsurgery.measure.bench import (_Timer, bench_device, check_timing, device_name,
+                                         finite_json, minor_faults, run_tool, torch_threads)
+from collabsurgery.models import backbones
 from collabsurgery.objectives import GroupImitationLoss, SingleLoss
 from collabsurgery.objectives.base import Step
+from collabsurgery.train.engine import Collaboration
 
 
 @dataclass

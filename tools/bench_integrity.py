@@ -5,9 +5,9 @@
 
 Measured in one process, each figure the median of ``--repeats`` (plain and ours back to back):
 
-- export save: ``safetensors.torch.save_file`` vs :func:`collabsurgery.export.save_safetensors_atomic`
+- export save: ``safetensors.torch.save_file`` vs :func:`collabsurgery.common.tensorfile.save_safetensors_atomic`
   (SHA-256 of tensors and metadata, temp file, fsync, rename, directory fsync);
-- export load: ``load_file`` vs :func:`collabsurgery.export.load_state` (checksum verified);
+- export load: ``load_file`` vs :func:`collabsurgery.common.tensorfile.load_state` (checksum verified);
 - checkpoint save: weights + ``torch.save`` of SGD momentum state vs :func:`checkpoint.save`
   (pickle-free state files, file hashes in state.json, read back and verified before the rename);
 - checkpoint load: ``load_file`` + ``torch.load`` vs :func:`checkpoint.load` (every hash checked).
@@ -24,8 +24,8 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from collabsurgery import checkpoint
-from collabsurgery.export import load_state, save_safetensors_atomic
+from collabsurgery.common.tensorfile import load_state, save_safetensors_atomic
+from collabsurgery.rundir import checkpoint
 
 
 def median_seconds(fn, repeats: int) -> float:

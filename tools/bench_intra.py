@@ -38,7 +38,7 @@ Peak memory: on CUDA the step's ``max_memory_allocated`` above what was allocate
 (every variant's weights stay resident while the others run), plus this variant's parameter bytes
 and the input batch: the peak of the variant alone. On the CPU, which keeps no allocator
 statistics, what ``collabsurgery bench`` measures: parameters and buffers plus the peak of the C
-heap in use after every op of the step (:class:`collabsurgery.memory.HeapPeak`), or without
+heap in use after every op of the step (:class:`collabsurgery.measure.memory.HeapPeak`), or without
 glibc an estimate (parameter + gradient bytes + the tensors autograd saves for backward).
 """
 from __future__ import annotations
@@ -51,12 +51,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from collabsurgery import backbones
-from collabsurgery.bench import (_flops, _Runner, _Timer, bench_device, check_timing, device_name,
-                                 finite_json, memory_method, peak_bytes, run_tool,
-                                 time_interleaved, torch_threads)
 from collabsurgery.errors import UserError
 from collabsurgery.graphs import EXECUTION_MODES, build_graph, even_branches, splits
+from collabsurgery.measure.bench import (_flops, _Runner, _Timer, bench_device, check_timing,
+                                         device_name, finite_json, memory_method, peak_bytes,
+                                         run_tool, time_interleaved, torch_threads)
+from collabsurgery.models import backbones
 
 VARIANTS = ("plain", "dropout", "tree", "tree_same")
 

@@ -5,8 +5,8 @@
     python tools/sweep_models.py --filter 'resnet*,vit_*' --all --max-params 30 --jobs 2
     python tools/sweep_models.py --no-timm --csv tv.csv --summary tv.md
 
-Each model is checked by :func:`collabsurgery.sweep.check_model` in its own subprocess
-(``python -m collabsurgery.sweep NAME``), killed after ``--timeout`` seconds. The CSV is rewritten
+Each model is checked by :func:`collabsurgery.measure.sweep.check_model` in its own subprocess
+(``python -m collabsurgery.measure.sweep NAME``), killed after ``--timeout`` seconds. The CSV is rewritten
 after every model; the Markdown summary at the end. Ctrl-C kills the running checks and writes
 what is done. The CSV's ``seconds`` is each subprocess's wall time (interpreter start and
 imports included), as the timeout counts it.
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from collabsurgery.atomic import write_text
-from collabsurgery.sweep import (CSV_COLUMNS, RESULT_PREFIX, STAGE_PREFIX, SweepResult,
-                                 candidate_models, default_models, family_of, library_of,
-                                 summarise)
+from collabsurgery.common.atomic import write_text
+from collabsurgery.measure.sweep import (CSV_COLUMNS, RESULT_PREFIX, STAGE_PREFIX, SweepResult,
+                                         candidate_models, default_models, family_of, library_of,
+                                         summarise)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,13 +72,13 @@ class Child:
 
 
 def start_child(index: int, name: str, params_m: float | None, threads: int) -> Child:
-    """Start ``python -m collabsurgery.sweep NAME`` in a session of its own (so Ctrl-C reaches
+    """Start ``python -m collabsurgery.measure.sweep NAME`` in a session of its own (so Ctrl-C reaches
     only this tool, which then kills the whole session)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "collabsurgery.sweep", name,
+    proc = subprocess.Popen([sys.executable, "-m", "collabsurgery.measure.sweep", name,
                              "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     return Child(index, name, params_m, proc, log)
@@ -164,7 +164,7 @@ def ordered(results: dict[int, SweepResult]) -> list[SweepResult]:
 
 
 def write_csv(path: str, results: list[SweepResult]) -> None:
-    """The results as CSV (:data:`~collabsurgery.sweep.CSV_COLUMNS`), written atomically."""
+    """The results as CSV (:data:`~collabsurgery.measure.sweep.CSV_COLUMNS`), written atomically."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()

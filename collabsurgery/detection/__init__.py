@@ -7,11 +7,12 @@
 The command line is ``collabsurgery finetune-detection`` or ``tools/finetune_detection.py``
 (:func:`add_arguments`, :func:`run`).
 """
-from .coco import CocoDetection, CocoSplit, collate, load_split, load_splits
-from .command import add_arguments, config_from_args, run
-from .detector import DetectorInfo, FeaturesWithFPN, build_detector, freeze_stages
-from .digits import builtin_digits, write_digits_detection
-from .finetune import FinetuneConfig, evaluate_coco, finetune
+from collabsurgery.detection.coco import CocoDetection, CocoSplit, collate, load_split, load_splits
+from collabsurgery.detection.command import add_arguments, config_from_args, run
+from collabsurgery.detection.detector import (DetectorInfo, FeaturesWithFPN, build_detector,
+                                              freeze_stages)
+from collabsurgery.detection.digits import builtin_digits, write_digits_detection
+from collabsurgery.detection.finetune import FinetuneConfig, evaluate_coco, finetune
 
 __all__ = ["CocoDetection", "CocoSplit", "DetectorInfo", "FeaturesWithFPN", "FinetuneConfig",
            "add_arguments", "build_detector", "builtin_digits", "collate", "config_from_args",

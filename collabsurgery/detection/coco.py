@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from ..errors import UserError
+from collabsurgery.errors import UserError
 
 INSTANCES = "instances.json"
 LAYOUT = ("a directory with train/instances.json and val/instances.json (COCO format, "

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import UserError
-from . import digits
-from .detector import read_backbone
-from .finetune import FinetuneConfig, finetune
+from collabsurgery.detection import digits
+from collabsurgery.detection.detector import read_backbone
+from collabsurgery.detection.finetune import FinetuneConfig, finetune
+from collabsurgery.errors import UserError
 
 
 def _ranged(low: int, high: int | None = None):

@@ -34,8 +34,9 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..errors import UserError
-from ..export import factory_kwargs, load_backbone, load_state, read_metadata
+from collabsurgery.common.tensorfile import load_state
+from collabsurgery.errors import UserError
+from collabsurgery.export import export_metadata, factory_kwargs, load_backbone
 
 FPN_CHANNELS = 256
 DEFAULT_LEVELS = 4
@@ -64,7 +65,7 @@ class DetectorInfo:
 
 def read_backbone(path: str | Path) -> dict[str, str]:
     """The export's metadata; UserError for a file that is not an export."""
-    return read_metadata(path, valid=VALID_EXPORT)
+    return export_metadata(path, valid=VALID_EXPORT)
 
 
 def uses_resnet_fpn(metadata: dict[str, str]) -> bool:

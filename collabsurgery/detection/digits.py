@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import secrets
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserError
-from ..seeding import generator
+from collabsurgery.common.seeding import generator
+from collabsurgery.errors import UserError
 
 NAME = "builtin:digits-detection"
 VERSION = "digits-detection-v1"

@@ -2,7 +2,7 @@
 
 The output directory holds ``finetune.json`` (the settings), ``metrics.jsonl`` (one record per
 epoch, rewritten from the checkpointed history so a crash never duplicates an epoch),
-``checkpoints/`` (:mod:`collabsurgery.checkpoint`, written at the end of every epoch) and, at the
+``checkpoints/`` (:mod:`collabsurgery.rundir.checkpoint`, written at the end of every epoch) and, at the
 end, ``detector.safetensors``. Every random choice is drawn from generators seeded by
 (seed, epoch, step), so a resumed run replays what a straight one would have done.
 """
@@ -26,12 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import __version__, atomic, checkpoint, reporting
-from ..errors import TrainingStopped, UserError
-from ..export import save_safetensors_atomic
-from ..seeding import derive_seed
-from .coco import CocoDetection, CocoSplit, collate, load_splits
-from .detector import DetectorInfo, build_detector, read_backbone
+from collabsurgery.common import __version__, atomic
+from collabsurgery.common.seeding import derive_seed
+from collabsurgery.common.tensorfile import save_safetensors_atomic
+from collabsurgery.detection.coco import CocoDetection, CocoSplit, collate, load_splits
+from collabsurgery.detection.detector import DetectorInfo, build_detector, read_backbone
+from collabsurgery.errors import TrainingStopped, UserError
+from collabsurgery.rundir import checkpoint, metrics
 
 DETECTOR_FORMAT = "collabsurgery.detector/1"
 SETTINGS = "finetune.json"
@@ -263,7 +264,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             checkpoint.save(config.output / "checkpoints", progress.global_step,
                             detector.state_dict(), {"optimizer": optimizer.state_dict()},
                             progress, config.keep)
-            reporting.write_jsonl(config.output / "metrics.jsonl", progress.history)
+            metrics.write_jsonl(config.output / "metrics.jsonl", progress.history)
             _say(f"epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  "
                  f"mAP {record['mAP']:.4f}  mAP@.5 {record['mAP50']:.4f}  "
                  f"(train {record['train_seconds']:.1f} s, eval {record['eval_seconds']:.1f} s)")

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..backbones import BackboneSpec
-from ..errors import UserError
+from collabsurgery.errors import UserError
+from collabsurgery.models.backbones import BackboneSpec
 
 INPUT = "input"  # the feature name every graph provides: the batch as given to ``run``
 

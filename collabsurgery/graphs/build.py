@@ -9,12 +9,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import backbones
-from ..errors import ArgumentError, UserError
-from ..surgery import Stage, cut_graph, resolve_splits, split_points, trace, valid_list
-from .base import GraphConfig, register_graph
-from .execution import check_mode
-from .tree import RESCALE_MODES, TreeNet
+from collabsurgery.errors import ArgumentError, UserError
+from collabsurgery.graphs.base import GraphConfig, register_graph
+from collabsurgery.graphs.execution.executor import check_mode
+from collabsurgery.graphs.tree import RESCALE_MODES, TreeNet
+from collabsurgery.models import backbones
+from collabsurgery.surgery import Stage, cut_graph, resolve_splits, split_points, trace, valid_list
+
 
 def _prime_factors(n: int) -> list[int]:
     factors, p = [], 2
@@ -70,7 +71,7 @@ def _fanouts(heads: int, split: tuple[str, ...], branches: Sequence[int] | None)
 
 def _reinitialise_copies(net: TreeNet, module: nn.Module, spec: backbones.BackboneSpec) -> None:
     """Give every stage copy beyond the first its own initial weights (see
-    :func:`~collabsurgery.backbones.fresh_instance`)."""
+    :func:`~collabsurgery.models.backbones.fresh_instance`)."""
     fresh_by_head: dict[int, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for i, copies in enumerate(net.stages):

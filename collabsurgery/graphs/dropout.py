@@ -34,13 +34,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .. import backbones
-from ..backbones import BackboneSpec
-from ..errors import ArgumentError
-from ..surgery import TracedModel, resolve_splits, split_points, trace
-from .base import INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph, register_graph
-from .build import _config, _parse_split, cut_stages
-from .staged import StagedGraph
+from collabsurgery.errors import ArgumentError
+from collabsurgery.graphs.base import (INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph,
+                                       register_graph)
+from collabsurgery.graphs.build import _config, _parse_split, cut_stages
+from collabsurgery.graphs.staged import StagedGraph
+from collabsurgery.models import backbones
+from collabsurgery.models.backbones import BackboneSpec
+from collabsurgery.surgery import TracedModel, resolve_splits, split_points, trace
 
 
 class MultiDropout(nn.Module):

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import backbones
-from ..backbones import BackboneSpec
-from ..errors import UserError
-from .base import INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph, register_graph
+from collabsurgery.errors import UserError
+from collabsurgery.graphs.base import (INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph,
+                                       register_graph)
+from collabsurgery.models import backbones
+from collabsurgery.models.backbones import BackboneSpec
 
 
 class PeerGroup(TrainingGraph):

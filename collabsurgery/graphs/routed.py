@@ -20,14 +20,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import backbones
-from ..backbones import BackboneSpec
-from ..errors import ArgumentError, UserError
-from ..seeding import generator
-from .base import INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph, register_graph
-from .build import _config, _parse_split, cut_stages
-from .staged import StagedGraph
-
+from collabsurgery.common.seeding import generator
+from collabsurgery.errors import ArgumentError, UserError
+from collabsurgery.graphs.base import INPUT, CostPiece, GraphConfig, GraphOutput, register_graph
+from collabsurgery.graphs.build import _config, _parse_split, cut_stages
+from collabsurgery.graphs.staged import StagedGraph
+from collabsurgery.models import backbones
+from collabsurgery.models.backbones import BackboneSpec
 
 ROUTED_MODES = ("loop", "concat", "auto")
 

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..backbones import BackboneSpec
-from ..errors import UserError
-from .base import INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph
-from .execution import EXECUTION_MODES, Executor
+from collabsurgery.errors import UserError
+from collabsurgery.graphs.base import INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph
+from collabsurgery.graphs.execution.executor import EXECUTION_MODES, Executor
+from collabsurgery.models.backbones import BackboneSpec
 
 
 class StagedGraph(TrainingGraph):
@@ -160,7 +160,7 @@ class StagedGraph(TrainingGraph):
                       compile: bool | dict | None = None) -> "StagedGraph":
         """Choose how sibling copies run (``loop``, ``fused``, ``packed``, ``auto``), whether
         branch stages are recomputed in backward and whether each stage's plan is compiled;
-        ``None`` keeps a setting. See :mod:`collabsurgery.graphs.execution`."""
+        ``None`` keeps a setting. See :mod:`collabsurgery.graphs.execution.executor`."""
         old = self.executor
         self.executor = Executor(
             old.mode if mode is None else mode,

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..backbones import BackboneSpec
-from .base import GraphConfig
-from .staged import StagedGraph
+from collabsurgery.graphs.base import GraphConfig
+from collabsurgery.graphs.staged import StagedGraph
+from collabsurgery.models.backbones import BackboneSpec
 
 RESCALE_MODES = ("backprop", "loss", "none")
 

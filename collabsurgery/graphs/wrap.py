@@ -6,9 +6,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from .. import backbones
-from ..surgery import split_points, trace
-from .base import GRAPH_KINDS, TrainingGraph, build_graph, builder_arguments
+from collabsurgery.graphs.base import GRAPH_KINDS, TrainingGraph, build_graph, builder_arguments
+from collabsurgery.models import backbones
+from collabsurgery.surgery import split_points, trace
 
 
 def wrap(model: str | nn.Module | Sequence[str | nn.Module], split: str | Sequence[str] | None = None,

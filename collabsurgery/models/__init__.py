@@ -1,5 +1,5 @@
 """Extra model definitions registered in timm's registry on import (``cifar_*``)."""
-from .cifar import CifarDenseNet, CifarResNet, CifarWideResNet
-from .cifar_vgg import CifarVGG
+from collabsurgery.models.cifar import CifarDenseNet, CifarResNet, CifarWideResNet
+from collabsurgery.models.cifar_vgg import CifarVGG
 
 __all__ = ["CifarDenseNet", "CifarResNet", "CifarVGG", "CifarWideResNet"]

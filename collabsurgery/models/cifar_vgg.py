@@ -22,7 +22,7 @@ import torch.nn as nn
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .cifar import CIFAR10_MEAN, CIFAR10_STD
+from collabsurgery.models.cifar import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ["CifarVGG"]
 

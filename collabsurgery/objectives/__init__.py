@@ -6,7 +6,7 @@ import inspect
 from typing import Any
 
 from collabsurgery.errors import UserError
-from collabsurgery.objectives.base import LossContext, LossOutput, Objective, Step
+from collabsurgery.objectives.base import TEACHER_KEYS, LossContext, LossOutput, Objective, Step
 from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.objectives.distill import DistillationLoss
 from collabsurgery.objectives.ensemble import EnsembleTargetLoss
@@ -37,15 +37,20 @@ for _name, _cls in (("consensus", ConsensusLoss), ("single", SingleLoss),
 
 
 def objective_arguments(name: str) -> list[str]:
-    """The constructor arguments of objective ``name``; UserError for an unknown name."""
+    """The recipe keys of objective ``name``: its constructor arguments, with a teacher's keys
+    (TEACHER_KEYS) for one that ``needs_teacher``; UserError for an unknown name."""
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective {name!r}; valid: {', '.join(sorted(OBJECTIVES))}")
-    return list(inspect.signature(OBJECTIVES[name]).parameters)
+    valid = list(inspect.signature(OBJECTIVES[name]).parameters)
+    if OBJECTIVES[name].needs_teacher:
+        valid += [key for key in TEACHER_KEYS if key not in valid]
+    return valid
 
 
 def check_objective_arguments(name: str, args: dict[str, Any]) -> None:
     """UserError naming an argument that objective ``name`` does not take."""
-    valid = objective_arguments(name)
+    valid = list(inspect.signature(OBJECTIVES[name]).parameters) if name in OBJECTIVES \
+        else objective_arguments(name)
     for key in args:
         if key not in valid:
             raise UserError(f"objective '{name}' takes no argument '{key}'; valid: "
@@ -64,6 +69,7 @@ def build_objective(name: str, **kwargs: Any) -> Objective:
 
 __all__ = [
     "OBJECTIVES",
+    "TEACHER_KEYS",
     "ConsensusLoss",
     "DistillationLoss",
     "EnsembleTargetLoss",

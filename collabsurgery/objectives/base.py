@@ -23,9 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from collabsurgery.common.seeding import generator
 from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.graphs.base import GraphOutput, TrainingGraph
-from collabsurgery.seeding import generator
+
+#: the recipe keys that describe a teacher, for an objective with ``needs_teacher``: the engine
+#: loads the model (:func:`collabsurgery.export.teacher.load_teacher`) and passes it as ``teacher``
+TEACHER_KEYS = ("teacher", "teacher_head", "teacher_weights", "teacher_kwargs")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Objective(nn.Module):
     wants_holdout: bool = False  # end_epoch gets every head's hold-out logits
     default_export: str = "best"  # the head export takes unless told: "best" (on hold-out), "last"
     own_examples: bool = False   # heads may train on different examples (data.subsets)
+    needs_teacher: bool = False  # takes a ``teacher`` module, loaded from TEACHER_KEYS
 
     def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None,
                 graph: TrainingGraph | None = None) -> LossOutput:

@@ -42,18 +42,21 @@ paper trains 200 epochs on 50,000 images), natural-image features, or GPU-scale 
 """
 from __future__ import annotations
 
-from .blocks import (ADAM, CONSENSUS, HIER4, LABEL_SMOOTHING, NO_SUBSETS, PEERS, RESNET20_BLOCKS,
-                     SHARED_VIEWS, SIMPLE2, SINGLE, SUBSETS, cgl, instances, kdcl, routed, shared)
-from .catalog import BUDGETS, DIVERSITY, STUDIES, catalog
-from .costs import measure_costs, params_ratio, row_cost_key
-from .report import verdict_summary, write_index, write_report
-from .plots import plot_bars, plot_curves
-from .results import METRICS, cell_error, collect, head_error, holdout_epoch_error, summary_value
-from .runner import (Plan, canonical_command, check_overrides, code_version, get_budget, get_study,
-                     landed_studies, plan_study, recipe_for, run_all, run_state, run_study)
-from .spec import Budget, Cell, Extra, Row, Study
-from .stats import paired_difference, t_interval, verdict, verdicts
-from .store import run_name, study_directory
+from collabsurgery.studies.blocks import (ADAM, CONSENSUS, HIER4, LABEL_SMOOTHING, NO_SUBSETS,
+                                          PEERS, RESNET20_BLOCKS, SHARED_VIEWS, SIMPLE2, SINGLE,
+                                          SUBSETS, cgl, instances, kdcl, routed, shared)
+from collabsurgery.studies.catalog import BUDGETS, DIVERSITY, STUDIES, catalog
+from collabsurgery.studies.costs import measure_costs, params_ratio, row_cost_key
+from collabsurgery.studies.plots import plot_bars, plot_curves
+from collabsurgery.studies.report import verdict_summary, write_index, write_report
+from collabsurgery.studies.results import (METRICS, cell_error, collect, head_error,
+                                           holdout_epoch_error, summary_value)
+from collabsurgery.studies.runner import (Plan, canonical_command, check_overrides, code_version,
+                                          get_budget, get_study, landed_studies, plan_study,
+                                          recipe_for, run_all, run_state, run_study)
+from collabsurgery.studies.spec import Budget, Cell, Extra, Row, Study
+from collabsurgery.studies.stats import paired_difference, t_interval, verdict, verdicts
+from collabsurgery.studies.store import run_name, study_directory
 
 __all__ = ["ADAM", "BUDGETS", "CONSENSUS", "DIVERSITY", "HIER4", "LABEL_SMOOTHING", "METRICS",
            "NO_SUBSETS", "PEERS", "RESNET20_BLOCKS", "SHARED_VIEWS", "SIMPLE2", "SINGLE", "STUDIES",

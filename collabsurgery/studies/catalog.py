@@ -2,7 +2,7 @@
 
 A study is plain data (:mod:`.spec`): a budget's base recipe plus, per row, a short list of
 ``dotted.key=value`` overrides (:mod:`.blocks`), put through
-:func:`~collabsurgery.recipe.load_recipe`, so every run is strictly validated. The paper numbers
+:func:`~collabsurgery.config.recipe.load_recipe`, so every run is strictly validated. The paper numbers
 beside ours are the papers' (test error %, mean and std); ours are only ever read from the runs'
 files. Adding a method's study is adding one :class:`Study` to :data:`STUDIES`: the runner, the
 statistics and the report need nothing more; text that only concerns that study goes in its
@@ -13,9 +13,10 @@ How the small budget was chosen, and what it cannot show: the package docstring
 """
 from __future__ import annotations
 
-from .blocks import (ADAM, HIER4, LABEL_SMOOTHING, NO_SUBSETS, PEERS, SHARED_VIEWS, SIMPLE2,
-                     SINGLE, SUBSETS, cgl, instances, kdcl, routed, shared)
-from .spec import Budget, Cell, Extra, Row, Study
+from collabsurgery.studies.blocks import (ADAM, HIER4, LABEL_SMOOTHING, NO_SUBSETS, PEERS,
+                                          SHARED_VIEWS, SIMPLE2, SINGLE, SUBSETS, cgl, instances,
+                                          kdcl, routed, shared)
+from collabsurgery.studies.spec import Budget, Cell, Extra, Row, Study
 
 __all__ = ["BUDGETS", "DIVERSITY", "STUDIES", "catalog"]
 

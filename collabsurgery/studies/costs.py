@@ -1,6 +1,6 @@
 """What each row's training graph costs against the plain model: time, memory, FLOPs, params.
 
-Measured once a graph with :mod:`collabsurgery.bench` at the study's image size and batch (rows
+Measured once a graph with :mod:`collabsurgery.measure.bench` at the study's image size and batch (rows
 with the same graph share a measurement), and kept in the study's ``costs.json``.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import engine
-from ..graphfile import config_from_json
-from ..recipe import Recipe
-from .spec import Row
-from .store import read_json, write_json
+from collabsurgery.config.recipe import Recipe
+from collabsurgery.graphs.saving import config_from_json
+from collabsurgery.studies.spec import Row
+from collabsurgery.studies.store import read_json, write_json
+from collabsurgery.train import engine
 
 
 def _cost_key(run_dir: Path, recipe: Recipe) -> str | None:
@@ -39,7 +39,7 @@ def measure_costs(study_dir: Path, rows: Sequence[tuple[Row, Sequence[Recipe]]],
     """Bench every row's training graph once (it needs one started run for the graph file)."""
     import torch
 
-    from ..bench import BenchConfig, run_bench
+    from collabsurgery.measure.bench import BenchConfig, run_bench
 
     path = study_dir / "costs.json"
     costs = read_json(path, {})
@@ -84,8 +84,8 @@ def params_ratio(key: dict[str, Any]) -> float:
     backbone): every copy of a module counted once, shared modules once."""
     import torch
 
-    from ..backbones import create
-    from ..graphs import GraphConfig, rebuild
+    from collabsurgery.graphs import GraphConfig, rebuild
+    from collabsurgery.models.backbones import create
 
     with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the RNG be
         net = rebuild(GraphConfig(key["pattern"], key["args"]))

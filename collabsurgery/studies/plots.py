@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..reporting import pyplot, save_figure
-from .results import METRICS
-from .spec import Budget, Study
+from collabsurgery.rundir.metrics import pyplot, save_figure
+from collabsurgery.studies.results import METRICS
+from collabsurgery.studies.spec import Budget, Study
 
 
 def plot_bars(study: Study, plan: Budget, results: list[dict], path: Path) -> Path | None:

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..recipe import Recipe
-from .plots import plot_bars, plot_curves
-from .results import collect
-from .spec import Budget, Row, Study
-from .stats import AGREES, DISAGREES, LEVEL, NOT_RESOLVED, PAPER_TIE, RESOLVED, verdicts
-from .store import read_json, write_json
+from collabsurgery.config.recipe import Recipe
+from collabsurgery.studies.plots import plot_bars, plot_curves
+from collabsurgery.studies.results import collect
+from collabsurgery.studies.spec import Budget, Row, Study
+from collabsurgery.studies.stats import (AGREES, DISAGREES, LEVEL, NOT_RESOLVED, PAPER_TIE,
+                                         RESOLVED, verdicts)
+from collabsurgery.studies.store import read_json, write_json
 
 _CI = f"[{LEVEL:.0%} CI]"
 
@@ -233,7 +234,7 @@ def _cost_lines(results: list[dict]) -> list[str]:
         return []
     return ["time ×, memory ×: one training step (forward + backward) of the row's training "
             "graph over the plain model, on the study's image size and batch, measured once per "
-            f"graph by `collabsurgery.bench` (median of {cost['repeats']} repeats after "
+            f"graph by `collabsurgery.measure.bench` (median of {cost['repeats']} repeats after "
             f"{cost['warmup']} warm-up, {cost['precision']}, execution `{cost['mode']}`) on "
             f"{cost['device']}; clock: {cost['clock']}; memory: {cost['mem_method']}. "
             "FLOPs ×: forward + backward FLOPs. params ×: the training graph's parameters "

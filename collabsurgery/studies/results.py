@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..recipe import Recipe
-from .costs import row_cost_key
-from .spec import Cell, Extra, Row
-from .stats import add_differences
-from .store import read_json, run_name
+from collabsurgery.config.recipe import Recipe
+from collabsurgery.studies.costs import row_cost_key
+from collabsurgery.studies.spec import Cell, Extra, Row
+from collabsurgery.studies.stats import add_differences
+from collabsurgery.studies.store import read_json, run_name
 
 #: (results key prefix, summary.json field, words) of the errors every run reports
 METRICS = (("head0", "head0_test_acc", "head 0"),

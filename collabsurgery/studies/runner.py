@@ -23,14 +23,14 @@ from typing import Any
 import torch
 import yaml
 
-from .. import engine
-from ..errors import TrainingStopped, UserError
-from ..recipe import Recipe, load_recipe, parse_overrides, recipe_to_dict
-from .catalog import BUDGETS, STUDIES
-from .costs import measure_costs
-from .report import write_index, write_report
-from .spec import Budget, Row, Study
-from .store import read_json, run_name, study_directory, write_json
+from collabsurgery.config.recipe import Recipe, load_recipe, parse_overrides, recipe_to_dict
+from collabsurgery.errors import TrainingStopped, UserError
+from collabsurgery.studies.catalog import BUDGETS, STUDIES
+from collabsurgery.studies.costs import measure_costs
+from collabsurgery.studies.report import write_index, write_report
+from collabsurgery.studies.spec import Budget, Row, Study
+from collabsurgery.studies.store import read_json, run_name, study_directory, write_json
+from collabsurgery.train import engine
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"

@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from .spec import Row
+from collabsurgery.studies.spec import Row
 
 LEVEL = 0.95
 #: a paper difference below this, in points of test error, says "no difference"

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import atomic
-from .spec import Budget, Row, Study
+from collabsurgery.common import atomic
+from collabsurgery.studies.spec import Budget, Row, Study
 
 
 def study_directory(study: Study, budget: Budget, root: str | Path) -> Path:

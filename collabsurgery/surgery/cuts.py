@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import UserError
-from .trace import TracedGraph, TracedModel
+from collabsurgery.errors import UserError
+from collabsurgery.surgery.trace import TracedGraph, TracedModel
 
 
 def _owns_state(module: nn.Module, target: str) -> bool:

@@ -6,7 +6,7 @@ import copy
 import torch.fx as fx
 import torch.nn as nn
 
-from .cuts import deinplace_inputs
+from collabsurgery.surgery.cuts import deinplace_inputs
 
 
 class Stage(fx.GraphModule):

@@ -33,9 +33,9 @@ import torchvision
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import NodePathTracer
 
-from ..backbones import default_input_size
-from ..errors import UserError, first_line
-from ..preserve import preserved_buffers
+from collabsurgery.errors import UserError, first_line
+from collabsurgery.models.backbones import default_input_size
+from collabsurgery.surgery.buffers import preserved_buffers
 
 
 @dataclass

@@ -1,0 +1,501 @@
+"""The training loop: Accelerate end to end, exact resume, atomic checkpoints.
+
+``train(recipe)`` is the one place a recipe becomes objects (data, training graph, objective,
+optimizer); everything below it takes plain arguments. It is three parts, each short:
+
+    setup(recipe)                   data, graph + objective, optimizer, Accelerate, resume
+    for epoch:
+        train_epoch(session)        for each batch (global RNG re-seeded from (seed, epoch,
+                                    batch, rank)): loss = objective(graph.run(x), y, step)
+                                    x graph.loss_weight; stop every rank if it is not finite;
+                                    backward; step; checkpoint every N optimizer steps
+        end_epoch(session)          evaluate every head and the ensemble on hold-out and test;
+                                    log; checkpoint
+
+What Accelerate prepares, optimises, syncs and checkpoints is :class:`Collaboration`: the graph
+and the objective together, so modules an objective owns (a gate, attention) train too. Export
+reads only the graph's part.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from collabsurgery.common import atomic
+from collabsurgery.common.integrity import describe_names, non_finite
+from collabsurgery.common.seeding import derive_seed
+from collabsurgery.config.recipe import Recipe, data_arguments, recipe_to_dict, save_recipe
+from collabsurgery.data.batches import SharedBatches, SubsetBatches
+from collabsurgery.data.datasets import Splits, load_splits
+from collabsurgery.errors import ArgumentError, TrainingStopped, UserError, warn
+from collabsurgery.export.teacher import load_teacher
+from collabsurgery.graphs import TrainingGraph, build_graph, builder_arguments
+from collabsurgery.objectives import (OBJECTIVES, TEACHER_KEYS, LossOutput, Objective, Step,
+                                      build_objective, check_objective_arguments)
+from collabsurgery.rundir import checkpoint, metrics
+from collabsurgery.train import preflight
+from collabsurgery.train.evaluate import evaluate
+
+
+def step_seed(*parts: int) -> int:
+    """The global RNG's seed for one batch, from (seed, epoch, batch, rank)."""
+    return derive_seed("step", *parts)
+
+
+def run_directory(recipe: Recipe) -> Path:
+    """Where a recipe's run lives: ``run.dir / (run.name or name)``."""
+    return Path(recipe.run.dir) / (recipe.run.name or recipe.name)
+
+
+def build_net(recipe: Recipe, num_classes: int) -> TrainingGraph:
+    """The training graph a recipe asks for."""
+    given = recipe.model.kwargs.get("num_classes", num_classes)
+    if given != num_classes:
+        raise UserError(f"recipe key 'model.kwargs.num_classes' is {given!r} but the data has "
+                        f"{num_classes} classes; leave it out (it is set from the data)")
+    size = recipe.data.image_size
+    args = dict(recipe.graph.args)
+    if "seed" in builder_arguments(recipe.graph.pattern):  # random structure (routes): seeded
+        args.setdefault("seed", recipe.seed)
+    try:
+        return build_graph(recipe.graph.pattern, recipe.model.name,
+                           model_kwargs={"num_classes": num_classes, **recipe.model.kwargs},
+                           input_size=(3, size, size), **args)
+    except ArgumentError as err:
+        raise _recipe_key_error("graph", err) from None
+
+
+def build_objective_from(recipe: Recipe) -> Objective:
+    """The objective a recipe asks for, with its arguments (a teacher loaded first)."""
+    return make_objective(recipe.objective.name, recipe.objective.args)
+
+
+def make_objective(name: str, args: dict[str, Any]) -> Objective:
+    """Objective ``name`` built from recipe-style ``args``: for one that ``needs_teacher`` the
+    teacher keys are loaded into a module first; a bad argument names its recipe key."""
+    try:
+        args = dict(args)
+        teacher = None
+        if name in OBJECTIVES and OBJECTIVES[name].needs_teacher:
+            teacher_args = {key: args.pop(key) for key in TEACHER_KEYS if key in args}
+            if "teacher" not in teacher_args:
+                raise ArgumentError("teacher", "is missing; valid: an export file, a run "
+                                    "directory, or a model name with teacher_weights")
+            check_objective_arguments(name, args)
+            teacher = teacher_args["teacher"]
+            args["teacher"] = load_teacher(**teacher_args)
+        objective = build_objective(name, **args)
+    except ArgumentError as err:
+        raise _recipe_key_error("objective", err) from None
+    if teacher is not None:
+        objective.teacher_source = str(teacher)
+    return objective
+
+
+def _recipe_key_error(section: str, err: ArgumentError) -> UserError:
+    """A builder's or objective's complaint about one argument, as the recipe key."""
+    return UserError(f"recipe key '{section}.{err.argument}' {err.problem}")
+
+
+class Collaboration(torch.nn.Module):
+    """A training graph and its objective: one forward from a batch to the loss."""
+
+    def __init__(self, graph: TrainingGraph, objective: Objective):
+        super().__init__()
+        self.graph = graph
+        self.objective = objective
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, step: Step) -> LossOutput:
+        """The objective's loss on the graph's output (the features it wants included)."""
+        out = self.graph.run(x, wants=self.objective.wants)
+        return self.objective(out, labels, step, self.graph)
+
+
+def make_optimizer(module: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or Adam over every parameter of graph and objective."""
+    t = recipe.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(module.parameters(), lr=t.lr, momentum=t.momentum,
+                           nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps (warm-up, then the schedule)."""
+    t = recipe.train
+    epoch = step / steps_per_epoch
+    if epoch < t.warmup_epochs:
+        return (epoch + 1 / steps_per_epoch) / t.warmup_epochs
+    if t.schedule == "cosine":
+        span = max(t.epochs - t.warmup_epochs, 1e-8)
+        return 0.5 * (1 + math.cos(math.pi * min((epoch - t.warmup_epochs) / span, 1.0)))
+    if t.schedule == "step":
+        return t.gamma ** sum(epoch >= m for m in t.milestones)
+    return 1.0
+
+
+def _resume_point(recipe: Recipe, ckpt_dir: Path
+                  ) -> tuple[Path, checkpoint.Loaded] | None:
+    """The checkpoint to resume from, loaded: the newest intact one for ``auto`` (damaged newer
+    ones are reported and skipped), the one named, or None for a new run."""
+    mode = recipe.run.resume
+    if mode == "no":
+        if checkpoint.candidates(ckpt_dir):
+            raise UserError(f"{ckpt_dir.parent} already holds checkpoints; set run.resume=auto to "
+                            "continue that run, or choose another run.name")
+        return None
+    if mode == "auto":
+        return checkpoint.load_latest(ckpt_dir, warn=warn)
+    path = Path(mode)
+    if not path.is_dir() or path.name.endswith(".tmp"):
+        raise UserError(f"run.resume '{mode}' is not a complete checkpoint directory; valid: "
+                        "no, auto, or a checkpoints/ckpt-N directory")
+    return path, checkpoint.load(path)
+
+
+def _kept_checkpoint(session: Session) -> str:
+    """What a stopped run leaves to resume from, in words."""
+    ckpts = checkpoint.candidates(session.checkpoints)
+    if ckpts:
+        return f"the last good checkpoint is {ckpts[0]}"
+    every = session.recipe.run.checkpoint_every
+    when = f"every {every} optimizer steps and " if every else ""
+    return f"no checkpoint was written yet (they are written {when}at the end of every epoch)"
+
+
+def _flat_config(recipe: Recipe) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in recipe_to_dict(recipe).items():
+        items = values.items() if isinstance(values, dict) else [("", values)]
+        for key, value in items:
+            name = f"{section}.{key}" if key else section
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
+@dataclass
+class Session:
+    """Everything :func:`setup` builds for one run; the loop functions read and advance it."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    run_dir: Path
+    model: torch.nn.Module             # the prepared Collaboration (DDP-wrapped on many ranks)
+    collaboration: Collaboration       # the same, unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: SharedBatches | SubsetBatches
+    holdout: DataLoader
+    test: DataLoader
+    progress: checkpoint.Progress = field(default_factory=checkpoint.Progress)
+    loss_sum: torch.Tensor | None = None  # the epoch's summed loss so far (this rank)
+    loss_count: int = 0
+    execution_settled: bool = False  # every process runs the main process's auto choices
+
+    @property
+    def graph(self) -> TrainingGraph:
+        return self.collaboration.graph
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def done(self) -> bool:
+        """Whether ``train.max_steps`` optimizer steps have been taken."""
+        steps = self.recipe.train.max_steps
+        return steps is not None and self.progress.global_step >= steps
+
+
+def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
+                    objective: Objective, processes: int) -> SharedBatches | SubsetBatches:
+    t, data, views = recipe.train, recipe.data, recipe.data.views
+    if len(splits.train) < t.batch_size * processes:
+        raise UserError(f"train.batch_size={t.batch_size} x {processes} processes exceeds the "
+                        f"{len(splits.train)} training examples")
+    if data.subsets:
+        if not graph.per_head_input:
+            raise UserError(f"data.subsets=true gives each head its own batch; pattern "
+                            f"'{recipe.graph.pattern}' shares layers between heads and takes one "
+                            "batch; valid patterns: instances, peers, routed")
+        if not objective.own_examples:
+            raise UserError(f"objective '{recipe.objective.name}' compares the heads example by "
+                            "example, but data.subsets=true gives each head different examples; "
+                            "valid with subsets: objectives " + ", ".join(
+                                n for n, c in OBJECTIVES.items() if c.own_examples))
+        if views == "per_head":
+            raise UserError("data.subsets=true already gives each head its own images, so "
+                            "data.views=per_head (its own view of the same images) cannot apply; "
+                            "set data.views=shared or data.subsets=false")
+        return SubsetBatches(splits.train, graph.num_heads, t.batch_size, data.subset_overlap,
+                             seed=recipe.seed, num_workers=data.num_workers)
+    if views == "per_head":
+        if not graph.per_head_input:
+            raise UserError(f"data.views=per_head needs a graph whose heads run on their own "
+                            f"batch (instances, peers); pattern '{recipe.graph.pattern}' shares "
+                            "layers between heads")
+        if not recipe.data.augment:
+            raise UserError("data.views=per_head gives each head its own augmentation of the "
+                            "same images, but data.augment is false (every view would be the "
+                            "same); set data.augment=true or data.views=shared")
+        splits.train.views = graph.num_heads
+    return SharedBatches(splits.train, t.batch_size, recipe.data.num_workers)
+
+
+def setup(recipe: Recipe) -> Session:
+    """Data, graph + objective, optimizer and Accelerate for ``recipe``, resumed if asked."""
+    run_dir = run_directory(recipe)
+    preflight.check_writable(run_dir)
+    preflight.check_trackers(recipe.run.log_with, run_dir)
+    recipe = preflight.runnable_precision(recipe)
+    t = recipe.train
+    resume_from = _resume_point(recipe, run_dir / "checkpoints")
+    splits = load_splits(**data_arguments(recipe.data), seed=recipe.seed)
+    set_seed(recipe.seed)
+    graph = build_net(recipe, splits.num_classes)
+    objective = build_objective_from(recipe)
+    objective.check_compatible(graph.num_heads, splits.num_classes)
+    if resume_from is not None:
+        preflight.check_resumable(run_dir, graph)
+    objective.attach(graph)
+    # Accelerate keeps mixed precision in a process-wide singleton and refuses a second
+    # Accelerator with another setting; forget it (not the process group) so that train() can
+    # be called again in the same process with another recipe.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+        log_with=list(recipe.run.log_with) or None, project_dir=str(run_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=graph.may_skip_modules)],
+    )
+    if t.channels_last:
+        graph = graph.to(memory_format=torch.channels_last)
+    collaboration = Collaboration(graph, objective)
+    optimizer = make_optimizer(collaboration, recipe)
+    batches = _batch_provider(recipe, splits, graph, objective, accelerator.num_processes)
+    loader_args = dict(batch_size=t.batch_size, num_workers=recipe.data.num_workers)
+    model, optimizer, holdout, test = accelerator.prepare(
+        collaboration, optimizer, DataLoader(splits.holdout, **loader_args),
+        DataLoader(splits.test, **loader_args))
+    batches.prepare(accelerator)
+    steps_per_epoch = max(len(batches) // t.grad_accum, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe))
+    session = Session(recipe, accelerator, run_dir, model, accelerator.unwrap_model(model),
+                      optimizer, scheduler, batches, holdout, test)
+    if resume_from is not None:
+        _restore(session, *resume_from)
+    if accelerator.is_main_process:
+        save_recipe(recipe, run_dir / "recipe.yaml")
+        atomic.write_text(run_dir / "graph.json", graph.config.to_json())
+    if recipe.run.log_with:
+        accelerator.init_trackers(run_dir.name, config=_flat_config(recipe))
+    return session
+
+
+def _restore(session: Session, path: Path, loaded: checkpoint.Loaded) -> None:
+    model_state, states, progress = loaded
+    graph_state, objective_state = checkpoint.split_state(model_state)
+    try:
+        session.collaboration.graph.load_state_dict(graph_state)
+        session.collaboration.objective.load_state_dict(objective_state)
+        session.optimizer.load_state_dict(states["optimizer"])
+        session.scheduler.load_state_dict(states["scheduler"])
+        session.collaboration.graph.replay_execution_choices(progress.execution)
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"checkpoint {path} does not fit this recipe's graph, objective or "
+                        f"optimizer ({first}); resume with the run's own recipe "
+                        f"({session.run_dir / 'recipe.yaml'}) or choose another run.name") from None
+    scaler = session.accelerator.scaler
+    if "scaler" in states and scaler is not None:
+        scaler.load_state_dict(states["scaler"])
+    session.progress = progress
+    session.accelerator.print(f"resumed from {path} (epoch {progress.epoch + 1}, "
+                              f"batch {progress.batch})")
+
+
+def save_checkpoint(session: Session) -> None:
+    """Write a checkpoint of graph + objective, optimizer, scheduler and progress (atomic)."""
+    accelerator, progress = session.accelerator, session.progress
+    state = session.collaboration.state_dict()
+    bad = non_finite(state)
+    if bad:
+        accelerator.set_trigger()
+    if accelerator.check_trigger():  # a collective: every process stops together
+        raise TrainingStopped(
+            f"NaN or infinite values in the training state after optimizer step "
+            f"{progress.global_step} ({describe_names(bad) or 'on another process'}); stopped "
+            f"every process without writing a checkpoint; {_kept_checkpoint(session)}")
+    # mid-epoch: keep the epoch's loss so far (a collective, so before the main-process test)
+    mid_epoch = progress.batch > 0
+    progress.loss_sum = accelerator.reduce(session.loss_sum, "mean").item() if mid_epoch else 0.0
+    progress.loss_count = session.loss_count if mid_epoch else 0
+    progress.execution = session.graph.execution_choices()
+    if accelerator.is_main_process:
+        states = {"optimizer": session.optimizer.state_dict(),
+                  "scheduler": session.scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            states["scaler"] = accelerator.scaler.state_dict()
+        checkpoint.save(session.checkpoints, progress.global_step, state, states, progress,
+                        session.recipe.run.keep)
+    accelerator.wait_for_everyone()
+
+
+def _train_step(session: Session, x: torch.Tensor, labels: torch.Tensor, step: Step
+                ) -> torch.Tensor:
+    """Forward, the non-finite check on every rank, backward and an optimizer step."""
+    accelerator, t = session.accelerator, session.recipe.train
+    with accelerator.accumulate(session.model):
+        with accelerator.autocast():
+            out = session.model(x, labels, step)
+        loss = out.loss * session.graph.loss_weight
+        if not torch.isfinite(loss):
+            accelerator.set_trigger()
+        if accelerator.check_trigger():
+            raise TrainingStopped(
+                f"non-finite loss at epoch {step.epoch + 1}, batch {step.batch + 1}; stopped "
+                f"every process; {_kept_checkpoint(session)}")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and t.grad_clip:
+            accelerator.clip_grad_norm_(session.model.parameters(), t.grad_clip)
+        session.optimizer.step()
+        session.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _settle_execution(session: Session) -> None:
+    """After the session's first step: ``auto`` timed the execution modes on every process and
+    each may have chosen differently; all continue with the main process's choices."""
+    accelerator, graph = session.accelerator, session.graph
+    if accelerator.num_processes > 1:
+        choices = broadcast_object_list([graph.execution_choices()])[0]
+        if not accelerator.is_main_process:
+            graph.replay_execution_choices(choices)
+    session.execution_settled = True
+
+
+def train_epoch(session: Session) -> bool:
+    """Train the rest of the current epoch; False when ``max_steps`` stopped it early."""
+    recipe, accelerator, progress = session.recipe, session.accelerator, session.progress
+    epoch = progress.epoch
+    session.batches.set_epoch(epoch)
+    session.model.train()
+    bar = tqdm(session.batches.batches(progress.batch), total=len(session.batches),
+               initial=progress.batch, desc=f"epoch {epoch + 1}/{recipe.train.epochs}",
+               leave=False,
+               # None lets tqdm hide itself when stderr is not a terminal (CI logs)
+               disable=None if accelerator.is_main_process and recipe.run.progress else True)
+    resumed = progress.batch > 0
+    session.loss_sum = torch.full((), progress.loss_sum if resumed else 0.0,
+                                  device=accelerator.device)
+    session.loss_count = progress.loss_count if resumed else 0
+    for x, labels in bar:
+        torch.manual_seed(step_seed(recipe.seed, epoch, progress.batch, accelerator.process_index))
+        if recipe.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        step = Step(recipe.seed, epoch, progress.batch, recipe.train.epochs, len(session.batches),
+                    recipe.train.grad_accum)
+        loss = _train_step(session, x, labels, step)
+        if not session.execution_settled:
+            _settle_execution(session)
+        progress.batch += 1
+        session.loss_sum += loss
+        session.loss_count += 1
+        if accelerator.sync_gradients:
+            session.scheduler.step()
+            progress.global_step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            every = recipe.run.checkpoint_every
+            if (every and progress.global_step % every == 0) or session.done():
+                save_checkpoint(session)
+            if session.done():
+                break
+    return progress.batch >= len(session.batches)
+
+
+def end_epoch(session: Session) -> dict[str, Any]:
+    """Evaluate, record, log and checkpoint the epoch just finished; returns its record."""
+    accelerator, progress, recipe = session.accelerator, session.progress, session.recipe
+    objective = session.collaboration.objective
+    holdout_outputs: list | None = [] if objective.wants_holdout else None
+    record = {
+        "epoch": progress.epoch + 1,
+        "step": progress.global_step,
+        "lr": session.scheduler.get_last_lr()[0],
+        "train_loss": accelerator.reduce(session.loss_sum, "mean").item()
+        / max(session.loss_count, 1),
+        "holdout": evaluate(session.graph, session.holdout, accelerator, holdout_outputs),
+        "test": evaluate(session.graph, session.test, accelerator),
+    }
+    if holdout_outputs is not None:
+        objective.end_epoch(*holdout_outputs)
+    progress.history.append(record)
+    progress.epoch, progress.batch = progress.epoch + 1, 0
+    if recipe.run.log_with:
+        accelerator.log(metrics.flat_scalars(record), step=progress.global_step)
+    save_checkpoint(session)
+    if accelerator.is_main_process:
+        # Rewritten from the checkpointed history, so a crash never leaves a duplicate epoch.
+        metrics.write_jsonl(session.run_dir / "metrics.jsonl", progress.history)
+        h = metrics.headline(record)
+        accelerator.print(f"epoch {record['epoch']}/{recipe.train.epochs}: loss "
+                          f"{record['train_loss']:.4f}  test acc head0 {h['head0_test_acc']:.4f}"
+                          f"  best head {h['best_head']} {h['best_head_test_acc']:.4f}  "
+                          f"ensemble {h['ensemble_test_acc']:.4f}")
+    return record
+
+
+def head_names(collaboration: Collaboration) -> list[str]:
+    """Each head's role for the method and, in a mixed peer group, its architecture."""
+    graph, objective = collaboration.graph, collaboration.objective
+    archs = [graph.head_spec(h).qualified_name for h in range(graph.num_heads)]
+    mixed = len(set(archs)) > 1
+    return [", ".join(t for t in (arch if mixed else "", role) if t)
+            for arch, role in zip(archs, objective.head_roles(graph.num_heads))]
+
+
+def _finish(session: Session) -> None:
+    accelerator, history = session.accelerator, session.progress.history
+    if accelerator.is_main_process and history:
+        run_dir, final = session.run_dir, history[-1]
+        atomic.write_text(run_dir / "summary.json", json.dumps(
+            {**metrics.headline(final), "final": final,
+             "num_processes": accelerator.num_processes,
+             "execution": session.graph.describe_execution().splitlines()}, indent=1))
+        metrics.plot_history(history, run_dir / "accuracy.png", run_dir.name)
+        accelerator.print(metrics.summary_table(final, head_names(session.collaboration)))
+        accelerator.print(session.graph.describe_execution())
+    accelerator.end_training()
+
+
+def train(recipe: Recipe) -> Path:
+    """Train ``recipe`` (or resume it) and return the run directory."""
+    session = setup(recipe)
+    while session.progress.epoch < recipe.train.epochs and not session.done():
+        if not train_epoch(session):
+            break
+        end_epoch(session)
+    _finish(session)
+    return session.run_dir
+
+
+def history_of(run_dir: Path) -> list[dict[str, Any]]:
+    """Epoch records of a run, from its latest checkpoint (what export and reports read)."""
+    found = checkpoint.load_latest(run_dir / "checkpoints")
+    return found[1][2].history if found else []
+
+
+__all__ = ["Collaboration", "Session", "TrainingStopped", "build_net", "end_epoch",
+           "history_of", "lr_factor", "run_directory", "save_checkpoint", "setup", "step_seed",
+           "train", "train_epoch"]

@@ -1,0 +1,80 @@
+"""Checks before a run writes anything: its directory, trackers, precision, and whether an
+existing run can be resumed with this recipe's training graph. Each failure is one UserError."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from accelerate.state import PartialState
+
+from collabsurgery.config.recipe import Recipe
+from collabsurgery.errors import UserError, warn
+from collabsurgery.graphs import TrainingGraph
+from collabsurgery.graphs.saving import config_from_json
+
+
+def check_writable(run_dir: Path) -> None:
+    """UserError when ``run_dir`` cannot be created or written (before anything is written)."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        raise UserError(f"run directory {run_dir} cannot be created: {problem}; valid: "
+                        "run.dir in a writable directory")
+
+
+def check_trackers(names: list[str], run_dir: Path) -> None:
+    """UserError for a ``run.log_with`` tracker Accelerate does not know or cannot import
+    (Accelerate itself would raise a traceback, or silently log nothing)."""
+    from accelerate.tracking import filter_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType]
+    for name in names:
+        if name not in known:
+            raise UserError(f"recipe key 'run.log_with' names an unknown tracker '{name}'; "
+                            f"valid: {', '.join(known)}")
+        if name != "all" and not filter_trackers([name], logging_dir=str(run_dir)):
+            raise UserError(f"recipe key 'run.log_with': tracker '{name}' is not installed; "
+                            f"pip install {name}, or leave it out")
+
+
+def runnable_precision(recipe: Recipe) -> Recipe:
+    """fp16 autocast needs a GPU: on a CPU say so and record the fp32 that runs instead."""
+    if recipe.train.mixed_precision != "fp16" or PartialState().device.type != "cpu":
+        return recipe
+    warn("train.mixed_precision=fp16 needs a GPU; this run trains in fp32 on the CPU and "
+          "records train.mixed_precision=no (bf16 autocast does run on a CPU)")
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train,
+                                                                 mixed_precision="no"))
+
+
+# graph arguments that change how a graph runs, not what it computes or holds
+_HOW_IT_RUNS = ("execution", "checkpoint_branches", "input_size")
+
+
+def check_resumable(run_dir: Path, graph: TrainingGraph) -> None:
+    """UserError when an existing run was trained with another training graph than now."""
+    saved_file = run_dir / "graph.json"
+    if not saved_file.is_file():
+        return
+    saved = config_from_json(saved_file.read_text())
+    wanted = json.loads(graph.config.to_json())  # tuples as lists, as in the file
+    old, new = ({k: v for k, v in args.items() if k not in _HOW_IT_RUNS}
+                for args in (saved.args, wanted["args"]))
+    changed = [f"{k}={new.get(k)!r} (was {old.get(k)!r})"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if saved.kind != wanted["kind"]:
+        changed.insert(0, f"pattern={wanted['kind']!r} (was {saved.kind!r})")
+    if not changed:
+        return
+    raise UserError(f"{run_dir} was trained with another training graph: "
+                    + ", ".join(changed) + "; resume it with its own recipe "
+                    f"({run_dir / 'recipe.yaml'}) or choose another run.name")
