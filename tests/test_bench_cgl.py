@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_tool
+from helpers import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_parameters_do_not_depend_on_students(result):
     assert all(row["param_ratio"] == 2 for row in result["rows"])
 
 
-def test_imitation_counts(result):
+def test_imitation_counts_match_the_draws_and_bound_the_forwards(result):
     for row in result["rows"]:
         k, p = row["students"], row["probability"]
         assert row["imitated_expected"] == k * (k - 1) * p
@@ -71,7 +71,7 @@ def test_imitation_counts(result):
         assert 0 <= row["forward_equivalents"] <= row["imitated_mean"] + 1e-9
 
 
-def test_table_renders(result):
+def test_table_has_a_line_per_row_and_the_epoch_derivation(result):
     table = bench_cgl.format_table(result)
     assert "epoch ratio = step ratio / K" in table and "step@E" in table
     assert len([line for line in table.splitlines() if line[:2].strip() in ("2", "3")]) == 6

@@ -1,6 +1,8 @@
 """``tools/bench_intra.py``: plain, dropout views, tree and tree at the dropout points, with as
 many heads as views, positive ratios, one weight set for the views, and one-line errors.
-Timings are never asserted (noisy on a shared machine); memory only beyond the C heap's noise.
+Measured times and memory are never asserted beyond being finite and positive (they depend on
+the machine; docs/benchmarks.md has the figures); FLOPs, parameters and the saved-tensor memory
+estimate are exact and are.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 from collabsurgery.measure.bench import memory_method
 
-from conftest import load_tool
+from helpers import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,15 +67,22 @@ def test_ratios_are_positive_and_against_plain(result):
         assert row["dropout_mem_over"] == pytest.approx(rows["dropout"]["mem_mb"] / row["mem_mb"])
     plain = rows["plain"]
     assert plain["time_ratio"] == plain["flop_ratio"] == plain["mem_ratio"] == 1.0
-    # paper 004: the views cost the plain model's peak (at this size their masks and 4-fold
-    # late activations are a few hundred bytes, under the C heap's noise of about 0.01%); copies
-    # at the same points add their weights and gradients, the tree every copy's activations too
-    assert rows["dropout"]["mem_ratio"] == pytest.approx(1.0, abs=0.002)
-    assert rows["dropout"]["mem_ratio"] < rows["tree_same"]["mem_ratio"] < rows["tree"]["mem_ratio"]
-    assert 1.0 <= rows["dropout"]["flop_ratio"] < rows["tree"]["flop_ratio"]
+    assert 1.0 <= rows["dropout"]["flop_ratio"] < rows["tree"]["flop_ratio"]  # FLOPs: exact
 
 
-def test_table_renders(result):
+def test_memory_estimate_orders_the_variants(monkeypatch):
+    """Without the C heap's peak (no glibc) the tool reports the exact estimate: parameters,
+    gradients and tensors saved for backward. The views add their masks and late activations to
+    the plain model's, no weights; copies add weights and gradients, the tree copies the most."""
+    monkeypatch.setattr("collabsurgery.measure.bench.can_measure_cpu_peak", lambda: False)
+    result = _run(ARGV)
+    assert result["mem_method"] == "estimate: params + grads + tensors saved for backward"
+    mem = {r["name"]: r["mem_mb"] for r in result["variants"]}
+    assert mem["plain"] < mem["dropout"] < mem["tree"]
+    assert mem["plain"] < mem["tree_same"] < mem["tree"]
+
+
+def test_table_has_a_line_per_variant_and_the_views(result):
     table = bench_intra.format_table(result)
     assert "-> 4 views" in table and "dropout/this" in table and "threads: 1" in table
     for name in ("plain", "dropout", "tree", "tree_same"):
@@ -104,7 +113,7 @@ def test_bad_options_are_one_line_errors(capsys, argv, message):
     assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
 
 
-def test_default_points():
+def test_default_points_are_the_middle_ones_with_even_branches():
     points = ["a", "b", "c", "d", "e"]
     assert bench_intra.middle_points(points, 2) == ["b", "c"]
     assert bench_intra.middle_points(points, 1) == ["c"]

@@ -30,7 +30,7 @@ def test_vgg16_trunk_is_torchvisions_vgg16_bn() -> None:
 
 
 @pytest.mark.parametrize("name, millions", [("cifar_vgg11", 9.76), ("cifar_vgg16", 15.25)])
-def test_timm_api(name: str, millions: float) -> None:
+def test_size_and_timm_model_api(name: str, millions: float) -> None:
     model = timm.create_model(name).eval()
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 0.01
     cfg = model.pretrained_cfg

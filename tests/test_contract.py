@@ -26,7 +26,8 @@ from collabsurgery.rundir import checkpoint
 from collabsurgery.rundir.checkpoint import Progress
 from collabsurgery.train.engine import Collaboration
 
-from conftest import TEST_OBJECTIVE, assert_same_logits, calibrate_batchnorm, make_input
+from conftest import TEST_OBJECTIVE
+from helpers import assert_same_logits, calibrate_batchnorm, make_input
 
 SIZE = (3, 32, 32)
 CLASSES = 10
@@ -71,7 +72,9 @@ def _single_thread(one_thread):
     yield
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{k}-{b}" for k, b in CASES])
+@pytest.fixture(scope="module", ids=[f"{k}-{b}" for k, b in CASES], params=[
+    pytest.param(c, marks=pytest.mark.slow) if c[1] == "densenet121" else c  # the full tier
+    for c in CASES])
 def case(request) -> Case:
     kind, backbone = request.param
     torch.manual_seed(0)
@@ -261,13 +264,14 @@ def test_resume_after_one_sgd_step_from_config_and_checkpoint_is_bit_equal_to_tw
 
 def test_registries_refuse_a_kind_or_objective_registered_twice():
     from collabsurgery.graphs import register_graph
-    from collabsurgery.objectives import OBJECTIVES, register_objective
+    from collabsurgery.objectives import OBJECTIVES, ObjectiveExample, register_objective
 
     with pytest.raises(ValueError, match="graph kind 'tree' is already registered"):
         register_graph("tree", example=lambda backbone, points: {})(lambda model: None)
     assert GRAPH_KINDS["tree"].__name__ == "build_tree"  # the first registration stands
     with pytest.raises(ValueError, match="objective 'consensus' is already registered"):
-        register_objective("consensus", type(build_objective("single")))
+        register_objective("consensus", example=ObjectiveExample())(
+            type(build_objective("single")))
     assert OBJECTIVES["consensus"].__name__ == "ConsensusLoss"
 
 

@@ -30,8 +30,8 @@ from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.rundir import checkpoint
 from collabsurgery.train import engine
 
-from conftest import assert_same_weights, latest_weights, one_line_error
-from test_engine import RANDOM, tiny
+from helpers import (RANDOM_OVERRIDES, assert_same_weights, latest_weights, one_line_error,
+                     tiny_recipe)
 
 pytestmark = pytest.mark.usefixtures("forget_accelerate_state", "one_thread")
 STEPS = 16  # two epochs of 8 steps (test_engine's tiny recipe)
@@ -45,7 +45,7 @@ def ckpt(run_dir: Path, step: int) -> Path:
 def straight(tmp_path_factory) -> Path:
     """The uninterrupted run every resumed one must equal."""
     root = tmp_path_factory.mktemp("straight")
-    return engine.train(tiny(root, *RANDOM, "run.name=straight"))
+    return engine.train(tiny_recipe(root, *RANDOM_OVERRIDES, "run.name=straight"))
 
 
 def truncate_model(path: Path) -> None:
@@ -79,14 +79,15 @@ DAMAGE = {"truncated model": (truncate_model, "model.safetensors is truncated"),
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.slow
 def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, straight, tmp_path, capfd):
     spoil, problem = DAMAGE[damage]
     run_dir = tmp_path / "run"
-    common = [*RANDOM, "run.name=run", "run.checkpoint_every=1"]
-    engine.train(tiny(tmp_path, *common, "train.max_steps=5"))
+    common = [*RANDOM_OVERRIDES, "run.name=run", "run.checkpoint_every=1"]
+    engine.train(tiny_recipe(tmp_path, *common, "train.max_steps=5"))
     spoil(ckpt(run_dir, 5))
     capfd.readouterr()
-    engine.train(tiny(tmp_path, *common, "run.resume=auto"))
+    engine.train(tiny_recipe(tmp_path, *common, "run.resume=auto"))
     out, err = capfd.readouterr()
     assert f"resumed from {ckpt(run_dir, 4)} " in out
     warning = [line for line in err.splitlines() if "damaged" in line]
@@ -96,10 +97,11 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, straight, tmp
         json.loads((straight / "summary.json").read_text())["final"]
 
 
+@pytest.mark.slow
 def test_export_of_a_damaged_run_falls_back_or_refuses(straight, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    engine.train(tiny(tmp_path, *RANDOM, "run.name=run", "run.checkpoint_every=1",
-                      "train.max_steps=3"))
+    engine.train(tiny_recipe(tmp_path, *RANDOM_OVERRIDES, "run.name=run", "run.checkpoint_every=1",
+                             "train.max_steps=3"))
     older = load_file(str(ckpt(run_dir, 2) / "model.safetensors"))
     truncate_model(ckpt(run_dir, 3))
     out = tmp_path / "head.safetensors"
@@ -121,7 +123,7 @@ def test_export_of_a_damaged_run_falls_back_or_refuses(straight, tmp_path, capsy
     # resume refuses too, and writes nothing
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     with pytest.raises(UserError, match="no intact checkpoint"):
-        engine.train(tiny(tmp_path, *RANDOM, "run.name=run", "run.resume=auto"))
+        engine.train(tiny_recipe(tmp_path, *RANDOM_OVERRIDES, "run.name=run", "run.resume=auto"))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == names
 
 
@@ -159,9 +161,10 @@ def test_a_flipped_bit_in_an_export_is_found_on_load(tmp_path):
 
 # ---------------------------------------------------------------------------- non-finite state
 
+@pytest.mark.slow
 def test_a_diverging_run_never_writes_a_non_finite_checkpoint(tmp_path, capsys):
     recipe_file = tmp_path / "lr.yaml"
-    save_recipe(tiny(tmp_path, "run.name=lr", "run.checkpoint_every=1", "train.lr=1e10"),
+    save_recipe(tiny_recipe(tmp_path, "run.name=lr", "run.checkpoint_every=1", "train.lr=1e10"),
                 recipe_file)
     assert cli.main(["train", "--recipe", str(recipe_file)]) == 1
     err = capsys.readouterr().err
@@ -173,9 +176,10 @@ def test_a_diverging_run_never_writes_a_non_finite_checkpoint(tmp_path, capsys):
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_without_periodic_checkpoints_the_message_claims_none(tmp_path, capsys, monkeypatch):
     recipe_file = tmp_path / "nan.yaml"
-    save_recipe(tiny(tmp_path, "run.name=nan"), recipe_file)
+    save_recipe(tiny_recipe(tmp_path, "run.name=nan"), recipe_file)
     original = ConsensusLoss.head_losses
 
     def poisoned(self, logits, labels, context):
@@ -202,6 +206,7 @@ def test_export_refuses_non_finite_weights(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- concurrent readers
 
+@pytest.mark.slow
 def test_export_while_a_writer_checkpoints_and_prunes_every_step(tmp_path):
     net = wrap("cifar_resnet20", split="layer1", heads=2, input_size=(3, 16, 16))
     run_dir = tmp_path / "run"
@@ -248,6 +253,7 @@ def is_pickle(data: bytes) -> bool:
     return bool(ops) and ops[-1][0].name == "STOP" and ops[-1][2] == len(data) - 1
 
 
+@pytest.mark.slow
 def test_no_file_a_run_or_an_export_writes_is_a_pickle(straight, tmp_path):
     torch.save({"a": torch.ones(2)}, tmp_path / "control.pt")
     assert is_pickle((tmp_path / "control.pt").read_bytes())

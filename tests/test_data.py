@@ -24,7 +24,7 @@ def local_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
 
 
-def test_digits_shapes(digits):
+def test_builtin_digits_splits_shapes_and_normalisation(digits):
     s = digits
     assert s.num_classes == 10 and s.class_names == [str(d) for d in range(10)]
     assert len(s.train) + len(s.holdout) + len(s.test) == 1797
@@ -52,7 +52,7 @@ def test_holdout_disjoint_stratified_and_seeded(digits):
         assert torch.equal(again.test[i][0], digits.test[i][0])
 
 
-def test_max_train_examples():
+def test_max_train_examples_is_a_seeded_class_balanced_subset_outside_the_holdout():
     a = load_splits(**data_arguments(DataConfig(max_train_examples=100)), seed=3)
     b = load_splits(**data_arguments(DataConfig(max_train_examples=100)), seed=3)
     assert len(a.train) == 100 and torch.equal(a.train.source_indices, b.train.source_indices)
@@ -71,8 +71,14 @@ def test_augmentation_is_a_function_of_seed_epoch_index(digits):
     again = [ds[i] for i in range(8)]
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again))
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(first, other))
-    # hold-out and test carry no augmentation: the same tensor at every epoch
-    assert torch.equal(digits.test[0][0], digits.test[0][0])
+    # hold-out and test carry no augmentation: no epoch to select, the same tensor whatever the
+    # global RNG
+    for split in (digits.holdout, digits.test):
+        assert not hasattr(split, "set_epoch")
+        torch.manual_seed(0)
+        image = split[0][0]
+        torch.manual_seed(1)
+        assert torch.equal(split[0][0], image)
 
 
 def test_worker_count_does_not_change_batches(digits):
@@ -82,7 +88,7 @@ def test_worker_count_does_not_change_batches(digits):
     assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
 
 
-def test_label_noise(digits):
+def test_label_noise_redraws_a_fixed_share_of_labels_each_epoch(digits):
     ds = digits.train
     n = len(ds)
     assert len(ds.noisy_indices) == round(0.3 * n)
@@ -133,7 +139,7 @@ def test_lowres_digits_are_4x4_with_a_large_test_split():
     assert s.test.image(0).shape == (3, 4, 4) and full.test.image(0).shape == (3, 8, 8)
 
 
-def test_views_and_subset(digits):
+def test_views_are_augmented_copies_and_a_subset_keeps_its_examples(digits):
     cfg = DataConfig(max_train_examples=50)
     one, two = load_splits(**data_arguments(cfg), seed=0), load_splits(**data_arguments(cfg), seed=0, views=2)
     x, _ = two.train[5]
@@ -143,7 +149,7 @@ def test_views_and_subset(digits):
     assert len(sub) == 2 and torch.equal(sub[0][0], one.train[5][0])
 
 
-def test_no_augment(digits):
+def test_without_augment_training_images_do_not_change_with_the_epoch(digits):
     s = load_splits(**data_arguments(DataConfig(augment=False, max_train_examples=20)), seed=0)
     s.train.set_epoch(0)
     a = s.train[0][0]

@@ -25,20 +25,11 @@ from collabsurgery.objectives.consensus import ConsensusLoss
 from collabsurgery.rundir import checkpoint, training_state
 from collabsurgery.train import engine
 
-from conftest import stop_then_resume, train_in_two_cpu_processes
+from helpers import (RANDOM_OVERRIDES, assert_same_logits, latest_weights, one_line,
+                     one_line_error, stop_then_resume, tiny_recipe, train_in_two_cpu_processes)
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH = 8  # 128 training examples / batch 16, drop_last
-TINY = ["data.image_size=16", "data.max_train_examples=128", "train.batch_size=16",
-        "model.name=cifar_resnet20", "graph.heads=2", "graph.split=[layer1]",
-        "run.progress=false", "train.epochs=2"]
-# dropout and label noise: a resume must replay the same masks and noisy labels; a named
-# execution mode (auto times the modes, so two fresh runs may choose differently)
-RANDOM = ["model.kwargs={drop_rate: 0.2}", "data.label_noise=0.2", "graph.execution=packed"]
-
-
-def tiny(run_dir: Path, *overrides: str):
-    return load_recipe(None, [*TINY, f"run.dir={run_dir}", *overrides])
+STEPS_PER_EPOCH = 8  # 128 training examples / batch 16, drop_last (TINY_OVERRIDES)
 
 
 def write_recipe(path: Path, recipe) -> Path:
@@ -51,18 +42,8 @@ def ckpt_names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpts.iterdir() if p.is_dir()) if ckpts.is_dir() else []
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint.latest(run_dir / "checkpoints") / "model.safetensors"))
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip("\n").splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-pytestmark = pytest.mark.usefixtures("forget_accelerate_state")
+pytestmark = [pytest.mark.slow,  # end-to-end training: the full tier
+              pytest.mark.usefixtures("forget_accelerate_state")]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +51,8 @@ def straight(tmp_path_factory):
     """Two epochs without interruption, with dropout, label noise, tensorboard and mid-epoch
     checkpoints; shared by the resume, file-format, outputs and export tests (read only)."""
     root = tmp_path_factory.mktemp("straight")
-    recipe = tiny(root, *RANDOM, "run.name=straight", "run.checkpoint_every=5",
-                  "run.log_with=[tensorboard]")
+    recipe = tiny_recipe(root, *RANDOM_OVERRIDES, "run.name=straight", "run.checkpoint_every=5",
+                         "run.log_with=[tensorboard]")
     return recipe, engine.train(recipe)
 
 
@@ -79,13 +60,14 @@ def straight(tmp_path_factory):
 
 def test_resume_mid_epoch_is_bit_exact(straight, tmp_path, capsys):
     _, run_a = straight
-    same = [*RANDOM, "run.name=resumed", "run.checkpoint_every=5", "run.log_with=[tensorboard]"]
+    same = [*RANDOM_OVERRIDES, "run.name=resumed", "run.checkpoint_every=5",
+            "run.log_with=[tensorboard]"]
     run_b = tmp_path / "resumed"
-    stop_then_resume(lambda *more: tiny(tmp_path, *same, *more), run_b,
+    stop_then_resume(lambda *more: tiny_recipe(tmp_path, *same, *more), run_b,
                      STEPS_PER_EPOCH + 3, capsys)  # stopped in the middle of epoch 2
     assert checkpoint.latest(run_b / "checkpoints").name == f"ckpt-{2 * STEPS_PER_EPOCH:08d}"
 
-    a, b = final_weights(run_a), final_weights(run_b)
+    a, b = latest_weights(run_a), latest_weights(run_b)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
@@ -116,9 +98,9 @@ def test_a_resumed_run_replays_autos_choice(tmp_path, monkeypatch, capsys):
             mode: 0.5e-3 if mode == fastest else 1e-3 for mode in plans})
 
     machine_where("packed")
-    run_a = engine.train(tiny(tmp_path, "run.name=a"))
+    run_a = engine.train(tiny_recipe(tmp_path, "run.name=a"))
     stop = STEPS_PER_EPOCH + 3
-    make = lambda *more: tiny(tmp_path, "run.name=b", *more)  # noqa: E731
+    make = lambda *more: tiny_recipe(tmp_path, "run.name=b", *more)  # noqa: E731
     engine.train(make(f"train.max_steps={stop}"))
     _, _, progress = checkpoint.load(checkpoint.latest(tmp_path / "b" / "checkpoints"))
     assert progress.execution == {"layer1..output": {"mode": "packed",
@@ -130,7 +112,7 @@ def test_a_resumed_run_replays_autos_choice(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "layer1..output: 2 copies in groups of 2, running packed (auto replays the " \
            "checkpointed choice, timed: loop 1.0 ms, fused 1.0 ms, packed 0.5 ms" in out
-    a, b = final_weights(run_a), final_weights(tmp_path / "b")
+    a, b = latest_weights(run_a), latest_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert any("running packed (auto replays" in line for line in summary["execution"])
@@ -141,7 +123,7 @@ def test_a_resumed_run_replays_autos_choice(tmp_path, monkeypatch, capsys):
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "crash"
     common = ["run.name=crash", "run.checkpoint_every=1", "run.resume=auto"]
-    engine.train(tiny(tmp_path, *common, "train.max_steps=2"))
+    engine.train(tiny_recipe(tmp_path, *common, "train.max_steps=2"))
     ckpts = run_dir / "checkpoints"
     good = ckpts / "ckpt-00000002"
     assert checkpoint.latest(ckpts) == good
@@ -152,7 +134,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr("collabsurgery.rundir.checkpoint.training_state.save_state", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        engine.train(tiny(tmp_path, *common, "train.max_steps=3"))
+        engine.train(tiny_recipe(tmp_path, *common, "train.max_steps=3"))
     monkeypatch.undo()
 
     # the crash left a partial ckpt-3.tmp (weights written, no optimizer, no state.json)
@@ -176,13 +158,13 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, cap
     assert engine.history_of(run_dir) == state["history"]
 
     # naming a .tmp directory explicitly is refused
-    recipe_file = write_recipe(tmp_path / "crash.yaml", tiny(tmp_path, *common))
+    recipe_file = write_recipe(tmp_path / "crash.yaml", tiny_recipe(tmp_path, *common))
     capsys.readouterr()
     assert cli.main(["train", "--recipe", str(recipe_file), f"run.resume={fake}"]) == 2
-    assert "run.resume" in one_error_line(capsys.readouterr().err)
+    assert "run.resume" in one_line_error(capsys.readouterr().err)
 
     # resume=auto continues from the real checkpoint and the next save prunes every .tmp
-    engine.train(tiny(tmp_path, *common, "train.max_steps=4"))
+    engine.train(tiny_recipe(tmp_path, *common, "train.max_steps=4"))
     assert f"resumed from {good} " in capsys.readouterr().out
     assert ckpt_names(run_dir) == ["ckpt-00000003", "ckpt-00000004"]  # keep=2, no .tmp left
     assert (ckpts / "latest").read_text().strip() == "ckpt-00000004"
@@ -194,7 +176,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, cap
 @pytest.mark.slow
 def test_two_process_cpu_run(tmp_path):
     recipe_file = write_recipe(tmp_path / "ddp.yaml",
-                               tiny(tmp_path, "run.name=ddp", "train.epochs=1"))
+                               tiny_recipe(tmp_path, "run.name=ddp", "train.epochs=1"))
     train_in_two_cpu_processes(recipe_file)
     run_dir = tmp_path / "ddp"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -216,7 +198,7 @@ def test_two_process_cpu_run(tmp_path):
 # ---------------------------------------------------------------------------- 4. non-finite loss
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    recipe_file = write_recipe(tmp_path / "nan.yaml", tiny(
+    recipe_file = write_recipe(tmp_path / "nan.yaml", tiny_recipe(
         tmp_path, "run.name=nan", "run.checkpoint_every=1", "train.epochs=1"))
     calls = {"n": 0}
     original = ConsensusLoss.head_losses
@@ -229,7 +211,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     monkeypatch.setattr(ConsensusLoss, "head_losses", poisoned)
     assert cli.main(["train", "--recipe", str(recipe_file)]) == 1
     err = capsys.readouterr().err
-    line = one_error_line(err)
+    line = one_line(err)
+    assert line.startswith("collabsurgery: training stopped: ")
     assert "non-finite loss" in line and "batch 3" in line
     assert calls["n"] == 3  # stopped at once
     ckpts = tmp_path / "nan" / "checkpoints"
@@ -308,7 +291,7 @@ def test_bad_recipe_or_data_is_one_line_exit_2(tmp_path, capsys, recipe_text, ov
     code = cli.main(["train", "--recipe", str(recipe_file), *overrides])
     captured = capsys.readouterr()
     assert code == 2
-    line = one_error_line(captured.err)
+    line = one_line_error(captured.err)
     assert line.startswith("collabsurgery: error: ") and named in line
     assert not (tmp_path / "runs").exists()  # found before anything is written
 
@@ -340,8 +323,7 @@ def test_export_best_head_of_a_run(straight, tmp_path, capsys):
     images = torch.stack([test[i][0] for i in range(16)])
     with torch.no_grad():
         exported, graph = model.eval()(images), net.eval()(images)[best]
-    if not torch.equal(exported, graph):
-        torch.testing.assert_close(exported, graph, rtol=0, atol=1e-5)
+    assert_same_logits(exported, graph)
 
 
 def test_a_first_wave_run_without_objective_keys_still_exports_and_resumes(straight, tmp_path):
@@ -366,7 +348,8 @@ def test_a_first_wave_run_without_objective_keys_still_exports_and_resumes(strai
     assert cli.main(["export", str(old), "--head", "0", "-o", str(out)]) == 0
     net, _ = load_run(run_dir)
     assert all(torch.equal(v, net.head_state_dict(0)[k]) for k, v in load_file(str(out)).items())
-    session = engine.setup(tiny(tmp_path, *RANDOM, "run.name=old", "run.resume=auto"))
+    session = engine.setup(tiny_recipe(tmp_path, *RANDOM_OVERRIDES, "run.name=old",
+                                       "run.resume=auto"))
     resumed = session.collaboration.graph.state_dict()
     assert all(torch.equal(resumed[k], net.state_dict()[k]) for k in resumed)
 
@@ -397,7 +380,7 @@ def test_run_outputs_and_resume_no(straight, capsys):
     before = sorted(p.name for p in run_dir.rglob("*"))
     capsys.readouterr()
     assert cli.main(["train", "--recipe", str(run_dir / "recipe.yaml"), "run.resume=no"]) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert "run.resume=auto" in line
     assert sorted(p.name for p in run_dir.rglob("*")) == before
 
@@ -428,10 +411,10 @@ def test_bf16_on_cpu_with_loss_rescaling(tmp_path, monkeypatch):
     monkeypatch.setattr(Accelerator, "backward", backward)
     hook = torch.nn.modules.module.register_module_forward_hook(conv_output)
     try:
-        run_dir = engine.train(tiny(tmp_path, "run.name=bf16", "train.epochs=1",
-                                    "data.max_train_examples=64", "data.image_size=8",
-                                    "train.mixed_precision=bf16",
-                                    "graph.rescale=loss"))
+        run_dir = engine.train(tiny_recipe(tmp_path, "run.name=bf16", "train.epochs=1",
+                                           "data.max_train_examples=64", "data.image_size=8",
+                                           "train.mixed_precision=bf16",
+                                           "graph.rescale=loss"))
     finally:
         hook.remove()
     assert len(seen["objective"]) == len(seen["backward"]) == 4
@@ -442,5 +425,5 @@ def test_bf16_on_cpu_with_loss_rescaling(tmp_path, monkeypatch):
     assert torch.isfinite(torch.tensor(record["train_loss"]))
     assert all(torch.isfinite(torch.tensor(record[s]["head_loss"])).all()
                for s in ("holdout", "test"))
-    weights = final_weights(run_dir)
+    weights = latest_weights(run_dir)
     assert all(v.dtype != torch.bfloat16 for v in weights.values())  # master weights stay fp32

@@ -18,7 +18,7 @@ import collabsurgery as cs
 from collabsurgery.common.integrity import tensors_sha256
 from collabsurgery.graphs.saving import load_graph, save_graph
 
-from conftest import assert_same_logits, make_input
+from helpers import assert_same_logits, make_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,7 +15,7 @@ from collabsurgery.common.tensorfile import load_state
 from collabsurgery.errors import UserError
 from collabsurgery.export.features import feature_levels
 
-from conftest import calibrate_batchnorm
+from helpers import calibrate_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = (3, 64, 64)

@@ -24,6 +24,7 @@ from collabsurgery.detection import (CocoDetection, FinetuneConfig, build_detect
                                      finetune, load_split, write_digits_detection)
 from collabsurgery.errors import UserError
 
+pytestmark = pytest.mark.slow  # detection fine-tuning: the full tier
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(canvas=64, train_images=8, val_images=4, digit_size=(12, 24))
 

@@ -26,7 +26,7 @@ from collabsurgery.errors import UserError
 from collabsurgery.export import model_folder
 from collabsurgery.export.model_folder import FOLDER_FILES, save_timm_folder
 
-from conftest import assert_same_logits, calibrate_batchnorm, make_input
+from helpers import assert_same_logits, calibrate_batchnorm, make_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,7 +102,7 @@ def test_local_dir_without_pretrained_is_the_architecture_only(folder, run_expor
     assert not torch.equal(model.state_dict()["fc.weight"], exported["fc.weight"])
 
 
-def test_config_json(folder):
+def test_config_json_describes_the_backbone_and_claims_no_published_weights(folder):
     config = _config(folder)
     assert config["architecture"] == "resnet18"
     assert config["num_classes"] == C and config["num_features"] == 512
@@ -129,7 +129,7 @@ def test_weights_are_the_export_with_format_pt(folder, run_export):
     load_state(path)  # its own checksum verifies
 
 
-def test_model_card(folder):
+def test_model_card_gives_tags_recipe_metrics_and_loading_code(folder):
     card = (folder / "README.md").read_text()
     front, body = card.split("---\n")[1:3]
     meta = yaml.safe_load(front)

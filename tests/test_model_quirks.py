@@ -23,7 +23,7 @@ from collabsurgery import cli
 from collabsurgery.errors import UserError
 from collabsurgery.measure.costs import measure
 
-from conftest import assert_same_logits, calibrate_batchnorm
+from helpers import assert_same_logits, calibrate_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,7 @@ def assert_identical(model: torch.nn.Module, twin: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name,size,split", [
-    ("convit_tiny", 224, "blocks.5"),
+    pytest.param("convit_tiny", 224, "blocks.5", marks=pytest.mark.slow),  # 224 px: full tier
     ("resnet18", 64, "layer2"),
     ("torchvision.mobilenet_v2", 64, "features.7"),
     ("efficientnet_b0", 64, "blocks.3"),
@@ -96,8 +96,9 @@ def test_a_model_without_split_points_says_so(capsys):
         cs.wrap("crossvit_tiny_240", split="blocks.0", heads=2)
 
 
-@pytest.mark.parametrize("name,split", [("vit_tiny_patch16_224", "blocks.5"),
-                                        ("hiera_tiny_224", "blocks.6")])
+@pytest.mark.parametrize("name,split", [  # ViTs at 224 px: the full tier
+    pytest.param("vit_tiny_patch16_224", "blocks.5", marks=pytest.mark.slow),
+    pytest.param("hiera_tiny_224", "blocks.6", marks=pytest.mark.slow)])
 def test_optional_forward_arguments_do_not_block_cuts_between_blocks(name, split, tmp_path):
     """ViT's attn_mask/is_causal and Hiera's mask are traced at their defaults, so every block
     boundary is a clean cut (CL-ILR splits a ViT at blocks.N)."""
@@ -114,6 +115,7 @@ def test_optional_forward_arguments_do_not_block_cuts_between_blocks(name, split
         assert_same_logits(cs.load_backbone(path)(x), net(x)[1])
 
 
+@pytest.mark.slow  # swinv2 at 224 px: the full tier
 def test_a_wrong_input_size_names_the_models_own(capsys):
     assert cli.main(["wrap", "swinv2_tiny_window8_256", "--split", "layers.2",
                      "--input-size", "224"]) == 2

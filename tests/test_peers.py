@@ -25,8 +25,9 @@ from collabsurgery.models import backbones
 from collabsurgery.rundir import checkpoint
 from collabsurgery.train import engine
 
-from conftest import (TEST_OBJECTIVE, assert_same_logits, calibrate_batchnorm, make_input,
-                      one_line_error, stop_then_resume)
+from conftest import TEST_OBJECTIVE
+from helpers import (assert_same_logits, calibrate_batchnorm, make_input, one_line_error,
+                     stop_then_resume)
 
 OBJECTIVE_KEY = "objective.log_temperature"
 
@@ -139,6 +140,7 @@ def mixed_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("head_text", ["0", "1", "best", "torchvision.mobilenet_v2"])
+@pytest.mark.slow
 def test_cli_exports_each_student_as_its_own_architecture_and_load_backbone_rebuilds_it(
         mixed_runs, tmp_path, capsys, head_text):
     run_dir = mixed_runs["resumed"]
@@ -163,6 +165,7 @@ def test_cli_exports_each_student_as_its_own_architecture_and_load_backbone_rebu
         assert_same_logits(model(x), net(x)[head])
 
 
+@pytest.mark.slow
 def test_objective_parameter_is_trained_checkpointed_restored_and_never_exported(
         mixed_runs, tmp_path):
     stopped, final = mixed_runs["stopped_weights"], latest_weights(mixed_runs["resumed"])
@@ -199,6 +202,7 @@ def consensus_straight(tmp_path_factory):
     return engine.train(recipe)
 
 
+@pytest.mark.slow
 def test_peer_consensus_run_resumed_mid_epoch_is_bit_identical_to_a_straight_run(
         consensus_straight, tmp_path, capsys):
     run_a = consensus_straight
@@ -228,6 +232,7 @@ def test_peer_consensus_run_resumed_mid_epoch_is_bit_identical_to_a_straight_run
     assert metrics(run_a) == metrics(run_b) == history_a
 
 
+@pytest.mark.slow
 def test_both_students_of_a_peer_run_export_and_reload_with_the_runs_logits(
         consensus_straight, tmp_path, capsys):
     net, _ = load_run(consensus_straight)
@@ -247,6 +252,7 @@ def test_both_students_of_a_peer_run_export_and_reload_with_the_runs_logits(
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_peer_run_with_per_head_views_trains_each_student_on_its_own_augmentation(
         tmp_path, monkeypatch):
     seen: list[torch.Tensor] = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run  # main(argv)'s exit status, usage errors included
+from helpers import run_cli as run
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -118,6 +118,7 @@ def _files(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in directory.rglob("*")}
 
 
+@pytest.mark.slow
 def test_evaluate_perturb_writes_json_and_png_and_larger_sigma_lowers_accuracy(trained,
                                                                                 capsys):
     assert run(["evaluate", trained, "--perturb", "0.001,0.05,0.5", "--draws", "2"]) == 0
@@ -138,6 +139,7 @@ def test_evaluate_perturb_writes_json_and_png_and_larger_sigma_lowers_accuracy(t
     assert not [p for p in trained.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_evaluate_without_perturb_prints_the_accuracy_and_writes_nothing(trained, capsys):
     before = _files(trained)
     assert run(["evaluate", trained, "--head", "1"]) == 0
@@ -155,6 +157,7 @@ def test_evaluate_without_perturb_prints_the_accuracy_and_writes_nothing(trained
     (["--perturb", "0.1", "--draws", "two"], "integer >= 1"),
     (["--perturb", "0.1", "--head", "7"], r"head '7' out of range; valid: best or 0\.\.1"),
 ])
+@pytest.mark.slow
 def test_evaluate_bad_input_is_one_line_exit_2_and_writes_nothing(trained, extra, match, capsys):
     before = _files(trained)
     assert run(["evaluate", trained, *extra]) == 2

@@ -19,7 +19,8 @@ from collabsurgery.graphs import RoutedNet, build_graph, rebuild
 from collabsurgery.graphs.routed import draw_paths
 from collabsurgery.models import backbones
 
-from conftest import assert_same_logits, make_input, one_line_error
+from helpers import (FLOAT32_RTOL, assert_close_scaled, assert_same_logits, make_input,
+                     one_line_error)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,17 +90,15 @@ def test_prefix_sharing_gives_each_students_own_logits_and_gradients(train: bool
     x = make_input(4, 16, seed=2)
     shared = net(x)
     separate = torch.stack([_run_alone(alone, k, x) for k in range(4)])
-    torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-6)
+    assert_close_scaled(shared, separate, "logits", rtol=FLOAT32_RTOL)
     weights = torch.randn_like(shared)
     (shared * weights).sum().backward()
     (separate * weights).sum().backward()
     for (name, a), b in zip(net.named_parameters(), alone.parameters()):
         # summed in another order: float32 noise relative to the gradient's scale
-        scale = b.grad.abs().max().item()
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        assert_close_scaled(a.grad, b.grad, name, rtol=1e-4, atol_fraction=1e-5)
     heads = [3, 1]
-    torch.testing.assert_close(net.run_heads(x, heads), shared[heads].detach(), rtol=1e-5,
-                               atol=1e-6)
+    assert_close_scaled(net.run_heads(x, heads), shared[heads], "run_heads", rtol=FLOAT32_RTOL)
 
 
 def test_per_student_batches_run_student_k_on_x_k() -> None:
@@ -200,15 +199,14 @@ def test_concatenated_execution_gives_the_loops_logits_gradients_and_statistics(
     assert concat.describe_execution() == "execution: concat"
     x = torch.stack([make_input(3, 16, seed=k) for k in range(4)])
     a, b = loop(x), concat(x)
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert_close_scaled(b, a, "logits", rtol=FLOAT32_RTOL)
     weights = torch.randn_like(a)
     (a * weights).sum().backward()
     (b * weights).sum().backward()
     for (name, p), q in zip(loop.named_parameters(), concat.parameters()):
-        scale = p.grad.abs().max().item()
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        assert_close_scaled(q.grad, p.grad, name, rtol=1e-4, atol_fraction=1e-5)
     for (name, s), t in zip(loop.named_buffers(), concat.buffers()):
-        torch.testing.assert_close(t, s, rtol=1e-5, atol=1e-6, msg=name)
+        assert_close_scaled(t, s, name, rtol=FLOAT32_RTOL)
     with pytest.raises(UserError, match="runs as loop or concat or auto; got 'packed'"):
         loop.set_execution("packed")
     with pytest.raises(UserError, match="execution must be one of loop, concat, auto"):

@@ -22,7 +22,7 @@ from collabsurgery.data.datasets import TrainDataset, load_splits
 from collabsurgery.errors import UserError
 from collabsurgery.train import engine
 
-from conftest import one_line_error
+from helpers import one_line_error
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 TINY = ["data.image_size=16", "data.max_train_examples=64", "train.batch_size=8",
@@ -141,6 +141,7 @@ def test_too_many_students_for_the_processes_is_refused_at_prepare(tagged):
         provider.prepare(TwoProcesses())
 
 
+@pytest.mark.slow
 def test_engine_trains_each_instance_on_its_own_subset(tmp_path):
     recipe = load_recipe(None, [*TINY, *INSTANCES, "data.subsets=true",
                                 "data.subset_overlap=0.25", f"run.dir={tmp_path}"])

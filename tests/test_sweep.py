@@ -109,7 +109,7 @@ def test_missing_gradients_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.no_grad == ["unused_weight"] and "unused_weight" in result.reason
 
 
-def test_family_of() -> None:
+def test_family_of_names_the_timm_module_of_a_model() -> None:
     assert family_of("resnet50") == "resnet"
     assert family_of("vit_tiny_patch16_224") == "vision_transformer"
     assert family_of("torchvision.mobilenet_v2") == "mobilenetv2"
@@ -169,6 +169,7 @@ def test_normalise_reason_strips_model_specific_detail() -> None:
         "RuntimeError: <name> and <name> shapes cannot be multiplied"
 
 
+@pytest.mark.slow  # the sweep tool in subprocesses: the full tier
 def test_sweep_tool_writes_csv_and_summary(tmp_path: Path) -> None:
     csv_path, summary = tmp_path / "sweep.csv", tmp_path / "sweep.md"
     done = subprocess.run(
@@ -189,6 +190,7 @@ def test_sweep_tool_writes_csv_and_summary(tmp_path: Path) -> None:
     assert "--filter cifar_resnet20" in text
 
 
+@pytest.mark.slow  # the sweep tool in subprocesses: the full tier
 def test_sweep_tool_times_out(tmp_path: Path) -> None:
     csv_path = tmp_path / "sweep.csv"
     done = subprocess.run(
