@@ -10,8 +10,12 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from collabsurgery.errors import Interrupted, TrainingStopped, UserError
+
+if TYPE_CHECKING:
+    from collabsurgery.common.arguments import Declared
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,17 +23,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
-
-
-def _paths(text: str) -> list[list[int]]:
-    return [list(_int_list(path)) for path in text.split(";")]
 
 
 def _input_size(text: str) -> tuple[int, int, int]:
@@ -68,14 +61,82 @@ def cmd_splits(args: argparse.Namespace) -> None:
     print("\n".join(points))
 
 
+#: builder arguments that are not graph options: given otherwise (the model, --input-size,
+#: --num-classes) or with a meaning of their own per command (--execution)
+_NOT_GRAPH_OPTIONS = ("model", "input_size", "model_kwargs", "execution")
+#: spellings of graph options from before they were generated, kept working
+_OLD_SPELLINGS = {"seed": ("--route-seed",), "p": ("--dropout-p",)}
+
+
+def _graph_declarations() -> dict[str, list[tuple[str, Declared]]]:
+    """Every builder argument that is a graph option: name -> (kind, its declaration) for each
+    registered graph kind that takes it, in registration order."""
+    from collabsurgery.common.arguments import declarations
+    from collabsurgery.graphs import GRAPH_KINDS
+
+    found: dict[str, list[tuple[str, Declared]]] = {}
+    for kind, builder in GRAPH_KINDS.items():
+        for name, declared in declarations(builder).items():
+            if name not in _NOT_GRAPH_OPTIONS:
+                found.setdefault(name, []).append((kind, declared))
+    return found
+
+
+def _from_text(annotation: Any):
+    """An argparse type reading a declared type's command-line form (a list: comma-separated)."""
+    from collabsurgery.common.arguments import from_text
+
+    def parse(text: str) -> Any:
+        try:
+            return from_text(annotation, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
+def _graph_option_help(uses: list[tuple[str, Declared]]) -> str:
+    """What an option does for each pattern that takes it, with its default there."""
+    from collabsurgery.common.arguments import bare, text_form
+
+    said: dict[tuple[str, str], list[str]] = {}
+    for kind, declared in uses:
+        default = "" if declared.default is None else f" (default {declared.default})"
+        said.setdefault((declared.description, default), []).append(kind)
+    text = "; ".join(f"{', '.join(kinds)}: {description}{default}"
+                     for (description, default), kinds in said.items())
+    annotation = uses[0][1].annotation
+    if bare(annotation) not in (int, float, str) and get_origin(bare(annotation)) is not Literal:
+        text += f"; given as {text_form(annotation)}"
+    return text.replace("%", "%%")
+
+
+def _add_graph_options(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """``--pattern`` and one option per graph builder argument, generated from the builders'
+    declarations (type, description, default), so a new argument needs no edit here."""
+    from collabsurgery.common.arguments import bare
+    from collabsurgery.graphs import GRAPH_KINDS
+
+    group = p.add_argument_group("graph options", "from the graph builders' declarations; "
+                                 "each applies to the patterns named, unset: their default")
+    group.add_argument("--pattern", choices=tuple(GRAPH_KINDS), default="tree",
+                       help="the graph kind; peers: give several models, e.g. "
+                            "resnet18,torchvision.mobilenet_v2")
+    for name, uses in _graph_declarations().items():
+        if name in skip:
+            continue
+        tp = bare(uses[0][1].annotation)
+        kind = ({"choices": get_args(tp)} if get_origin(tp) is Literal else
+                {"type": tp, "metavar": name.upper()} if tp in (int, float, str) else
+                {"type": _from_text(uses[0][1].annotation), "metavar": name.upper()})
+        group.add_argument(f"--{name.replace('_', '-')}", *_OLD_SPELLINGS.get(name, ()),
+                           dest=name, default=None, help=_graph_option_help(uses), **kind)
+
+
 def _graph_arguments(args: argparse.Namespace) -> dict:
     """The graph options given on the command line (unset ones take the builder's defaults;
-    one the pattern does not take is refused by name)."""
-    given = {"split": args.split or None, "heads": args.heads, "branches": args.branches,
-             "rescale": args.rescale, "modules": args.modules, "students": args.students,
-             "paths": args.paths, "seed": args.route_seed, "samples": args.samples,
-             "p": args.dropout_p, "local": args.local or None}
-    return {k: v for k, v in given.items() if v is not None}
+    one the pattern does not take is refused by name when the graph is built)."""
+    given = {name: getattr(args, name, None) for name in _graph_declarations()}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _models(text: str) -> str | list[str]:
@@ -270,54 +331,26 @@ def _modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    from collabsurgery.graphs import EXECUTION_MODES, GRAPH_KINDS, RESCALE_MODES
+def _model_command(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("model", help="timm name (resnet50) or torchvision.<name>; for "
+                   "--pattern peers several, comma-separated")
+    p.add_argument("--input-size", type=_input_size, default=None, metavar="N",
+                   help="square input size for tracing and costs (default: the model's)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N")
+    return p
 
-    parser = _Parser(prog="collabsurgery", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def model_command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("model", help="timm name (resnet50) or torchvision.<name>; for "
-                       "--pattern peers several, comma-separated")
-        p.add_argument("--input-size", type=_input_size, default=None, metavar="N",
-                       help="square input size for tracing and costs (default: the model's)")
-        p.add_argument("--num-classes", type=int, default=None, metavar="N")
-        return p
-
-    p = model_command("splits", "list the clean split points of a model")
+def _add_splits(sub: Any) -> None:
+    p = _model_command(sub, "splits", "list the clean split points of a model")
     p.set_defaults(func=cmd_splits)
 
-    def graph_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--split", default=None, help="comma-separated split points, in order")
-        p.add_argument("--heads", type=int, default=None, help="number of heads (default 2)")
-        p.add_argument("--pattern", choices=tuple(GRAPH_KINDS), default="tree",
-                       help="peers: give several models, e.g. resnet18,torchvision.mobilenet_v2")
-        p.add_argument("--branches", type=_int_list, default=None,
-                       help="fan-out per split, e.g. 2,2")
-        p.add_argument("--rescale", choices=RESCALE_MODES, default=None,
-                       help="backprop (default), loss or none")
-        p.add_argument("--modules", type=int, default=None,
-                       help="routed: modules per stage (default 2)")
-        p.add_argument("--students", type=int, default=None,
-                       help="routed: number of students (default 8)")
-        p.add_argument("--paths", type=_paths, default=None,
-                       help="routed: explicit paths, one module index per stage, students "
-                            "separated by ';', e.g. '0,1,0;1,0,1'")
-        p.add_argument("--route-seed", type=int, default=None,
-                       help="routed: the seed that draws the paths (default 0)")
-        p.add_argument("--samples", type=int, default=None,
-                       help="dropout: masks sampled at each dropout point (default 2)")
-        p.add_argument("--dropout-p", type=float, default=None,
-                       help="dropout: probability of the dropouts inserted at split points "
-                            "(default 0.5; the model's own dropout modules keep theirs)")
-        p.add_argument("--local", type=lambda s: [n for n in s.split(",") if n], default=None,
-                       help="dropout: local points for intra's L_mid and pull-push, e.g. "
-                            "layer1,layer2 (each gets its layer cut out for local backprop)")
 
-    p = model_command("wrap", "build a training graph and print what it costs")
-    graph_options(p)
+def _add_wrap(sub: Any) -> None:
+    from collabsurgery.graphs import EXECUTION_MODES
+
+    p = _model_command(sub, "wrap", "build a training graph and print what it costs")
+    _add_graph_options(p)
     p.add_argument("--execution", choices=EXECUTION_MODES, default=None,
                    help="how sibling copies run (tree, instances); the printed costs are the "
                         "method's and do not depend on it")
@@ -325,10 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the training graph (weights + arguments) to FILE")
     p.set_defaults(func=cmd_wrap)
 
+
+def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="time a training graph against the plain model")
     p.add_argument("model", help="timm name (resnet50) or torchvision.<name>; for --pattern "
                    "peers several, comma-separated")
-    graph_options(p)
+    _add_graph_options(p, skip=("checkpoint_branches",))  # bench's --checkpoint measures it
     p.add_argument("--image-size", type=_at_least(1), default=224, metavar="N")
     p.add_argument("--batch-size", type=_at_least(1), default=16, metavar="N")
     p.add_argument("--num-classes", type=int, default=None, metavar="N")
@@ -355,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export one head as a plain backbone (safetensors)")
     p.add_argument("source", help="a training run directory or a training graph file")
     p.add_argument("--head", default=None,
@@ -370,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pretrained=True); pushable to the Hub)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="test accuracy of one head of a run; --perturb: under "
                        "Gaussian weight noise (paper 002, Fig. 6)")
     p.add_argument("run", help="a training run directory")
@@ -384,11 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a recipe (also: accelerate launch tools/train.py)")
     p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=1")
     p.set_defaults(func=cmd_train)
 
+
+def _add_reproduce(sub: Any) -> None:
     p = sub.add_parser("reproduce", help="run a paper study (a grid of recipes over seeds, "
                        "resumable) and write report.md with plots")
     p.__class__ = _IntermixedParser  # options and key=value overrides in any order
@@ -419,18 +462,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for every run, e.g. data.source=/data/cifar10 train.epochs=50")
     p.set_defaults(func=cmd_reproduce)
 
+
+def _add_finetune_detection(sub: Any) -> None:
+    from collabsurgery.detection import add_arguments as detection_arguments
+
     p = sub.add_parser("finetune-detection", help="fine-tune a Faster R-CNN (FPN) on an "
                        "exported backbone, with COCO mAP (also: accelerate launch "
                        "tools/finetune_detection.py)")
-    from collabsurgery.detection import add_arguments as detection_arguments
-
     detection_arguments(p)
     p.set_defaults(func=cmd_finetune_detection)
 
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="CL-ILR vs single model on the built-in digits, then export")
     p.add_argument("--recipe", default=None, help="default: the built-in demo settings")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(prog="collabsurgery", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_splits, _add_wrap, _add_bench, _add_export, _add_evaluate, _add_train,
+                _add_reproduce, _add_finetune_detection, _add_demo):
+        add(sub)
     return parser
 
 

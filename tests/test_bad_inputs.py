@@ -28,7 +28,7 @@ from collabsurgery.config.recipe import save_recipe
 from collabsurgery.errors import UserError
 from collabsurgery.train import engine
 
-from test_engine import tiny
+from helpers import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("forget_accelerate_state", "one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +40,8 @@ def workspace(tmp_path_factory) -> Path:
     """A finished tiny run to resume wrongly, a recipe, a binary and a duplicate-key recipe,
     a file where a directory belongs, and an imagefolder with one corrupt image."""
     root = tmp_path_factory.mktemp("bad")
-    engine.train(tiny(root, "run.name=base", "train.max_steps=1"))
-    save_recipe(tiny(root / "runs"), root / "ok.yaml")
+    engine.train(tiny_recipe(root, "run.name=base", "train.max_steps=1"))
+    save_recipe(tiny_recipe(root / "runs"), root / "ok.yaml")
     (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)
     (root / "dup.yaml").write_text("train:\n  epochs: 1\n  epochs: 2\n")
     (root / "a-file").write_text("not a directory")
@@ -142,8 +142,8 @@ def test_one_line_from_a_dataloader_worker(tmp_path):
 
 
 def test_fp16_on_a_cpu_says_so_and_records_what_ran(tmp_path, capsys):
-    recipe = tiny(tmp_path, "run.name=fp16", "train.max_steps=1",
-                  "train.mixed_precision=fp16")
+    recipe = tiny_recipe(tmp_path, "run.name=fp16", "train.max_steps=1",
+                         "train.mixed_precision=fp16")
     run_dir = engine.train(recipe)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "fp16" in line]
@@ -195,9 +195,10 @@ def test_an_export_without_a_library_key_is_a_user_error(tmp_path):
 
 # ---------------------------------------------------------------------------- signals, launchers
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_naming_the_checkpoint(tmp_path):
-    recipe_file = save_recipe(tiny(tmp_path, "run.name=sig", "run.checkpoint_every=1",
-                                   "train.epochs=50"), tmp_path / "sig.yaml")
+    recipe_file = save_recipe(tiny_recipe(tmp_path, "run.name=sig", "run.checkpoint_every=1",
+                                          "train.epochs=50"), tmp_path / "sig.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # as a shell starts a foreground command: SIGINT neither ignored nor blocked, whatever this
     # test process inherited (under a busy CI run the child once ignored the signal)
@@ -228,7 +229,7 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_a_recipe_error_under_torchrun_is_printed_once(tmp_path):
-    recipe_file = save_recipe(tiny(tmp_path, "run.name=ddp"), tmp_path / "ddp.yaml")
+    recipe_file = save_recipe(tiny_recipe(tmp_path, "run.name=ddp"), tmp_path / "ddp.yaml")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

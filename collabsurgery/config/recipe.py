@@ -1,56 +1,59 @@
-"""YAML recipes: typed dataclasses, strict validation and ``dotted.key=value`` overrides.
+"""YAML recipes: a strict schema, ``dotted.key=value`` overrides, and the one place where a
+recipe becomes the library's plain arguments.
 
-This is the one place where a recipe is translated; the library itself takes plain arguments.
-A recipe may leave out any key (the defaults below apply), but every key it gives must exist
-and have the right type, otherwise :class:`~collabsurgery.errors.UserError` names the dotted
-key and what is valid. Two YAML 1.1 quirks of PyYAML are smoothed over on purpose: a bare
-``no`` (read as ``False``) is accepted for keys whose default is ``"no"``
-(``train.mixed_precision``, ``run.resume``), and ``5e-4`` (read as a string) is accepted where
-a float is expected.
+The schema below declares each key once, its type and range beside it, as graph builders
+declare their arguments; :func:`collabsurgery.common.arguments.check_arguments` checks both.
+A recipe may leave out any key (the defaults apply), but every key it gives must exist and
+have the right type, otherwise :class:`~collabsurgery.errors.UserError` names the dotted key
+and what is valid. The ``graph`` and ``objective`` sections hold, besides ``pattern``/``name``,
+the arguments of that builder or objective, checked against its own declaration (null: unset).
+Two YAML 1.1 quirks of PyYAML are smoothed over on purpose: a bare ``no`` (read as ``False``)
+is accepted for keys whose default is ``"no"`` (``train.mixed_precision``, ``run.resume``), and
+``5e-4`` (read as a string) is accepted where a float is expected.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import math
-import re
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Sequence, get_origin, get_type_hints
 
 import yaml
+from pydantic import BeforeValidator, Field
 
 from collabsurgery.common import atomic
-from collabsurgery.errors import UserError
+from collabsurgery.common.arguments import check_arguments, describe, suggest
+from collabsurgery.errors import ArgumentError, UserError
 
 __all__ = [
     "DataConfig", "GraphSection", "ModelConfig", "ObjectiveSection", "Recipe", "RunConfig",
-    "TrainConfig", "data_arguments", "load_recipe", "parse_overrides", "recipe_from_dict", "recipe_to_dict",
-    "save_recipe",
+    "TrainConfig", "data_arguments", "load_recipe", "parse_overrides", "recipe_from_dict",
+    "recipe_to_dict", "save_recipe",
 ]
 
+Count = Annotated[int, Field(ge=1)]
+Index = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+Positive = Annotated[float, Field(gt=0)]
+#: on a key whose default is "no": YAML 1.1 reads a bare `no` as false
+_NO = BeforeValidator(lambda value: "no" if value is False else value)
 
-def _f(default: Any, valid: str | None = None) -> Any:
-    """A field with a default and an optional range: ``">= 1"``, ``"> 0"``, ``"(0, 1]"``, ...
 
-    For lists the range applies to every element; ``None`` is never range-checked.
-    """
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"valid": valid})
-    return field(default=default, metadata={"valid": valid})
+def _copied(default: Any) -> Any:
+    return field(default_factory=lambda: copy.deepcopy(default))
 
 
 @dataclass
 class ModelConfig:
     name: str | list[str] = "cifar_resnet20"  # a list: one backbone per student (pattern peers)
-    kwargs: dict[str, Any] = _f({})
+    kwargs: dict[str, Any] = _copied({})
 
 
 #: graph arguments a recipe's ``graph`` section gets when it leaves them out, per pattern
-#: (tree: paper 000's hierarchical CIFAR setting); other patterns use their builder's defaults
+#: (tree: paper 000's hierarchical CIFAR setting), under the objective's ``graph_defaults``
+#: (ONE, OKDDip: no rescaling); other patterns use their builder's defaults
 GRAPH_DEFAULTS: dict[str, dict[str, Any]] = {"tree": {"heads": 4, "split": ["layer1", "layer2"]}}
 #: builder arguments the engine fills in from other sections
 _GRAPH_ARGS_FROM = {"model": "model.name", "model_kwargs": "model.kwargs",
@@ -60,21 +63,23 @@ _GRAPH_ARGS_FROM = {"model": "model.name", "model_kwargs": "model.kwargs",
 @dataclass
 class GraphSection:
     """``pattern`` (a registered graph kind) and the arguments of its builder (``args``: every
-    other key of the section, checked against the builder's signature; null means unset)."""
+    other key of the section, checked against the builder's declaration; null means unset)."""
 
     pattern: str = "tree"
-    args: dict[str, Any] = _f(GRAPH_DEFAULTS["tree"])
-    OPEN = "args"
+    args: dict[str, Any] = _copied(GRAPH_DEFAULTS["tree"])
 
 
 @dataclass
 class ObjectiveSection:
     """``name`` (a registered objective) and its constructor arguments (``args``: every other
-    key of the section, checked against the constructor's signature; null means unset)."""
+    key of the section, checked against the constructor's declaration; null means unset)."""
 
     name: str = "consensus"
-    args: dict[str, Any] = _f({})
-    OPEN = "args"
+    args: dict[str, Any] = _copied({})
+
+
+#: sections whose keys besides these fields are the arguments (``args``) of what they name
+_OPEN = (GraphSection, ObjectiveSection)
 
 
 @dataclass
@@ -85,35 +90,35 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"
     holdout_split: str | None = None
-    holdout_fraction: float = _f(0.1, "(0, 1)")
-    image_size: int = _f(32, ">= 8")
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    image_size: Annotated[int, Field(ge=8)] = 32
     augment: bool = True
     hflip: bool = False  # the built-in digits must not be mirrored; CIFAR recipes turn it on
-    label_noise: float = _f(0.0, "[0, 1)")
+    label_noise: Fraction = 0.0
     views: Literal["shared", "per_head"] = "shared"  # per_head: each head its own augmentation
     subsets: bool = False  # each head trains on its own subset (paper 002's sub-set data learning)
-    subset_overlap: float = _f(0.0, "[0, 1)")  # subsets also take round(o x share) of the others'
-    num_workers: int = _f(0, ">= 0")
-    max_train_examples: int | None = _f(None, ">= 1")
+    subset_overlap: Fraction = 0.0  # subsets also take round(o x share) of the others'
+    num_workers: Index = 0
+    max_train_examples: Count | None = None
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(10, ">= 1")
-    batch_size: int = _f(64, ">= 1")
-    lr: float = _f(0.1, "> 0")
-    momentum: float = _f(0.9, "[0, 1)")
+    epochs: Count = 10
+    batch_size: Count = 64
+    lr: Positive = 0.1
+    momentum: Fraction = 0.9
     nesterov: bool = True
-    weight_decay: float = _f(5.0e-4, ">= 0")
+    weight_decay: Annotated[float, Field(ge=0)] = 5.0e-4
     optimizer: Literal["sgd", "adam"] = "sgd"  # adam: paper 002's CGL setting (momentum unused)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    milestones: list[int] = _f([], ">= 1")
-    gamma: float = _f(0.1, "> 0")
-    warmup_epochs: int = _f(0, ">= 0")
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    grad_accum: int = _f(1, ">= 1")
-    max_steps: int | None = _f(None, ">= 1")
-    grad_clip: float | None = _f(None, "> 0")
+    milestones: list[Count] = _copied([])
+    gamma: Positive = 0.1
+    warmup_epochs: Index = 0
+    mixed_precision: Annotated[Literal["no", "fp16", "bf16"], _NO] = "no"
+    grad_accum: Count = 1
+    max_steps: Count | None = None
+    grad_clip: Positive | None = None
     channels_last: bool = False
 
 
@@ -121,17 +126,17 @@ class TrainConfig:
 class RunConfig:
     dir: str = "runs"
     name: str | None = None
-    checkpoint_every: int = _f(0, ">= 0")
-    keep: int = _f(2, ">= 1")
-    resume: str = "no"
-    log_with: list[str] = _f([])
+    checkpoint_every: Index = 0
+    keep: Count = 2
+    resume: Annotated[str, _NO] = "no"
+    log_with: list[str] = _copied([])
     progress: bool = True
 
 
 @dataclass
 class Recipe:
     name: str = "demo"
-    seed: int = _f(0, ">= 0")
+    seed: Index = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     graph: GraphSection = field(default_factory=GraphSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
@@ -145,101 +150,24 @@ class Recipe:
         return self.run.name or self.name
 
 
-# ---------------------------------------------------------------------------- the walker
+# ---------------------------------------------------------------------------- validation
 
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
-    if get_origin(tp) is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    if get_origin(tp) is dict:
-        return "mapping"
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(map(str, get_args(tp)))
-    return getattr(tp, "__name__", str(tp))
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
-def _in_range(v: float, valid: str) -> bool:
-    if valid.startswith(">="):
-        return v >= float(valid[2:])
-    if valid.startswith(">"):
-        return v > float(valid[1:])
-    lo, hi = (float(s) for s in valid[1:-1].split(","))
-    return (v >= lo if valid[0] == "[" else v > lo) and (v <= hi if valid[-1] == "]" else v < hi)
-
-
-_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _convert(value: Any, tp: Any, key: str, valid: str | None) -> Any:
-    """Check ``value`` against type ``tp`` (and range ``valid``); return it converted."""
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in get_args(tp):
-            return None
-        inner = [a for a in get_args(tp) if a is not type(None)]
-        if value is None:
-            raise UserError(f"recipe key '{key}' expects {_type_name(tp)}, got null")
-        for option in inner[:-1]:
-            try:
-                return _convert(value, option, key, valid)
-            except UserError:
-                pass
-        try:
-            return _convert(value, inner[-1], key, valid)
-        except UserError:
-            if len(inner) == 1:
-                raise
-            raise UserError(f"recipe key '{key}' expects {_type_name(tp)}, got {value!r}") \
-                from None
-    if origin is Literal:
-        if value not in get_args(tp) or isinstance(value, bool):
-            raise UserError(f"recipe key '{key}' must be one of "
-                            f"{', '.join(map(str, get_args(tp)))}; got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"recipe key '{key}' expects {_type_name(tp)}, got {value!r}")
-        return [_convert(v, get_args(tp)[0], f"{key}[{i}]", valid) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise UserError(f"recipe key '{key}' expects a mapping with string keys, got {value!r}")
-        return dict(value)
-    if tp is float and isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
-        value = float(value)  # PyYAML reads `5e-4` (no dot) as a string
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}[tp]
-    if not ok(value):
-        raise UserError(f"recipe key '{key}' expects {_type_name(tp)}, "
-                        f"got {value!r} ({type(value).__name__})")
-    if tp is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise UserError(f"recipe key '{key}' must be a finite number, got {value!r}")
-    if valid and tp in (int, float) and not _in_range(value, valid):
-        raise UserError(f"recipe key '{key}' must be {_describe(valid)}, got {value!r}")
-    return value
-
-
-def _describe(valid: str) -> str:
-    return valid if valid[0] in "<>" else f"in {valid}"
+def _section_class(cls: type, name: str) -> type | None:
+    """The schema class of key ``name`` of ``cls`` when it is a section, else None."""
+    tp = get_type_hints(cls)[name]
+    return tp if dataclasses.is_dataclass(tp) else None
 
 
 def _unknown(key: str, section: str, valid: Sequence[str], context: str = "") -> UserError:
     leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, valid, n=1)
-    if close:
-        hint = f" (did you mean '{(section + '.') if section else ''}{close[0]}'?)"
-    else:  # the right key in the wrong section, e.g. graph.beta for objective.beta
-        homes = [name for name, tp in get_type_hints(Recipe).items()
-                 if name != section and dataclasses.is_dataclass(tp)
-                 and leaf in {f.name for f in dataclasses.fields(tp)}]
+    hint = suggest(leaf, valid, f"{section}." if section else "")
+    if not hint:  # the right key in the wrong section, e.g. graph.beta for objective.beta
+        homes = [name for name in _fields(Recipe) if name != section
+                 and (cls := _section_class(Recipe, name)) and leaf in _fields(cls)]
         hint = f" (did you mean '{homes[0]}.{leaf}'?)" if homes else ""
     where = f"in '{section}'" if section else "at the top level"
     where += f" {context}" if context else ""
@@ -247,30 +175,35 @@ def _unknown(key: str, section: str, valid: Sequence[str], context: str = "") ->
 
 
 def _build(cls: type, raw: Any, section: str) -> Any:
-    """Build dataclass ``cls`` from mapping ``raw``: unknown keys and wrong types are errors."""
+    """Schema class ``cls`` from mapping ``raw``: an unknown key or a bad value is a UserError
+    naming its dotted key and what is valid."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         what = f"recipe section '{section}'" if section else "a recipe"
         raise UserError(f"{what} must be a mapping of keys to values, got {raw!r}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    open_field = getattr(cls, "OPEN", None)
-    kwargs: dict[str, Any] = {open_field: {}} if open_field else {}
+    names = _fields(cls)
+    values: dict[str, Any] = {"args": {}} if cls in _OPEN else {}
+    sections: dict[str, Any] = {}
     for name, value in raw.items():
         key = f"{section}.{name}" if section else str(name)
-        if open_field and name == open_field:
+        if cls in _OPEN and name == "args":
             raise UserError(f"recipe key '{key}' is not a key: write the arguments directly in "
                             f"'{section}' (e.g. {section}.heads: 4)")
-        if open_field and name not in fields:
-            kwargs[open_field][str(name)] = value  # checked against the builder in _check
-            continue
-        if name not in fields:
-            raise _unknown(key, section, list(fields))
-        if value is False and fields[name].default == "no":
-            value = "no"  # YAML 1.1 reads a bare `no` as false
-        kwargs[name] = _convert(value, hints[name], key, fields[name].metadata.get("valid"))
-    return cls(**kwargs)
+        if cls in _OPEN and name not in names:
+            values["args"][str(name)] = value  # checked against the builder in _check
+        elif name not in names:
+            raise _unknown(key, section, names)
+        elif sub := _section_class(cls, name):
+            sections[name] = _build(sub, value, key)
+        else:
+            values[name] = value
+    try:
+        values = check_arguments(cls, values, f"section '{section}'")
+    except ArgumentError as err:
+        key = f"{section}.{err.argument}" if section else err.argument
+        raise UserError(f"recipe key '{key}' {err.problem}") from None
+    return cls(**values, **sections)
 
 
 def _resolved_args(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -285,8 +218,10 @@ def _check_graph(g: GraphSection, objective: ObjectiveSection) -> None:
     if g.pattern not in GRAPH_KINDS:
         raise UserError(f"recipe key 'graph.pattern' must be one of {', '.join(GRAPH_KINDS)}; "
                         f"got {g.pattern!r}")
-    g.args = _resolved_args(g.args, GRAPH_DEFAULTS.get(g.pattern, {}))
     valid = [a for a in builder_arguments(g.pattern) if a not in _GRAPH_ARGS_FROM]
+    method = OBJECTIVES[objective.name].graph_defaults if objective.name in OBJECTIVES else {}
+    g.args = _resolved_args(g.args, {**GRAPH_DEFAULTS.get(g.pattern, {}),
+                                     **{k: v for k, v in method.items() if k in valid}})
     for name in g.args:
         if name in _GRAPH_ARGS_FROM:
             raise UserError(f"recipe key 'graph.{name}' is set from '{_GRAPH_ARGS_FROM[name]}'; "
@@ -301,6 +236,9 @@ def _check_graph(g: GraphSection, objective: ObjectiveSection) -> None:
 
 
 def _check_objective(o: ObjectiveSection) -> None:
+    """The section's keys against the objective's declaration (its annotated constructor, with
+    the teacher keys of one that needs a teacher); the values are checked against the same
+    declaration when the objective is built (``train.engine.make_objective``)."""
     from collabsurgery.objectives import OBJECTIVES, objective_arguments
 
     if o.name not in OBJECTIVES:
@@ -391,32 +329,33 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
 
 
 def _apply(raw: dict[str, Any], path: list[str], value: Any) -> None:
-    cls: Any = Recipe
+    """Set ``raw[path[0]][path[1]]... = value``, refusing a key the schema does not have."""
+    cls: type | None = Recipe
     node = raw
+    dotted = ".".join(path)
     for depth, name in enumerate(path):
-        key = ".".join(path[: depth + 1])
+        key, last = ".".join(path[: depth + 1]), depth == len(path) - 1
         if cls is not None:  # inside the schema: check the key exists
-            names = [f.name for f in dataclasses.fields(cls)]
-            if getattr(cls, "OPEN", None) and name not in names:
+            names = _fields(cls)
+            if cls in _OPEN and name not in names:
                 cls = None  # an argument of the section's builder: checked when validated
-                if depth == len(path) - 1:
-                    node[name] = value
-                    break
-                raise UserError(f"override '{'.'.join(path)}': '{key}' is not a section")
-            if name not in names:
+                if not last:
+                    raise UserError(f"override '{dotted}': '{key}' is not a section")
+            elif name not in names:
                 raise _unknown(key, ".".join(path[:depth]), names)
-            tp = get_type_hints(cls)[name]
-            cls = tp if dataclasses.is_dataclass(tp) else None
-            if depth < len(path) - 1 and cls is None and get_origin(tp) is not dict:
-                raise UserError(f"override '{'.'.join(path)}': '{key}' is not a section "
-                                f"(it holds {_type_name(tp)})")
-        if depth == len(path) - 1:
+            else:
+                tp = get_type_hints(cls, include_extras=True)[name]
+                cls = _section_class(cls, name)
+                if not last and cls is None and get_origin(tp) is not dict:
+                    raise UserError(f"override '{dotted}': '{key}' is not a section "
+                                    f"(it holds {describe(tp)})")
+        if last:
             node[name] = value
         else:
             if node.get(name) is None:
                 node[name] = {}
             if not isinstance(node[name], dict):
-                raise UserError(f"override '{'.'.join(path)}': '{key}' is not a section")
+                raise UserError(f"override '{dotted}': '{key}' is not a section")
             node = node[name]
 
 

@@ -20,7 +20,6 @@ a *copy* is one instance of a stage.
 """
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from collabsurgery.common.arguments import check_arguments, declarations
 from collabsurgery.errors import UserError
 from collabsurgery.models.backbones import BackboneSpec
 
@@ -180,8 +180,9 @@ class TrainingGraph(nn.Module):
                       compile: bool | dict | None = None) -> "TrainingGraph":
         """Choose how the graph runs; graphs without alternatives accept only loop/auto."""
         if mode not in (None, "loop", "auto") or checkpoint_branches:
+            with_ckpt = " with checkpoint_branches" if checkpoint_branches else ""
             raise UserError(f"{type(self).__name__} has one execution mode (loop); "
-                            f"got {mode!r}{' with checkpoint_branches' if checkpoint_branches else ''}")
+                            f"got {mode!r}{with_ckpt}")
         return self
 
     def describe_execution(self) -> str:
@@ -216,8 +217,11 @@ EXAMPLES: dict[str, Example] = {}
 def register_graph(kind: str, example: Example) -> Callable[[Builder], Builder]:
     """Register ``builder(model, **args) -> TrainingGraph`` under ``kind``.
 
-    ``example(backbone, split_points) -> args`` gives small arguments for the contract tests, so
-    a new kind is covered by registering it. A kind registered twice is an error.
+    The builder declares its arguments in its signature, types and ranges included
+    (``heads: Annotated[int, Field(ge=1, description=...)] = 2``): :func:`build_graph` checks
+    every call against it, recipes check their ``graph`` section and the CLI makes its options
+    from it. ``example(backbone, split_points) -> args`` gives small arguments for the contract
+    tests, so a new kind is covered by registering it. A kind registered twice is an error.
     """
     def decorate(builder: Builder) -> Builder:
         if kind in GRAPH_KINDS:
@@ -237,25 +241,18 @@ def builder_for(kind: str) -> Builder:
 
 def builder_arguments(kind: str) -> list[str]:
     """The arguments ``kind``'s builder takes besides the model."""
-    return [p for p in inspect.signature(builder_for(kind)).parameters if p != "model"]
-
-
-def check_graph_arguments(kind: str, args: dict[str, Any]) -> None:
-    """UserError naming an argument that ``kind``'s builder does not take."""
-    valid = builder_arguments(kind)
-    for name in args:
-        if name == "split" and name not in valid:
-            raise UserError(f"pattern '{kind}' takes no split points (each head is a whole "
-                            f"model); valid arguments: {', '.join(valid)}")
-        if name not in valid:
-            raise UserError(f"pattern '{kind}' takes no argument '{name}'; valid: "
-                            f"{', '.join(valid)}")
+    return [name for name in declarations(builder_for(kind)) if name != "model"]
 
 
 def build_graph(kind: str, model: Any, **args: Any) -> TrainingGraph:
-    """Build a graph of ``kind``; its arguments are checked against the builder's signature."""
-    check_graph_arguments(kind, args)
-    return builder_for(kind)(model, **args)
+    """Build a graph of ``kind``; its arguments are checked once, against the builder's
+    declaration (:func:`~collabsurgery.common.arguments.check_arguments`): an unknown name or a
+    bad value is a one-line ArgumentError naming the argument and what is valid."""
+    builder = builder_for(kind)
+    if "split" in args and "split" not in declarations(builder):
+        raise UserError(f"pattern '{kind}' takes no split points (each head is a whole model); "
+                        f"valid arguments: {', '.join(builder_arguments(kind))}")
+    return builder(model, **check_arguments(builder, args, f"pattern '{kind}'", skip=("model",)))
 
 
 def rebuild(config: GraphConfig) -> TrainingGraph:

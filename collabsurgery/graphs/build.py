@@ -1,20 +1,44 @@
 """Builders of the tree-shaped graph kinds: ``tree`` (shared trunk, hierarchical heads) and
-``instances`` (H independent copies of the whole model)."""
+``instances`` (H independent copies of the whole model).
+
+A builder declares each argument once, in its signature: type, range and description
+(``Annotated[int, Field(ge=1, description=...)]``). :func:`~.base.build_graph` checks a call
+against that declaration; the builder checks only what relates several arguments or the model.
+The argument types shared by several graph kinds are declared here.
+"""
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 
 from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.graphs.base import GraphConfig, register_graph
-from collabsurgery.graphs.execution.executor import check_mode
+from collabsurgery.graphs.execution.executor import EXECUTION_MODES
 from collabsurgery.graphs.tree import RESCALE_MODES, TreeNet
 from collabsurgery.models import backbones
 from collabsurgery.surgery import Stage, cut_graph, resolve_splits, split_points, trace, valid_list
+
+
+Points = str | Sequence[str]  # split point names: a sequence, or joined by commas
+Count = Annotated[int, Field(ge=1)]
+Split = Annotated[Points | None, Field(description="split points, in execution order")]
+Heads = Annotated[Count, Field(description="number of heads")]
+Rescale = Annotated[Literal[RESCALE_MODES], Field(
+    description="backprop: gradient x 1/children at each branch point; loss: each head's loss "
+                "x 1/H; none")]
+InputSize = Annotated[Sequence[Count] | None, Field(
+    description="(C, H, W) of one example, for tracing and costs (default: the model's)")]
+ModelKwargs = Annotated[dict[str, Any] | None, Field(description="model factory arguments")]
+Execution = Annotated[Literal[EXECUTION_MODES], Field(
+    description="how sibling copies run (graphs/execution)")]
+Recompute = Annotated[bool | Literal["selective"], Field(
+    description="recompute branch activations in the backward pass (selective: all but "
+                "convolutions and matmuls)")]
 
 
 def _prime_factors(n: int) -> list[int]:
@@ -42,30 +66,24 @@ def even_branches(heads: int, num_splits: int) -> tuple[int, ...]:
     return tuple(sorted(slots))
 
 
-def _parse_split(split: str | Sequence[str] | None) -> tuple[str, ...]:
+def _parse_split(split: Points | None, name: str = "split") -> tuple[str, ...]:
     if split is None:
         return ()
     if isinstance(split, str):
         split = split.split(",")
-    if not all(isinstance(s, str) for s in split):
-        raise ArgumentError("split", f"must be split point names, got {list(split)!r}")
     names = tuple(s.strip() for s in split if s.strip())
     if len(set(names)) != len(names):
-        raise ArgumentError("split", f"must list distinct split points, got {list(names)}")
+        raise ArgumentError(name, f"must list distinct split points, got {list(names)}")
     return names
 
 
 def _fanouts(heads: int, split: tuple[str, ...], branches: Sequence[int] | None) -> tuple[int, ...]:
-    if branches is None:
-        branches = even_branches(heads, len(split))
-    if not all(isinstance(b, int) and not isinstance(b, bool) for b in branches):
-        raise ArgumentError("branches", f"must be integers, got {list(branches)!r}")
-    branches = tuple(branches)
+    branches = tuple(even_branches(heads, len(split)) if branches is None else branches)
     if len(branches) != len(split):
         raise ArgumentError("branches", f"{branches} must give one fan-out per split point "
                                         f"({len(split)}: {', '.join(split)})")
-    if any(b < 1 for b in branches) or math.prod(branches) != heads:
-        raise ArgumentError("branches", f"{branches} must be >= 1 and multiply to heads={heads}")
+    if math.prod(branches) != heads:
+        raise ArgumentError("branches", f"{branches} must multiply to heads={heads}")
     return (1, *branches)
 
 
@@ -84,14 +102,6 @@ def _reinitialise_copies(net: TreeNet, module: nn.Module, spec: backbones.Backbo
                 for key, tensor in copies[c].state_dict(keep_vars=True).items():
                     if key in state:
                         tensor.copy_(state[key])
-
-
-def _check_heads(heads: int, rescale: str) -> None:
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ArgumentError("heads", f"must be an integer >= 1, got {heads!r}")
-    if rescale not in RESCALE_MODES:
-        raise ArgumentError("rescale", f"must be one of {', '.join(RESCALE_MODES)}, got "
-                                       f"{rescale!r}")
 
 
 def _config(kind: str, spec: backbones.BackboneSpec, size: tuple[int, ...], **args: Any
@@ -116,11 +126,13 @@ def _tree_example(backbone: str, points: Sequence[str]) -> dict[str, Any]:
 
 
 @register_graph("tree", example=_tree_example)
-def build_tree(model: str | nn.Module, split: str | Sequence[str] | None = None, heads: int = 2,
-               branches: Sequence[int] | None = None, rescale: str = "backprop",
-               input_size: Sequence[int] | None = None, execution: str = "auto",
-               checkpoint_branches: bool | str = False, model_kwargs: dict | None = None
-               ) -> TreeNet:
+def build_tree(model: str | nn.Module, split: Split = None, heads: Heads = 2,
+               branches: Annotated[Sequence[Count] | None, Field(
+                   description="fan-out at each split point, e.g. 2,2; their product is heads "
+                               "(default: an even factorisation of heads)")] = None,
+               rescale: Rescale = "backprop", input_size: InputSize = None,
+               execution: Execution = "auto", checkpoint_branches: Recompute = False,
+               model_kwargs: ModelKwargs = None) -> TreeNet:
     """Shared trunk up to the first split point; with several split points the heads branch
     hierarchically, ``branches`` (default: an even factorisation of ``heads``) giving the
     fan-out at each. ``heads=1`` without split points is the plain model.
@@ -130,8 +142,6 @@ def build_tree(model: str | nn.Module, split: str | Sequence[str] | None = None,
     ``checkpoint_branches`` choose how sibling copies run (:mod:`.execution`).
     """
     split = _parse_split(split)
-    _check_heads(heads, rescale)
-    check_mode(execution)
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
     config = _config("tree", spec, size, split=split, heads=heads,
@@ -170,14 +180,12 @@ def cut_stages(module: nn.Module, size: tuple[int, ...], split: Sequence[str]
 
 
 @register_graph("instances", example=lambda backbone, points: {"heads": 2})
-def build_instances(model: str | nn.Module, heads: int = 2, rescale: str = "backprop",
-                    input_size: Sequence[int] | None = None, execution: str = "auto",
-                    checkpoint_branches: bool | str = False, model_kwargs: dict | None = None
+def build_instances(model: str | nn.Module, heads: Heads = 2, rescale: Rescale = "backprop",
+                    input_size: InputSize = None, execution: Execution = "auto",
+                    checkpoint_branches: Recompute = False, model_kwargs: ModelKwargs = None
                     ) -> TreeNet:
     """``heads`` independent copies of the whole model (paper 000, Fig. 1b); each head may run
     on its own batch (``[H, B, ...]`` input). ``rescale="loss"`` weights each head's loss 1/H."""
-    _check_heads(heads, rescale)
-    check_mode(execution)
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
     config = _config("instances", spec, size, heads=heads, rescale=rescale, execution=execution,

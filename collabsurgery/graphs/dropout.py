@@ -27,17 +27,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 from torch.func import functional_call
 
 from collabsurgery.errors import ArgumentError
 from collabsurgery.graphs.base import (INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph,
                                        register_graph)
-from collabsurgery.graphs.build import _config, _parse_split, cut_stages
+from collabsurgery.graphs.build import (Count, InputSize, ModelKwargs, Points, _config,
+                                        _parse_split, cut_stages)
 from collabsurgery.graphs.staged import StagedGraph
 from collabsurgery.models import backbones
 from collabsurgery.models.backbones import BackboneSpec
@@ -202,19 +204,25 @@ def _dropout_example(backbone: str, points: Sequence[str]) -> dict[str, Any]:
 
 
 @register_graph("dropout", example=_dropout_example)
-def build_dropout(model: str | nn.Module, split: str | Sequence[str] | None = None,
-                  samples: int = 2, p: float = 0.5, input_size: Sequence[int] | None = None,
-                  local: str | Sequence[str] | None = None, model_kwargs: dict | None = None
-                  ) -> DropoutViews:
+def build_dropout(model: str | nn.Module,
+                  split: Annotated[Points | None, Field(
+                      description="dropout points, in execution order (default: the model's own "
+                                  "dropout modules, else its last split point)")] = None,
+                  samples: Annotated[Count, Field(
+                      description="masks sampled at each dropout point")] = 2,
+                  p: Annotated[float, Field(ge=0, lt=1, description=(
+                      "probability of the dropouts inserted at points that are not dropout "
+                      "modules (the model's own keep theirs)"))] = 0.5,
+                  input_size: InputSize = None,
+                  local: Annotated[Points | None, Field(
+                      description="local points for intra's local losses, e.g. layer1,layer2 "
+                                  "(each gets its layer cut out for local backprop)")] = None,
+                  model_kwargs: ModelKwargs = None) -> DropoutViews:
     """Hierarchical dropout views of ``model`` at the points ``split`` (default: its own dropout
     modules, else its last split point), each sampled ``samples`` times; ``p`` is the
     probability of the dropouts inserted at points that are not dropout modules. ``local``:
     points up to the first dropout point that give local features (module docstring)."""
-    split, local = _parse_split(split), _parse_split(local)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ArgumentError("samples", f"must be an integer >= 1, got {samples!r}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ArgumentError("p", f"must be a number in [0, 1), got {p!r}")
+    split, local = _parse_split(split), _parse_split(local, "local")
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
     traced = trace(module, size)

@@ -16,6 +16,7 @@ import torch.nn as nn
 from collabsurgery.errors import UserError
 from collabsurgery.graphs.base import (INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph,
                                        register_graph)
+from collabsurgery.graphs.build import InputSize, ModelKwargs
 from collabsurgery.models import backbones
 from collabsurgery.models.backbones import BackboneSpec
 
@@ -108,8 +109,8 @@ def _num_classes(module: nn.Module, size: tuple[int, ...]) -> int:
 
 
 @register_graph("peers", example=lambda backbone, points: {"model": [backbone, "cifar_resnet20"]})
-def build_peers(model: str | Sequence[str | nn.Module], input_size: Sequence[int] | None = None,
-                model_kwargs: dict | None = None) -> PeerGroup:
+def build_peers(model: str | Sequence[str | nn.Module], input_size: InputSize = None,
+                model_kwargs: ModelKwargs = None) -> PeerGroup:
     """A group of students, one per entry of ``model`` (a list, or names joined by commas).
 
     Every student is built by its own factory with ``model_kwargs`` (so two equal names give

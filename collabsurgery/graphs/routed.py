@@ -15,15 +15,17 @@ import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 
 from collabsurgery.common.seeding import generator
 from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.graphs.base import INPUT, CostPiece, GraphConfig, GraphOutput, register_graph
-from collabsurgery.graphs.build import _config, _parse_split, cut_stages
+from collabsurgery.graphs.build import (Count, InputSize, ModelKwargs, Points, _config,
+                                        _parse_split, cut_stages)
 from collabsurgery.graphs.staged import StagedGraph
 from collabsurgery.models import backbones
 from collabsurgery.models.backbones import BackboneSpec
@@ -210,20 +212,13 @@ def draw_paths(students: int, modules: int, stages: int, seed: int) -> list[list
     return [[(n // modules ** (stages - 1 - i)) % modules for i in range(stages)] for n in picks]
 
 
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _check_paths(paths: Any, students: int | None, modules: int, stages: int
-                 ) -> list[list[int]]:
+def _check_paths(paths: Sequence[Sequence[int]], students: int | None, modules: int,
+                 stages: int) -> list[list[int]]:
     shape = f"{stages} module indices in 0..{modules - 1} (one per stage)"
-    if not isinstance(paths, (list, tuple)) or not paths:
+    if not paths:
         raise ArgumentError("paths", f"must be a list of paths of {shape}, got {paths!r}")
     for k, path in enumerate(paths):
-        if not isinstance(path, (list, tuple)) or len(path) != stages or not all(
-                isinstance(m, int) and not isinstance(m, bool) and 0 <= m < modules for m in path):
+        if len(path) != stages or not all(0 <= m < modules for m in path):
             raise ArgumentError("paths", f"student {k}'s path {path!r} is not {shape}")
     if students is not None and students != len(paths):
         raise ArgumentError("students", f"is {students} but paths gives {len(paths)} paths")
@@ -236,11 +231,20 @@ def _routed_example(backbone: str, points: Sequence[str]) -> dict[str, Any]:
 
 
 @register_graph("routed", example=_routed_example)
-def build_routed(model: str | nn.Module, split: str | Sequence[str] | None = None,
-                 modules: int = 2, students: int | None = None,
-                 paths: Sequence[Sequence[int]] | None = None, seed: int = 0,
-                 input_size: Sequence[int] | None = None, execution: str = "loop",
-                 model_kwargs: dict | None = None) -> RoutedNet:
+def build_routed(model: str | nn.Module,
+                 split: Annotated[Points | None, Field(
+                     description="split points between the stages, in execution order")] = None,
+                 modules: Annotated[Count, Field(description="modules per stage")] = 2,
+                 students: Annotated[Count | None, Field(
+                     description="number of students (default 8, or one per path)")] = None,
+                 paths: Annotated[Sequence[Sequence[Annotated[int, Field(ge=0)]]] | None, Field(
+                     description="each student's path, one module index per stage (default: "
+                                 "drawn from seed)")] = None,
+                 seed: Annotated[int, Field(description="the seed that draws the paths")] = 0,
+                 input_size: InputSize = None,
+                 execution: Annotated[Literal[ROUTED_MODES], Field(
+                     description="how a module several students use runs")] = "loop",
+                 model_kwargs: ModelKwargs = None) -> RoutedNet:
     """Cut ``model`` at ``split`` into stages of ``modules`` modules each and route
     ``students`` (default 8) students through them: paths drawn by :func:`draw_paths` from
     ``seed`` (the recipe's seed in training), or given as ``paths`` (one module index per
@@ -248,14 +252,6 @@ def build_routed(model: str | nn.Module, split: str | Sequence[str] | None = Non
     the paths, so a rebuild or a resumed run has the same students. ``execution``: see
     :meth:`RoutedNet.set_execution`."""
     split = _parse_split(split)
-    modules = _check_int("modules", modules)
-    if students is not None:
-        students = _check_int("students", students)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ArgumentError("seed", f"must be an integer, got {seed!r}")
-    if execution not in ROUTED_MODES:
-        raise ArgumentError("execution", f"must be one of {', '.join(ROUTED_MODES)} for a routed "
-                                         f"graph, got {execution!r}")
     stages_count = len(split) + 1
     if paths is None:
         paths = draw_paths(8 if students is None else students, modules, stages_count, seed)
