@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_peer_objectives import _data
 
 import collabsurgery as cs
 from collabsurgery.cli import main
@@ -27,9 +26,8 @@ from collabsurgery.objectives.local_losses import (depth_weights, mid_losses, pu
                                                    similarity)
 from collabsurgery.train import engine
 
-from conftest import (assert_same_logits, assert_same_weights, latest_weights, make_input,
-                      stop_then_resume)
-from test_objectives import _log_softmax, _softmax
+from helpers import (assert_same_logits, assert_same_weights, latest_weights, make_input,
+                     random_logits, ref_log_softmax, ref_softmax, stop_then_resume)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,16 +36,16 @@ pytestmark = pytest.mark.usefixtures("one_thread", "forget_accelerate_state")
 
 @pytest.mark.parametrize("alpha, t", [(0.5, 2.0), (0.2, 1.0)])
 def test_l_out_matches_a_hand_computation(alpha: float, t: float) -> None:
-    z, y = _data(h=4, b=3, c=5)
+    z, y = random_logits(h=4, b=3, c=5)
     out = IntraModelLoss(alpha_out=alpha, temperature=t)(z, y, Step())
     zs = z.tolist()
     for i in range(4):
         hard = soft = 0.0
         for b in range(3):
             others = [sum(zs[j][b][c] for j in range(4) if j != i) / 3 for c in range(5)]
-            q = _softmax(others, t)
-            soft -= sum(qc * lp for qc, lp in zip(q, _log_softmax(zs[i][b], t))) / 3
-            hard -= _log_softmax(zs[i][b])[y[b]] / 3
+            q = ref_softmax(others, t)
+            soft -= sum(qc * lp for qc, lp in zip(q, ref_log_softmax(zs[i][b], t))) / 3
+            hard -= ref_log_softmax(zs[i][b])[y[b]] / 3
         assert out.per_head[i].item() == pytest.approx(alpha * hard + (1 - alpha) * soft,
                                                        rel=1e-5)
 
@@ -69,14 +67,38 @@ def test_kernel_decorrelation_of_known_kernels() -> None:
     assert kernel_decorrelation(w).item() == pytest.approx(math.sqrt(off), rel=1e-5)
 
 
-def test_kernel_layers_default_to_the_last_two_stages_and_bad_names_are_refused() -> None:
+#: paper 004 (section III-D): "use Lkernel only in the last two groups of convolutions for VGG-16
+#: and ResNet-18"; VGG-16's groups end at its max pools (features.23 closes the third group,
+#: then 512-channel convolutions 24, 27, 30 and 34, 37, 40), a ResNet's are its stages
+LAST_TWO_GROUPS = {
+    "cifar_vgg16": ["features.24", "features.27", "features.30", "features.34", "features.37",
+                    "features.40"],
+    "cifar_resnet18": ("layer3.", "layer4."),
+    "cifar_resnet20": ("layer2.", "layer3."),  # three stages
+}
+
+
+@pytest.mark.parametrize("model, size", [("cifar_vgg16", 32), ("cifar_resnet18", 32),
+                                         ("cifar_resnet20", 16)])
+def test_kernel_layers_default_to_the_last_two_groups_of_convolutions(model, size) -> None:
+    graph = build_graph("dropout", model, input_size=(3, size, size))
+    obj = build_objective("intra", kernel_weight=1.0)
+    obj.attach(graph)
+    named = [(n, m) for n, m in graph.stages[0][0].named_modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    expected = LAST_TWO_GROUPS[model]
+    chosen = [n for n, m in named if n in expected or n.startswith(tuple(expected))]
+    assert [n for n, m in named if any(m is c for c in obj.convolutions)] == chosen
+    assert len(obj.convolutions) == len(chosen) > 0 and len(chosen) < len(named)
+    if model == "cifar_vgg16":
+        assert (len(chosen), len(named)) == (6, 13)
+        assert all(m.out_channels == 512 for n, m in named if n in chosen)
+
+
+def test_kernel_layers_bad_names_are_refused() -> None:
     graph = build_graph("dropout", "cifar_resnet20", input_size=(3, 16, 16))
     obj = build_objective("intra", kernel_weight=1.0)
     obj.attach(graph)
-    convs = [m for n, m in graph.stages[0][0].named_modules()
-             if n.startswith(("layer2", "layer3")) and isinstance(m, torch.nn.Conv2d)]
-    assert len(obj.convolutions) == len(convs) > 0
-    assert all(any(c is k for k in convs) for c in obj.convolutions)
     assert obj.share == pytest.approx(1.0)  # 1 / (2 views x loss weight 1/2)
     for layers, match in ((["layer9"], "'layer9' is not a module"),
                           (["global_pool"], "'global_pool' holds no convolution")):
@@ -105,7 +127,7 @@ def test_l_mid_soft_target_is_the_mean_of_that_layer_and_every_layer_above() -> 
     hard, soft = mid_losses([z1, z2], out, y, t)
     for i, (z, above) in enumerate(((z1, [z1, z2, out]), (z2, [z2, out]))):
         mean = [sum(a[0, c].item() for a in above) / len(above) for c in range(3)]
-        q, log_p = _softmax(mean, t), _log_softmax(z[0].tolist(), t)
+        q, log_p = ref_softmax(mean, t), ref_log_softmax(z[0].tolist(), t)
         assert soft[i].item() == pytest.approx(-sum(a * b for a, b in zip(q, log_p)), rel=1e-6)
         assert hard[i].item() == pytest.approx(-log_p[1], rel=1e-6)  # eq. 5: softmax at T
 
@@ -190,7 +212,7 @@ def test_local_losses_need_local_points_and_sane_weights() -> None:
             build_graph("dropout", "cifar_resnet20", input_size=(3, 16, 16)))
     for kwargs, match in (({"mid_weight": -1}, "mid_weight"), ({"beta_mid": -0.1}, "beta_mid"),
                           ({"pull_push_weight": -2}, "pull_push_weight"),
-                          ({"pull": [1.0]}, "pull must be two numbers"),
+                          ({"pull": [1.0]}, "pull must be a list of 2 numbers"),
                           ({"push": [1.0, -1]}, "push")):
         with pytest.raises(UserError, match=match):
             build_objective("intra", **kwargs)
@@ -210,6 +232,7 @@ def test_cli_bad_intra_input_is_one_line_exit_2(override, match, tmp_path, capsy
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_dropout_views_train_resume_bit_exactly_and_export_equal(tmp_path, capsys) -> None:
     def recipe(name: str, *more: str):
         return load_recipe(REPO / "recipes" / "demo.yaml", [

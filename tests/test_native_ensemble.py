@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_peer_objectives import _data, _kl
 from torch import nn
 
 import collabsurgery as cs
@@ -27,8 +26,8 @@ from collabsurgery.objectives.base import LossContext, Step, sigmoid_rampup
 from collabsurgery.rundir import checkpoint
 from collabsurgery.train import engine
 
-from conftest import assert_same_weights, latest_weights, one_line_error, stop_then_resume
-from test_objectives import _log_softmax, _softmax
+from helpers import (assert_same_weights, latest_weights, one_line_error, random_logits, ref_kl,
+                     ref_log_softmax, ref_softmax, stop_then_resume)
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET = {"model_kwargs": {"num_classes": 10}}
@@ -122,7 +121,7 @@ def _ref_gate(x: torch.Tensor, gate: nn.Sequential, train: bool) -> list[list[fl
     scale, shift = bn.weight.tolist(), bn.bias.tolist()
     normed = [[max(0.0, (z[b][k] - mean[k]) / math.sqrt(var[k] + bn.eps) * scale[k] + shift[k])
                for k in range(k_n)] for b in range(n)]
-    return [_softmax(row) for row in normed]
+    return [ref_softmax(row) for row in normed]
 
 
 def test_gate_matches_loops_in_train_and_eval_mode() -> None:
@@ -151,11 +150,12 @@ def ref_one(z: torch.Tensor, y: torch.Tensor, g: list[list[float]], t: float
     zl, yl = z.double().tolist(), y.tolist()
     k_n, b_n, c_n = len(zl), len(yl), len(zl[0][0])
     ze = [[sum(g[b][k] * zl[k][b][c] for k in range(k_n)) for c in range(c_n)] for b in range(b_n)]
-    ce_e = sum(-_log_softmax(ze[b])[yl[b]] for b in range(b_n)) / b_n
+    ce_e = sum(-ref_log_softmax(ze[b])[yl[b]] for b in range(b_n)) / b_n
     out = []
     for zk in zl:
-        hard = sum(-_log_softmax(zk[b])[yl[b]] for b in range(b_n)) / b_n
-        soft = sum(_kl(_softmax(ze[b], t), _log_softmax(zk[b], t)) for b in range(b_n)) / b_n
+        hard = sum(-ref_log_softmax(zk[b])[yl[b]] for b in range(b_n)) / b_n
+        soft = sum(ref_kl(ref_softmax(ze[b], t), ref_log_softmax(zk[b], t))
+                   for b in range(b_n)) / b_n
         out.append((hard, ce_e / k_n, t * t * soft))
     return out
 
@@ -166,7 +166,7 @@ def ref_one(z: torch.Tensor, y: torch.Tensor, g: list[list[float]], t: float
     (1.0, 0.0, Step()),                              # no ramp-up: w = 1
 ])
 def test_loss_matches_loop_reference(t: float, ramp: float, step: Step) -> None:
-    z, y = _data(h=3, b=6, c=5, seed=2)
+    z, y = random_logits(h=3, b=6, c=5, seed=2)
     obj = _attached(temperature=t, rampup_epochs=ramp)
     x = _feature(seed=3)
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_loss_matches_loop_reference(t: float, ramp: float, step: Step) -> None:
 
 def test_teacher_is_detached_so_the_gate_learns_only_from_the_ensembles_ce() -> None:
     obj = _attached(rampup_epochs=0)
-    z, y = _data(h=3, b=6, c=5, seed=5)
+    z, y = random_logits(h=3, b=6, c=5, seed=5)
     z.requires_grad_(True)
     x = _feature(seed=6).requires_grad_(True)
     params = list(obj.gate.parameters())
@@ -205,14 +205,14 @@ def test_teacher_is_detached_so_the_gate_learns_only_from_the_ensembles_ce() -> 
     assert all(torch.count_nonzero(ge[k]) > 0 for k in range(3))
 
 
-def test_rampup_values() -> None:
+def test_sigmoid_rampup_values_and_the_kl_weight_they_give() -> None:
     r = 80.0
     for t, expected in ((0.0, math.exp(-5)), (r / 2, math.exp(-1.25)), (r, 1.0), (2 * r, 1.0)):
         assert sigmoid_rampup(t, r) == pytest.approx(expected, rel=1e-12)
     assert sigmoid_rampup(0.0, 0.0) == 1.0
     # through the objective: t = epoch + batch / batches, the KL weighted by w(t)
     obj = _attached(rampup_epochs=3.0)
-    z, y = _data(h=3, b=6, c=5, seed=1)
+    z, y = random_logits(h=3, b=6, c=5, seed=1)
     context = _context(_feature())
     for (epoch, batch), expected in (((0, 0), math.exp(-5)), ((1, 2), math.exp(-1.25)),
                                      ((3, 0), 1.0), ((6, 0), 1.0)):
@@ -239,7 +239,7 @@ def test_defaults_and_bad_input() -> None:
     obj = build_objective("one")
     assert isinstance(obj, NativeEnsembleLoss)
     assert (obj.temperature, obj.rampup_epochs, obj.gate) == (3.0, 80.0, None)
-    z, y = _data(h=3, b=6)
+    z, y = random_logits(h=3, b=6)
     with pytest.raises(UserError, match=r"no gate yet: call attach\(graph\) first"):
         obj(z, y)
     obj = _attached()
@@ -274,6 +274,7 @@ def test_cli_without_a_trunk_is_one_line_and_writes_nothing(tmp_path, capsys, gr
 
 # ---------------------------------------------------------------------------- engine
 
+@pytest.mark.slow
 def test_engine_trains_the_gate_exports_none_of_it_and_resumes_bit_exactly(tmp_path,
                                                                             capsys) -> None:
     def recipe(name: str, *more: str):

@@ -8,20 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from collabsurgery.errors import UserError
-from collabsurgery.objectives import (ConsensusLoss, LabelSmoothingLoss, LossContext, LossOutput,
-                                      SingleLoss, Step, build_objective)
+from collabsurgery.common.arguments import declarations
+from collabsurgery.errors import ArgumentError, UserError
+from collabsurgery.objectives import (OBJECTIVES, ConsensusLoss, LabelSmoothingLoss, LossContext,
+                                      LossOutput, PeerAttentionLoss, SingleLoss, Step,
+                                      build_objective)
 
-
-def _log_softmax(z: list[float], t: float = 1.0) -> list[float]:
-    zs = [v / t for v in z]
-    m = max(zs)
-    lse = m + math.log(sum(math.exp(v - m) for v in zs))
-    return [v - lse for v in zs]
-
-
-def _softmax(z: list[float], t: float = 1.0) -> list[float]:
-    return [math.exp(v) for v in _log_softmax(z, t)]
+from helpers import random_logits, ref_log_softmax, ref_softmax
 
 
 def ref_consensus(logits: torch.Tensor, labels: torch.Tensor, t: float, beta: float) -> list[float]:
@@ -36,21 +29,16 @@ def ref_consensus(logits: torch.Tensor, labels: torch.Tensor, t: float, beta: fl
             mean_others = [
                 sum(z[j][b][i] for j in range(h_n) if j != h) / (h_n - 1) for i in range(c_n)
             ]
-            q = _softmax(mean_others, t)
-            hard += -_log_softmax(z[h][b])[y[b]]
-            soft += -sum(qi * li for qi, li in zip(q, _log_softmax(z[h][b], t)))
+            q = ref_softmax(mean_others, t)
+            hard += -ref_log_softmax(z[h][b])[y[b]]
+            soft += -sum(qi * li for qi, li in zip(q, ref_log_softmax(z[h][b], t)))
         out.append(beta * hard / b_n + (1 - beta) * t * t * soft / b_n)
     return out
 
 
-def _data(h: int = 3, b: int = 4, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(h, b, c, generator=g) * 2, torch.randint(0, c, (b,), generator=g)
-
-
 @pytest.mark.parametrize("t,beta", [(1.0, 0.5), (2.0, 0.5), (3.0, 0.2), (2.0, 1.0)])
 def test_consensus_matches_loop_reference(t: float, beta: float) -> None:
-    z, y = _data()
+    z, y = random_logits()
     out = ConsensusLoss(temperature=t, beta=beta)(z, y)
     assert isinstance(out, LossOutput)
     ref = ref_consensus(z, y, t, beta)
@@ -89,7 +77,7 @@ def _soft_target(loss: ConsensusLoss, z: torch.Tensor, y: torch.Tensor, h: int) 
 
 
 def test_self_excluded_from_consensus() -> None:
-    z, y = _data(h=3)
+    z, y = random_logits(h=3)
     loss = ConsensusLoss(temperature=2.0, beta=0.0)
     q0 = _soft_target(loss, z, y, 0)
     g = torch.Generator().manual_seed(1)
@@ -108,8 +96,8 @@ def test_consensus_averages_logits_not_probabilities() -> None:
     t = 2.0
     loss = ConsensusLoss(temperature=t, beta=0.0)
     q0 = _soft_target(loss, z, y, 0)
-    logit_mean = _softmax([2.0, 0.0, 4.0], t)
-    p1, p2 = _softmax([4.0, 0.0, 0.0], t), _softmax([0.0, 0.0, 8.0], t)
+    logit_mean = ref_softmax([2.0, 0.0, 4.0], t)
+    p1, p2 = ref_softmax([4.0, 0.0, 0.0], t), ref_softmax([0.0, 0.0, 8.0], t)
     prob_mean = [(a + b) / 2 for a, b in zip(p1, p2)]
     torch.testing.assert_close(q0[0], torch.tensor(logit_mean), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(q0[0], torch.tensor(prob_mean), atol=1e-2)
@@ -118,7 +106,7 @@ def test_consensus_averages_logits_not_probabilities() -> None:
 
 
 def test_batchmean_reduction() -> None:
-    z, y = _data(h=2, b=6, c=5)
+    z, y = random_logits(h=2, b=6, c=5)
     loss = ConsensusLoss(2.0, 0.5)
     full = loss(z, y).per_head
     singles = torch.stack([loss(z[:, i : i + 1], y[i : i + 1]).per_head for i in range(6)])
@@ -135,7 +123,7 @@ def test_batchmean_reduction() -> None:
 
 
 def test_gradient_matches_hand_formula_and_targets_detached() -> None:
-    z, y = _data(h=3, b=4, c=5)
+    z, y = random_logits(h=3, b=4, c=5)
     t, beta = 2.0, 0.3
     zg = z.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(ConsensusLoss(t, beta)(zg, y).loss, zg)
@@ -163,7 +151,7 @@ def _head_loss(loss: ConsensusLoss, z: torch.Tensor, y: torch.Tensor, h: int) ->
 
 
 def test_float32_under_bf16_autocast() -> None:
-    z, y = _data(h=4, b=8, c=10)
+    z, y = random_logits(h=4, b=8, c=10)
     for obj in (ConsensusLoss(), SingleLoss(), LabelSmoothingLoss()):
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
             out = obj(z.bfloat16(), y)
@@ -174,11 +162,11 @@ def test_float32_under_bf16_autocast() -> None:
 
 
 def test_single_loss_is_sum_of_ce() -> None:
-    z, y = _data(h=3)
+    z, y = random_logits(h=3)
     out = SingleLoss()(z, y)
     ref = []
     for h in range(3):
-        ref.append(sum(-_log_softmax(z[h, b].tolist())[int(y[b])] for b in range(4)) / 4)
+        ref.append(sum(-ref_log_softmax(z[h, b].tolist())[int(y[b])] for b in range(4)) / 4)
     torch.testing.assert_close(out.per_head, torch.tensor(ref))
     torch.testing.assert_close(out.loss, torch.tensor(sum(ref)))
     one = SingleLoss()(z[:1], y)  # H = 1 baseline
@@ -186,7 +174,7 @@ def test_single_loss_is_sum_of_ce() -> None:
 
 
 def test_label_smoothing_matches_torch() -> None:
-    z, y = _data(h=2, c=7)
+    z, y = random_logits(h=2, c=7)
     out = LabelSmoothingLoss(0.1)(z, y)
     ref = [F.cross_entropy(z[h], y, label_smoothing=0.1) for h in range(2)]
     torch.testing.assert_close(out.per_head, torch.stack(ref))
@@ -194,13 +182,13 @@ def test_label_smoothing_matches_torch() -> None:
     # and by hand: (1 - eps) * CE(y) + eps * mean_i(-log p_i)
     hand = 0.0
     for b in range(4):
-        lp = _log_softmax(z[0, b].tolist())
+        lp = ref_log_softmax(z[0, b].tolist())
         hand += 0.9 * -lp[int(y[b])] + 0.1 * -sum(lp) / 7
     assert out.per_head[0].item() == pytest.approx(hand / 4, rel=1e-5)
 
 
 def test_single_head_consensus_rejected() -> None:
-    z, y = _data(h=1)
+    z, y = random_logits(h=1)
     with pytest.raises(ValueError, match="at least 2 heads"):
         ConsensusLoss()(z, y)
 
@@ -216,6 +204,26 @@ def test_build_objective() -> None:
         build_objective("consensus", temprature=2.0)
     with pytest.raises(UserError):
         ConsensusLoss(temperature=0.0)
+
+
+def test_constructing_an_objective_checks_its_declaration() -> None:
+    """Every argument is declared once, in the annotated constructor, with a description; a
+    direct construction (keywords or positions) is checked against it as build_objective is."""
+    for name, cls in OBJECTIVES.items():
+        if cls.__module__.startswith("collabsurgery."):
+            for arg, declared in declarations(cls).items():
+                assert declared.description, f"objective '{name}': '{arg}' has no description"
+    with pytest.raises(ArgumentError, match="^temperature must be a number > 0, got 0$"):
+        PeerAttentionLoss(temperature=0)
+    with pytest.raises(ArgumentError, match=r"^beta must be a number in \[0, 1\], got 2$"):
+        ConsensusLoss(2.0, 2)
+    with pytest.raises(ArgumentError, match="^ConsensusLoss takes no argument 'temprature' "
+                                            "\\(did you mean 'temperature'\\?\\)"):
+        ConsensusLoss(temprature=2.0)
+    with pytest.raises(TypeError):  # Python's own complaint
+        ConsensusLoss(2.0, 0.5, 1)
+    obj = ConsensusLoss(3, "5e-1")  # the values the declaration gives: floats
+    assert (obj.temperature, obj.beta) == (3.0, 0.5) and isinstance(obj.temperature, float)
 
 
 def test_step_draws_depend_on_seed_epoch_batch_only() -> None:

@@ -3,7 +3,6 @@ objectives through the engine and the CLI on the built-in digits (16 px, 128 exa
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from collabsurgery.rundir import checkpoint
 from collabsurgery.train import engine
 from collabsurgery.train.engine import make_objective
 
-from test_objectives import _log_softmax, _softmax
+from helpers import assert_same_logits, random_logits, ref_kl, ref_log_softmax, ref_softmax
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (3, 16, 16)
@@ -33,15 +32,6 @@ TINY = ["data.image_size=16", "data.max_train_examples=128", "train.batch_size=1
         "model.name=cifar_resnet20", "run.progress=false", "train.epochs=1"]
 
 pytestmark = pytest.mark.usefixtures("one_thread", "forget_accelerate_state")
-
-
-def _kl(p: list[float], log_q: list[float]) -> float:
-    return sum(pi * (math.log(pi) - lq) for pi, lq in zip(p, log_q))
-
-
-def _data(h: int = 3, b: int = 4, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(h, b, c, generator=g) * 2, torch.randint(0, c, (b,), generator=g)
 
 
 # ---------------------------------------------------------------------------- DML
@@ -53,11 +43,11 @@ def ref_dml(logits: torch.Tensor, labels: torch.Tensor, t: float) -> list[tuple[
     k_n, b_n = len(z), len(z[0])
     out = []
     for k in range(k_n):
-        hard = sum(-_log_softmax(z[k][b])[y[k][b]] for b in range(b_n)) / b_n
+        hard = sum(-ref_log_softmax(z[k][b])[y[k][b]] for b in range(b_n)) / b_n
         mimicry = 0.0
         for j in range(k_n):
             if j != k:
-                mimicry += sum(_kl(_softmax(z[j][b], t), _log_softmax(z[k][b], t))
+                mimicry += sum(ref_kl(ref_softmax(z[j][b], t), ref_log_softmax(z[k][b], t))
                                for b in range(b_n)) / b_n
         out.append((hard, t * t * mimicry / (k_n - 1)))
     return out
@@ -65,7 +55,7 @@ def ref_dml(logits: torch.Tensor, labels: torch.Tensor, t: float) -> list[tuple[
 
 @pytest.mark.parametrize("t,per_head_labels", [(1.0, False), (2.0, False), (1.0, True)])
 def test_dml_matches_loop_reference(t: float, per_head_labels: bool) -> None:
-    z, y = _data(h=3, b=4, c=5)
+    z, y = random_logits(h=3, b=4, c=5)
     if per_head_labels:
         y = torch.randint(0, 5, (3, 4), generator=torch.Generator().manual_seed(3))
     out = MutualLoss(temperature=t)(z, y)
@@ -82,8 +72,8 @@ def test_dml_divides_by_k_minus_1() -> None:
     z = torch.tensor([[[1.0, 0.0, -1.0]], [[0.0, 2.0, 0.0]], [[0.0, 2.0, 0.0]]])
     y = torch.tensor([0])
     parts = MutualLoss().head_losses(z, y.expand(3, 1), None)[1]
-    kl_a_b = _kl(_softmax([0.0, 2.0, 0.0]), _log_softmax([1.0, 0.0, -1.0]))
-    kl_b_a = _kl(_softmax([1.0, 0.0, -1.0]), _log_softmax([0.0, 2.0, 0.0]))
+    kl_a_b = ref_kl(ref_softmax([0.0, 2.0, 0.0]), ref_log_softmax([1.0, 0.0, -1.0]))
+    kl_b_a = ref_kl(ref_softmax([1.0, 0.0, -1.0]), ref_log_softmax([0.0, 2.0, 0.0]))
     expected = torch.tensor([kl_a_b, kl_b_a / 2, kl_b_a / 2])  # KL(p_2 || p_1) = 0
     torch.testing.assert_close(parts["mimicry"], expected)
     # K = 2 is the paper's two-network loss: L_1 = CE + KL(p_2 || p_1), no division
@@ -92,7 +82,7 @@ def test_dml_divides_by_k_minus_1() -> None:
 
 
 def test_dml_gradient_hand_formula_targets_detached() -> None:
-    z, y = _data(h=3, b=4, c=5, seed=1)
+    z, y = random_logits(h=3, b=4, c=5, seed=1)
     t, (k_n, b_n, c) = 2.0, z.shape
     zg = z.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(MutualLoss(t)(zg, y).loss, zg)
@@ -115,7 +105,7 @@ def test_dml_gradient_hand_formula_targets_detached() -> None:
 
 
 def test_dml_bad_input() -> None:
-    z, y = _data(h=1)
+    z, y = random_logits(h=1)
     with pytest.raises(UserError, match="at least 2 heads"):
         MutualLoss()(z, y)
     for bad in (0.0, -1.0, float("nan"), "1", True):
@@ -123,7 +113,7 @@ def test_dml_bad_input() -> None:
             MutualLoss(temperature=bad)
     assert isinstance(build_objective("dml", temperature=1.0), MutualLoss)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        out = MutualLoss()(_data()[0].bfloat16(), _data()[1])
+        out = MutualLoss()(random_logits()[0].bfloat16(), random_logits()[1])
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
 
 
@@ -147,8 +137,8 @@ def ref_kd(x: list, w: list, bias: list, z: torch.Tensor, y: torch.Tensor, t: fl
         soft = hard = 0.0
         for b in range(len(zl[h])):
             tb = [sum(wi * xi for wi, xi in zip(w[c], x[h][b])) + bias[c] for c in range(len(w))]
-            soft += _kl(_softmax(tb, t), _log_softmax(zl[h][b], t))
-            hard += -_log_softmax(zl[h][b])[yl[b]]
+            soft += ref_kl(ref_softmax(tb, t), ref_log_softmax(zl[h][b], t))
+            hard += -ref_log_softmax(zl[h][b])[yl[b]]
         b_n = len(zl[h])
         out.append(alpha * t * t * soft / b_n + (1 - alpha) * hard / b_n)
     return out
@@ -160,7 +150,7 @@ def test_kd_matches_loop_reference(per_head: bool, t: float, alpha: float) -> No
     lin = _linear_teacher()
     calls: list[tuple[int, ...]] = []
     lin.register_forward_hook(lambda _m, inputs, _o: calls.append(tuple(inputs[0].shape)))
-    z, y = _data(h=2, b=3, c=5)
+    z, y = random_logits(h=2, b=3, c=5)
     g = torch.Generator().manual_seed(5)
     if per_head:
         x = torch.randn(2, 3, 4, generator=g)
@@ -181,7 +171,7 @@ def test_kd_matches_loop_reference(per_head: bool, t: float, alpha: float) -> No
 
 def test_kd_shared_equals_materialised_copies() -> None:
     lin = _linear_teacher()
-    z, y = _data(h=3, b=4, c=5)
+    z, y = random_logits(h=3, b=4, c=5)
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
     obj = DistillationLoss(lin)
     shared = obj(GraphOutput(z, {"input": x.expand(3, 4, 4)}), y).per_head
@@ -197,7 +187,7 @@ def test_kd_teacher_is_not_a_submodule_and_stays_eval() -> None:
     obj.train()
     assert obj.training and not any(m.training for m in teacher.modules())
     x = torch.randn(2, 8, 4).expand(2, 8, 4)
-    torch.testing.assert_close(obj.teacher_logits(x), obj.teacher_logits(x))  # no dropout
+    assert torch.equal(obj.teacher_logits(x), obj.teacher_logits(x))  # no dropout
     # inside the module the engine prepares, checkpoints and optimises: only the graph
     graph = cs.wrap("cifar_resnet20", split="layer1", heads=2, num_classes=10, input_size=SIZE)
     collab = engine.Collaboration(graph, obj)
@@ -245,6 +235,7 @@ def test_teacher_from_export(exported) -> None:
         obj.check_compatible(2, 7)
 
 
+@pytest.mark.slow
 def test_teacher_from_run_directory(teacher_run) -> None:
     graph, history = load_run(teacher_run)
     best = history[-1]["holdout"]["best_head"]
@@ -255,7 +246,7 @@ def test_teacher_from_run_directory(teacher_run) -> None:
     for head, kwargs in ((best, {}), (0, {"teacher_head": 0}), (1, {"teacher_head": 1})):
         obj = DistillationLoss(load_teacher(str(teacher_run), **kwargs))
         got = obj.teacher_logits(x[0].expand(2, *x[0].shape))[0]
-        torch.testing.assert_close(got, expected[head])
+        assert_same_logits(got, expected[head])
     with pytest.raises(UserError, match=r"teacher_head must be a head of the teacher run, got 2; "
                                         r"valid: 0\.\.1"):
         load_teacher(str(teacher_run), teacher_head=2)
@@ -269,7 +260,7 @@ def test_teacher_from_model_name_and_weights(tmp_path) -> None:
                                         teacher_kwargs={"num_classes": 10}))
     x = _images(2)
     with torch.no_grad():
-        torch.testing.assert_close(obj.teacher_logits(x), torch.stack([model(x[0]), model(x[1])]))
+        assert_same_logits(obj.teacher_logits(x), torch.stack([model(x[0]), model(x[1])]))
     # a torchvision teacher has no num_classes attribute: its class count comes from a probe
     tv = torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=10)
     tv_weights = tmp_path / "tv.safetensors"
@@ -294,7 +285,7 @@ def test_class_count_without_known_num_classes_checked_on_first_batch() -> None:
     obj.check_compatible(1, 3)
     obj.check_compatible(1, 3)
     assert len(calls) == 1  # probed once, not at every step's check
-    z, y = _data(h=1, b=2, c=3)
+    z, y = random_logits(h=1, b=2, c=3)
     with pytest.raises(UserError, match="gives 5 classes, the students 3"):
         obj(GraphOutput(z, {"input": torch.zeros(2, 4).expand(1, 2, 4)}), y)
 
@@ -342,6 +333,7 @@ def test_kd_bad_teacher_is_one_line_user_error(tmp_path, exported, args, match) 
 
 # ---------------------------------------------------------------------------- engine and CLI
 
+@pytest.mark.slow
 def test_kd_trains_from_a_run_through_the_cli(teacher_run, tmp_path, capsys) -> None:
     recipe = load_recipe(None, [*TINY, "graph.heads=1", "graph.split=[]", "name=student",
                                 f"run.dir={tmp_path / 'runs'}",
@@ -357,6 +349,7 @@ def test_kd_trains_from_a_run_through_the_cli(teacher_run, tmp_path, capsys) -> 
     assert set(load_file(str(path))) == set(student.state_dict())
 
 
+@pytest.mark.slow
 def test_dml_trains_a_peer_group(tmp_path) -> None:
     recipe = load_recipe(None, [*TINY, "graph={pattern: peers}",
                                 "model.name=[cifar_resnet20, cifar_resnet20]",

@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from collabsurgery import cli, studies
+from collabsurgery import studies
 from collabsurgery.config.recipe import recipe_to_dict
-from collabsurgery.objectives import OBJECTIVES
 from collabsurgery.rundir.metrics import headline
 from collabsurgery.studies import (BUDGETS, LABEL_SMOOTHING, SIMPLE2, SINGLE, STUDIES, Row, Study,
                                    cell_error, get_study, head_error, holdout_epoch_error,
                                    paired_difference, recipe_for, run_study, t_interval, verdict)
 from collabsurgery.train import engine
 
-from conftest import assert_same_weights, latest_weights, one_line_error
+from helpers import assert_same_weights, latest_weights, one_line_error, run_cli as run
 
 REPO = Path(__file__).resolve().parents[1]
 # graph.execution=loop: auto times the modes, so runs trained apart (--jobs 2 against one
@@ -35,13 +34,6 @@ STUDY = Study("tiny", "two rows", "a test", baseline="single", rows=(
     Row("single", "single model", SINGLE, paper=(6.66, 0.21)),
     Row("simple2", "2 heads, simple sharing", SIMPLE2, paper=(5.97, 0.07))))
 RUNS = ["single-seed0", "simple2-seed0", "single-seed1", "simple2-seed1"]  # seed-major order
-
-
-def run(argv) -> int:
-    try:
-        return cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
 
 
 def mean_std(values: list[float]) -> str:
@@ -80,6 +72,7 @@ def study(tmp_path_factory):
     return study_dir, seen
 
 
+@pytest.mark.slow
 def test_half_finished_study_is_resumed_without_retraining(study):
     study_dir, seen = study
     assert seen["after_first"] == [RUNS[0]]
@@ -94,6 +87,7 @@ def test_half_finished_study_is_resumed_without_retraining(study):
     assert [inv["trained"] for inv in book["invocations"]] == [RUNS[:1], RUNS[1:], RUNS[3:]]
 
 
+@pytest.mark.slow
 def test_runs_trained_two_at_a_time_equal_the_runs_trained_in_turn(study, tmp_path):
     """--jobs 2 trains each run in its own process: the same weights as one process."""
     parallel = run_study(STUDY, seeds=2, root=tmp_path, overrides=TINY, jobs=2,
@@ -105,6 +99,7 @@ def test_runs_trained_two_at_a_time_equal_the_runs_trained_in_turn(study, tmp_pa
     assert sorted(book["invocations"][0]["trained"]) == sorted(RUNS)
 
 
+@pytest.mark.slow
 def test_report_numbers_come_from_the_runs_summaries(study):
     study_dir, _ = study
     report = (study_dir / "report.md").read_text()
@@ -143,6 +138,7 @@ def test_report_numbers_come_from_the_runs_summaries(study):
     assert results["rows"][1]["cost"]["flop_ratio"] > 1.3  # 2 heads cost more than one
 
 
+@pytest.mark.slow
 def test_report_records_command_and_code_version(study):
     study_dir, _ = study
     report = (study_dir / "report.md").read_text()
@@ -152,6 +148,7 @@ def test_report_records_command_and_code_version(study):
         assert head.stdout.strip() in report
 
 
+@pytest.mark.slow
 def test_plots_are_valid_png(study):
     study_dir, _ = study
     with Image.open(study_dir / "errors.png") as image:
@@ -160,6 +157,7 @@ def test_plots_are_valid_png(study):
     assert "![errors](errors.png)" in (study_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_changed_settings_in_an_existing_study_are_refused(study):
     from collabsurgery.errors import UserError
 
@@ -169,6 +167,7 @@ def test_changed_settings_in_an_existing_study_are_refused(study):
                   log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_a_run_recorded_before_a_recipe_key_existed_still_counts(study):
     """A data/train key added to the recipe format since a run was trained had its default
     then, so the run is not refused as 'trained with other settings'."""
@@ -192,6 +191,7 @@ def test_a_run_recorded_before_a_recipe_key_existed_still_counts(study):
         saved_file.write_text(original)
 
 
+@pytest.mark.slow
 def test_cli_report_only(study, monkeypatch, capsys):
     study_dir, _ = study
     monkeypatch.setitem(STUDIES, "tiny", STUDY)
@@ -236,20 +236,14 @@ def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-OKDDIP = "objective={name: okddip}"
-OKDDIP_MISSING = "okddip" not in OBJECTIVES  # being written in objectives/peer_attention.py
-
-
 @pytest.mark.parametrize("name", [n for n, s in STUDIES.items() if s.needs is None])
 def test_catalog_grids_are_valid_recipes(name, tmp_path):
     """Every row of every landed study, on each budget it has, passes strict validation and
-    differs from the other rows; the full budget is the paper's ResNet-32 CIFAR-10 recipe.
-    (A row of a not yet registered objective is checked, skipped, in the kdcl-table7 test.)"""
+    differs from the other rows; the full budget is the paper's ResNet-32 CIFAR-10 recipe."""
     study = STUDIES[name]
     assert study.rows_for("small")
     for budget, extra in (("small", []), ("full", ["data.source=/data/cifar10"])):
-        rows = tuple(r for r in study.rows_for(budget)
-                     if not (OKDDIP_MISSING and OKDDIP in r.overrides))
+        rows = study.rows_for(budget)
         recipes = [recipe_for(study, BUDGETS[budget], row, 0, tmp_path, extra) for row in rows]
         settings = [json.dumps({k: v for k, v in recipe_to_dict(r).items()
                                 if k not in ("name", "run")}, sort_keys=True) for r in recipes]
@@ -263,6 +257,7 @@ def test_catalog_grids_are_valid_recipes(name, tmp_path):
                 assert r.data.source == "builtin:digits-lowres"
 
 
+@pytest.mark.slow
 def test_a_stopped_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, capsys):
     from collabsurgery.errors import TrainingStopped
     real_train = engine.train
@@ -313,11 +308,7 @@ def test_kdcl_table7_has_landed_with_every_table7_row():
         ["vanilla-resnet", "vanilla-wrn"]
 
 
-@pytest.mark.parametrize("key", [
-    pytest.param(key, marks=pytest.mark.skipif(
-        key == "okddip" and OKDDIP_MISSING,
-        reason="objective 'okddip' is not registered yet (objectives/peer_attention.py)"))
-    for key in KDCL_ROWS])
+@pytest.mark.parametrize("key", KDCL_ROWS)
 def test_kdcl_table7_row_recipe(key, tmp_path):
     """Each row's recipe loads strictly with its graph, objective, views and students."""
     row = next(r for r in KDCL.rows if r.key == key)
@@ -329,11 +320,11 @@ def test_kdcl_table7_row_recipe(key, tmp_path):
     assert r.data.augment and r.data.source == "builtin:digits-lowres"  # per_head views need augment
     if key in ("one", "okddip"):  # their KL ramp-up fits the 15 epochs
         assert r.objective.args["rampup_epochs"] == 4
-    if key == "one":
-        assert r.graph.args == {"heads": 3, "split": ["layer2"]}
+    if key == "one":  # no backprop rescaling, as ONE's and OKDDip's authors train
+        assert r.graph.args == {"heads": 3, "split": ["layer2"], "rescale": "none"}
     if key == "okddip":
         assert r.graph.args == {"heads": 4, "split": ["layer2", "global_pool"],
-                                "branches": [4, 1]}
+                                "branches": [4, 1], "rescale": "none"}
 
 
 def fake_summary(test_acc: list[float], holdout_acc: list[float]) -> dict:
@@ -395,11 +386,8 @@ def test_kdcl_table7_report_has_a_column_per_student_with_paired_differences(tmp
         (study_dir / "runs" / name / "summary.json").write_text(
             json.dumps(fake_summary(test, holdout)))
     rows = KDCL.rows_for("small")
-    # recipes only locate the runs: until okddip is registered, its row borrows ONE's objective
-    loadable = {r.key: dataclasses.replace(r, overrides=tuple(
-        o.replace("okddip", "one") if OKDDIP_MISSING else o for o in r.overrides)) for r in rows}
-    recipes = {key: [recipe_for(KDCL, BUDGETS["small"], row, s, study_dir) for s in range(2)]
-               for key, row in loadable.items()}
+    recipes = {row.key: [recipe_for(KDCL, BUDGETS["small"], row, s, study_dir) for s in range(2)]
+               for row in rows}
     report = studies.write_report(KDCL, BUDGETS["small"], study_dir, rows, 2, recipes).read_text()
 
     assert f"| setup | runs | {RESNET} | paper | − vanilla-resnet [95% CI] (pairs) | " \
@@ -655,6 +643,7 @@ def catalog_of(monkeypatch):
     return register
 
 
+@pytest.mark.slow
 def test_a_study_added_to_the_catalog_alone_runs_and_is_reported(catalog_of, tmp_path):
     catalog_of(DUMMY, WAITING)
     assert run(["reproduce", "--all", "--seeds", 2, "--dir", tmp_path, *TINY]) == 0

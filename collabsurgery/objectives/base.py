@@ -1,35 +1,94 @@
 """The objective contract: an ``nn.Module`` that maps a training graph's output to one loss.
 
-``objective(out, labels, step) -> LossOutput`` where ``out`` is the graph's
+``objective(out, labels, step, graph) -> LossOutput`` where ``out`` is the graph's
 :class:`~collabsurgery.graphs.GraphOutput` (or just its logits ``[H, B, C]``), ``labels`` is
-``[B]`` (every head sees the same examples) or ``[H, B]`` (per-head subsets), and ``step`` says
-where training is (for ramp-ups and per-step random choices).
+``[B]`` (every head sees the same examples) or ``[H, B]`` (per-head subsets), ``step`` says
+where training is (ramp-ups, random choices) and ``graph`` is the graph itself (for objectives
+that run heads again on other inputs). A subclass implements :meth:`Objective.head_losses`; the
+base checks shapes and computes it in float32 with autocast off.
 
-- ``wants``: the named graph features the objective needs (``"input"``, a split point, ...);
-  the engine asks the graph for exactly these.
-- Random choices (sub-groups, routes, ...) come from ``step.generator(...)``: seeded by
-  (seed, epoch, batch) and never by the process rank, so every process draws the same and a
-  resumed run replays them.
-- An objective may own modules (a gate, attention, auxiliary heads): the engine optimises,
-  syncs and checkpoints graph + objective together; an export holds only the graph's head.
+The hook protocol, the one way an objective tells the engine what it needs. Every hook has a
+default that asks for nothing.
+
+Declarations (class attributes; ``wants`` and ``wants_holdout`` may be set per instance):
+
+- ``min_heads``: the fewest heads it trains; ``check_compatible`` and ``forward`` enforce it.
+- ``wants``: the named graph features it reads (``"input"``, a split point, ``"local:<point>"``):
+  the engine runs ``graph.run(x, wants)`` and they arrive in ``context.features``.
+- ``own_examples``: heads may train on different examples (labels ``[H, B]``, recipe key
+  ``data.subsets``); without it the engine refuses per-head subsets.
+- ``needs_teacher``: the constructor takes a ``teacher`` module, which the engine loads from the
+  recipe's TEACHER_KEYS. Hold it outside the module tree (in a tuple): never trained,
+  checkpointed or exported.
+- ``wants_holdout``: ``end_epoch`` gets every head's hold-out logits after each epoch.
+- ``default_export``: the head an export takes unless told: "best" (on hold-out) or "last".
+- ``graph_defaults``: graph builder arguments the method's authors train with (ONE and OKDDip:
+  ``rescale: none``), applied by a recipe whose graph section leaves them out and whose
+  pattern takes them; a recipe's own value always wins.
+
+Methods, in the order the engine calls them:
+
+1. ``check_compatible(num_heads, num_classes)``: before training; UserError if unsuited.
+2. ``attach(graph)``: once, before the optimizer exists: build the owned modules sized by the
+   graph (keeping existing ones of the right size, so a checkpoint loads after a re-attach) and
+   set ``wants``; UserError when the graph does not suit it. It never changes the graph.
+3. ``head_losses(logits, labels, context)``: every step.
+4. ``end_epoch(holdout_logits, holdout_labels)``: with ``wants_holdout``, after each epoch and
+   before the checkpoint is written.
+5. ``head_roles(num_heads)``: what each head is to the method, for reports.
+
+Owned modules (a gate, attention, auxiliary heads) are submodules: optimised, synced and
+checkpointed with the graph, never exported (an export holds only ``graph.head_state_dict(h)``).
+Every owned parameter gets a gradient in every step: build only what the arguments switch on,
+since distributed training waits for each parameter's gradient. State that must survive a resume
+lives in parameters or buffers (updated in ``end_epoch`` or in a step), never in plain attributes.
+
+Random choices (sub-groups, ...) come from ``step.generator(key)``, drawn in one method of the
+objective (CGL's ``draw_subgroups(num_heads, step)``): seeded by (seed, epoch, optimizer step),
+never by the process rank or the global RNG, so every process draws the same and a resumed run
+replays them.
+
+Arguments: the constructor declares each one once, in its signature, with its type, range and
+description (``temperature: Temperature = 3.0``, ``target: Literal[...]``; the shared types are
+declared below). Every construction checks its arguments against that declaration
+(``Objective.__init_subclass__``), and recipes check their objective section's keys with it; the
+constructor checks only what relates several arguments, ``attach`` what needs the graph.
+
+Registration (:mod:`.registry`): ``@register_objective(name, example=ObjectiveExample(...))``
+above the class; ``tests/test_objective_contract.py`` then checks the objective on the graph
+kinds its example names (finite loss, a gradient to every parameter, state round trip, resume,
+no objective module in an export).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from collabsurgery.common.arguments import check_arguments
 from collabsurgery.common.seeding import generator
-from collabsurgery.errors import ArgumentError, UserError
+from collabsurgery.errors import UserError
 from collabsurgery.graphs.base import GraphOutput, TrainingGraph
 
 #: the recipe keys that describe a teacher, for an objective with ``needs_teacher``: the engine
 #: loads the model (:func:`collabsurgery.export.teacher.load_teacher`) and passes it as ``teacher``
 TEACHER_KEYS = ("teacher", "teacher_head", "teacher_weights", "teacher_kwargs")
+
+# Argument types shared by several objectives' declarations (ranges here, descriptions per use).
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Unit = Annotated[float, Field(ge=0, le=1)]
+Temperature = Annotated[Positive, Field(description="softmax temperature T of the soft terms")]
+RampupEpochs = Annotated[NonNegative, Field(
+    description="epochs over which the KL weight rises (sigmoid ramp-up); 0: full from the start")]
 
 
 @dataclass(frozen=True)
@@ -95,15 +154,24 @@ class Objective(nn.Module):
 
     Subclasses implement :meth:`head_losses`, which gets float32 logits ``[H, B, C]``, labels
     ``[H, B]`` and a :class:`LossContext`, and returns ``(per_head_losses [H], parts)`` where
-    ``parts`` maps names to per-head tensors ``[H]``.
+    ``parts`` maps names to per-head tensors ``[H]``. What else an objective may declare or
+    implement is the hook protocol of this module's docstring; nothing else is read.
     """
 
-    min_heads: int = 1
-    wants: tuple[str, ...] = ()
+    min_heads: int = 1           # the fewest heads it trains
+    wants: tuple[str, ...] = ()  # the named graph features it reads (may be set by attach)
     wants_holdout: bool = False  # end_epoch gets every head's hold-out logits
     default_export: str = "best"  # the head export takes unless told: "best" (on hold-out), "last"
     own_examples: bool = False   # heads may train on different examples (data.subsets)
     needs_teacher: bool = False  # takes a ``teacher`` module, loaded from TEACHER_KEYS
+    graph_defaults: dict[str, Any] = {}  # the method's graph arguments (read-only)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A constructor a subclass defines checks its arguments against its own annotated
+        signature (:func:`_checked_init`): the declaration is the one check of every value."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _checked_init(cls, cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None,
                 graph: TrainingGraph | None = None) -> LossOutput:
@@ -153,20 +221,25 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a float if it is a finite number in the interval, else an ArgumentError
-    naming ``name`` and the interval (recipes can hold any YAML value, "1" and true included)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value)
-            and (low < value if low_open else low <= value)
-            and (value < high if high_open else value <= high)):
-        if high == math.inf:
-            interval = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ArgumentError(name, f"must be a number {interval}, got {value!r}")
-    return float(value)
+def _checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` (``cls``'s own constructor) checking its arguments first, positional ones
+    included, against its annotated signature with
+    :func:`~collabsurgery.common.arguments.check_arguments`: a bad value or an unknown name is
+    a one-line ArgumentError naming the argument, and ``init`` gets the checked values
+    (``5e-4`` strings as floats). A call Python itself refuses (too many positional arguments,
+    one given twice) goes to ``init`` unchanged, for Python's TypeError."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p.name for p in inspect.signature(init).parameters.values()
+                  if p.kind in kinds][1:]  # without self
+
+    @functools.wraps(init)
+    def checked(self: Objective, *args: Any, **kwargs: Any) -> None:
+        given = dict(zip(positional, args))
+        if len(args) > len(positional) or given.keys() & kwargs.keys():
+            return init(self, *args, **kwargs)
+        init(self, **check_arguments(cls, {**given, **kwargs}, cls.__name__))
+
+    return checked
 
 
 def cross_entropy_per_head(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from collabsurgery.objectives.base import (LossContext, Objective, check_number,
+from collabsurgery.objectives.base import (LossContext, Objective, Temperature, Unit,
                                            cross_entropy_per_head, soft_cross_entropy)
+from collabsurgery.objectives.registry import ObjectiveExample, register_objective
 
 
+@register_objective("consensus", example=ObjectiveExample())
 class ConsensusLoss(Objective):
     """Each head learns from the labels and from the consensus of the OTHER heads.
 
@@ -25,10 +30,11 @@ class ConsensusLoss(Objective):
 
     min_heads = 2
 
-    def __init__(self, temperature: float = 2.0, beta: float = 0.5) -> None:
+    def __init__(self, temperature: Temperature = 2.0, beta: Annotated[Unit, Field(
+            description="weight of the labels' CE; 1 - beta on the consensus term")] = 0.5
+                 ) -> None:
         super().__init__()
-        self.temperature = check_number("temperature", temperature, 0, low_open=True)
-        self.beta = check_number("beta", beta, 0, 1)
+        self.temperature, self.beta = temperature, beta
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -7,13 +7,17 @@ or a model name with ``teacher_weights``) is loaded by the engine through
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from collabsurgery.errors import ArgumentError, UserError
+from collabsurgery.errors import UserError
 from collabsurgery.models import backbones
-from collabsurgery.objectives.base import (LossContext, Objective, check_number,
+from collabsurgery.objectives.base import (LossContext, Objective, Temperature, Unit,
                                            cross_entropy_per_head, kl_per_head)
+from collabsurgery.objectives.registry import ObjectiveExample, register_objective
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -31,6 +35,7 @@ def _num_classes(model: nn.Module) -> int | None:
     return out.shape[-1] if isinstance(out, Tensor) and out.dim() == 2 else None
 
 
+@register_objective("kd", example=ObjectiveExample())
 class DistillationLoss(Objective):
     """Every head learns from the labels and from a frozen teacher.
 
@@ -55,14 +60,15 @@ class DistillationLoss(Objective):
 
     needs_teacher = True
 
-    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> None:
+    def __init__(
+            self, teacher: Annotated[nn.Module, Field(
+                description="the frozen teacher model (a recipe's teacher keys are loaded into "
+                            "one by collabsurgery.export.teacher.load_teacher)")],
+            temperature: Temperature = 4.0,
+            alpha: Annotated[Unit, Field(
+                description="weight of the KL term; 1 - alpha on the labels' CE")] = 0.9) -> None:
         super().__init__()
-        if not isinstance(teacher, nn.Module):
-            raise ArgumentError("teacher", f"must be a model (an nn.Module), got {teacher!r}; "
-                                "a recipe's teacher path or name is loaded by "
-                                "collabsurgery.export.teacher.load_teacher")
-        self.temperature = check_number("temperature", temperature, 0, low_open=True)
-        self.alpha = check_number("alpha", alpha, 0, 1)
+        self.temperature, self.alpha = temperature, alpha
         #: where the teacher came from, for messages (the engine sets the recipe's value)
         self.teacher_source = type(teacher).__name__
         self._teacher = (teacher.eval().requires_grad_(False),)

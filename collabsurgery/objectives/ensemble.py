@@ -3,29 +3,47 @@
 The target constructions are small pure functions over detached logits ``[K, B, C]`` and
 labels ``[B]`` that return the ensemble teacher's logits ``z_t`` ``[B, C]`` (paper eq. (3));
 :class:`EnsembleTargetLoss` turns them into ``softmax(z_t / T)`` and the loss of eq. (2).
+
+Every logit target is built per example, as the paper writes eqs. (4), (5) and (7): "Let matrix
+Z = (z_1^T; z_2^T; ...; z_m^T). Each column of the matrix Z represents the logit of a student"
+(section 3.2, KDCL-Linear): Z holds one logit vector per student, i.e. one example's, and eq.
+(1) distils each example i from its own soft target p_i. So Naive chooses a student for each
+example, Linear solves eq. (5) for each example, and MinLogit takes its minimum per example and
+class. Nothing in the paper chooses per mini-batch, so there is no per-batch option.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from collabsurgery.errors import ArgumentError, UserError
-from collabsurgery.objectives.base import (LossContext, Objective, check_number,
+from collabsurgery.errors import UserError
+from collabsurgery.objectives.base import (LossContext, NonNegative, Objective, Temperature,
                                            cross_entropy_per_head, kl_per_head)
+from collabsurgery.objectives.registry import ObjectiveExample, register_objective
 
 # Projected gradient on the simplex for KDCL-Linear: iterations and the step sizes tried in each
 # (4^j / L for j < LINEAR_STEP_SIZES, L an upper bound on the curvature).
 LINEAR_ITERATIONS = 60
 LINEAR_STEP_SIZES = 8
+#: KDCL-General solves eq. (9) on the simplex over all 2^K - 1 supports of K students
+GENERAL_MAX_STUDENTS = 12
+
+
+def _example_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """CE of every student on every example: ``[K, B, C]``, labels ``[B]`` -> ``[K, B]``."""
+    right = logits.gather(-1, labels.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
+    return torch.logsumexp(logits, -1) - right
 
 
 def naive_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """Eq. (4): the logits ``[B, C]`` of the student with the lowest mean CE on the batch."""
-    best = cross_entropy_per_head(logits, labels).argmin()
-    return logits[best]
+    """Eq. (4) per example: ``z_t[b]`` is the logits of the student with the lowest CE on
+    example b (the first such student on a tie), ``[B, C]``."""
+    best = _example_ce(logits, labels).argmin(0)                              # [B]
+    return logits.gather(0, best.view(1, -1, 1).expand(1, -1, logits.shape[-1])).squeeze(0)
 
 
 def minlogit_logits(logits: Tensor, labels: Tensor) -> Tensor:
@@ -50,57 +68,103 @@ def project_to_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0)
 
 
-def _mean_ce(weights: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean CE of the mixtures ``sum_k w[j, k] z_k`` for every row j of ``weights`` ``[J, K]``."""
-    mixed = torch.einsum("jk,kbc->jbc", weights, logits)
-    right = mixed.gather(-1, labels.view(1, -1, 1).expand(weights.shape[0], -1, 1)).squeeze(-1)
-    return (torch.logsumexp(mixed, -1) - right).mean(-1)
+def _example_mix_ce(weights: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    """CE on example b of the mixtures ``sum_k w[b, j, k] z_k[b]`` for every candidate j of
+    ``weights`` ``[B, J, K]``: ``[B, J]``."""
+    mixed = torch.einsum("bjk,kbc->bjc", weights, logits)
+    right = mixed.gather(-1, labels.view(-1, 1, 1).expand(-1, weights.shape[1], 1)).squeeze(-1)
+    return torch.logsumexp(mixed, -1) - right
 
 
 def linear_weights(logits: Tensor, labels: Tensor, iterations: int = LINEAR_ITERATIONS) -> Tensor:
-    """Eq. (5): convex weights ``w`` ``[K]`` (``w >= 0``, ``sum w = 1``) that minimise
-    ``f(w) = CE(y, sum_k w_k z_k)`` over the batch, in float64.
+    """Eq. (5) for every example: convex weights ``w[b]`` (``w >= 0``, ``sum_k w[b, k] = 1``)
+    that minimise ``f_b(w) = CE(y_b, sum_k w_k z_k[b])``, ``[B, K]``, in float64.
 
-    ``f`` is convex and smooth in ``w`` (CE is convex in the logits, which are linear in
-    ``w``), so projected gradient descent with the exact simplex projection converges to the
-    global minimum, vertices included, from the uniform start (the paper's initialisation).
-    Each iteration tries the steps ``4^j / L`` (j = 0..7) in one batched evaluation and keeps
-    the best point, the current one included, so ``f`` never rises. ``L`` bounds the
-    curvature: ``d^T H d = mean_b Var_p(Z_b d) <= mean_b max_c ||Zc_b[c]||^2 ||d||^2`` with
-    ``Zc_b`` the class-centred logits, so the step ``1 / L`` alone already guarantees the
-    O(L / t) rate, and the longer steps reach a flat optimum far sooner. K is small, so an
-    iteration costs a few ``[9, B, C]`` tensor operations, with no host synchronisation.
+    Each ``f_b`` is convex and smooth in ``w`` (CE is convex in the logits, which are linear
+    in ``w``), so projected gradient descent with the exact simplex projection converges to the
+    global minimum, vertices included. It starts from the best of the uniform weights (the
+    paper's initialisation) and the K vertices (each student alone), so the mix is never worse
+    than Naive's student. Each iteration tries the steps ``4^j / L_b`` (j = 0..7) in one
+    batched evaluation and keeps each example's best point, the current one included, so no
+    ``f_b`` ever rises. ``L_b`` bounds example b's curvature: ``d^T H d = Var_p(Z_b d) <=
+    max_c ||Zc_b[c]||^2 ||d||^2`` with ``Zc_b`` the class-centred logits, so the step
+    ``1 / L_b`` alone already guarantees the O(L_b / t) rate, and the longer steps reach a flat
+    optimum far sooner. K is small, so an iteration costs a few ``[B, 9, C]`` tensor
+    operations, with no host synchronisation.
     """
     z = logits.double()
-    k = z.shape[0]
+    k, b = z.shape[:2]
     centred = z - z.mean(-1, keepdim=True)
-    bound = centred.square().sum(0).amax(-1).mean().clamp_min(1e-12)
-    steps = 4.0 ** torch.arange(LINEAR_STEP_SIZES, device=z.device, dtype=z.dtype) / bound
+    bound = centred.square().sum(0).amax(-1).clamp_min(1e-12)                  # [B]
+    steps = 4.0 ** torch.arange(LINEAR_STEP_SIZES, device=z.device, dtype=z.dtype) \
+        / bound[:, None]                                                        # [B, S]
     onehot = torch.nn.functional.one_hot(labels, z.shape[-1]).to(z.dtype)
-    w = torch.full((k,), 1.0 / k, device=z.device, dtype=z.dtype)
+    eye = torch.eye(k, device=z.device, dtype=z.dtype)
+    starts = torch.cat([torch.full((1, k), 1.0 / k, device=z.device, dtype=z.dtype), eye])
+    starts = starts.expand(b, k + 1, k)
+
+    def best_of(candidates: Tensor) -> Tensor:                                  # [B, J, K]
+        pick = _example_mix_ce(candidates, z, labels).argmin(-1)                # [B]
+        return candidates.gather(1, pick.view(-1, 1, 1).expand(-1, 1, k)).squeeze(1)
+
+    w = best_of(starts)                                                         # [B, K]
     for _ in range(iterations):
-        p = torch.softmax(torch.einsum("k,kbc->bc", w, z), -1)
-        grad = torch.einsum("bc,kbc->k", p - onehot, z) / z.shape[1]
-        candidates = torch.cat([w[None], project_to_simplex(w - steps[:, None] * grad)])
-        w = candidates[_mean_ce(candidates, z, labels).argmin()]
+        p = torch.softmax(torch.einsum("bk,kbc->bc", w, z), -1)
+        grad = torch.einsum("bc,kbc->bk", p - onehot, z)
+        moved = project_to_simplex(w[:, None] - steps[..., None] * grad[:, None])  # [B, S, K]
+        w = best_of(torch.cat([w[:, None], moved], 1))
     return w
 
 
 def linear_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """Eq. (5): ``sum_k w_k z_k`` ``[B, C]`` with the CE-optimal convex weights."""
-    return torch.einsum("k,kbc->bc", linear_weights(logits, labels).to(logits.dtype), logits)
+    """Eq. (5) per example: ``z_t[b] = sum_k w[b, k] z_k[b]`` ``[B, C]`` with each example's
+    CE-optimal convex weights."""
+    w = linear_weights(logits, labels).to(logits.dtype)
+    return torch.einsum("bk,kbc->bc", w, logits)
+
+
+def simplex_quadratic_minimum(cov: Tensor) -> Tensor:
+    """The ``w`` ``[K]`` that minimises ``E(w) = w^T C w`` subject to ``w >= 0`` and
+    ``sum w = 1``, for a symmetric positive definite ``C`` ``[K, K]``, exactly.
+
+    ``E`` is strictly convex, so the minimum is unique, and on its support S (its non-zero
+    weights) it is the minimum under ``sum w = 1`` alone: ``w_S = C_SS^{-1} 1 / (1^T C_SS^{-1}
+    1)``, eq. (11) on S. Every one of the 2^K - 1 supports gives such a candidate (solved in
+    one batched call, each system padded with the identity off its support); the candidates with
+    no negative weight are feasible, the optimum's own support is among them, and no feasible
+    point has a lower ``E``: the feasible candidate of the lowest ``E`` is the minimum. K is
+    the number of students: at most :data:`GENERAL_MAX_STUDENTS` (4,095 solves of 12 x 12).
+    """
+    k = cov.shape[0]
+    if k > GENERAL_MAX_STUDENTS:
+        raise UserError(f"KDCL-General solves its weights exactly over all 2^K - 1 subsets of "
+                        f"its K students: at most {GENERAL_MAX_STUDENTS} students, got {k}")
+    bits = torch.arange(k, device=cov.device)
+    masks = ((torch.arange(1, 2 ** k, device=cov.device)[:, None] >> bits) & 1).to(cov.dtype)
+    systems = cov * masks[:, :, None] * masks[:, None, :] + torch.diag_embed(1 - masks)
+    x = torch.linalg.solve(systems, masks)                                  # zero off support
+    w = x / x.sum(-1, keepdim=True)
+    feasible = w.amin(-1) >= -1e-9  # rounding of weights that are 0 at the optimum
+    w = w.clamp_min(0)
+    w = w / w.sum(-1, keepdim=True)
+    energy = torch.einsum("sk,kl,sl->s", w, cov, w)
+    energy = torch.where(feasible, energy, torch.full_like(energy, float("inf")))
+    return w[energy.argmin()]
 
 
 def general_weights(holdout_logits: Tensor, labels: Tensor, ridge: float = 1e-6) -> Tensor:
     """Eqs. (8)-(11): weights ``[K]`` from the students' hold-out errors, in float64.
 
     With ``f_k(x)`` student k's probability of the right class and ``t = 1`` the ideal, the
-    error covariance is ``C_ij = mean_n (f_i - 1)(f_j - 1)`` (eq. 10) and eq. (11) gives
-    ``w = C^{-1} 1 / (1^T C^{-1} 1)``, the weights minimising the ensemble's squared error
-    under ``sum w = 1``. Two guards: a ridge of ``ridge * mean(diag C)`` on the diagonal keeps a
-    singular ``C`` (students that agree perfectly, or a perfect one) solvable, and eq. (11) can
-    give negative weights (or weights above 1), which would make the target no probability
-    distribution, so ``w`` is projected onto the simplex (exact Euclidean projection).
+    error covariance is ``C_ij = mean_n (f_i - 1)(f_j - 1)`` (eq. 10), and the weights are the
+    minimum of the ensemble's squared error ``E = w^T C w`` (eq. 9) under the paper's
+    constraint "The weight should satisfy w_i in [0, 1] (i = 1, 2, ..., m) and sum_i w_i = 1"
+    (section 3.2, KDCL-General), solved exactly (:func:`simplex_quadratic_minimum`). That is
+    eq. (11), ``w = C^{-1} 1 / (1^T C^{-1} 1)``, whenever eq. (11)'s weights are all >= 0;
+    where eq. (11) goes negative (it minimises E under ``sum w = 1`` alone) the minimum lies
+    on a face of the simplex, which a projection of eq. (11) onto the simplex does not find. A
+    ridge of ``ridge * mean(diag C)`` on the diagonal keeps a singular ``C`` (students that
+    agree perfectly, or a perfect one) solvable and the minimum unique.
     """
     z = holdout_logits.double()
     right = torch.softmax(z, -1).gather(-1, labels.view(1, -1, 1).expand(z.shape[0], -1, 1))
@@ -109,8 +173,7 @@ def general_weights(holdout_logits: Tensor, labels: Tensor, ridge: float = 1e-6)
     k = cov.shape[0]
     cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(k, dtype=cov.dtype,
                                                                             device=cov.device)
-    inverse_rows = torch.linalg.solve(cov, torch.ones(k, dtype=cov.dtype, device=cov.device))
-    return project_to_simplex(inverse_rows / inverse_rows.sum())     # eq. (11), then projected
+    return simplex_quadratic_minimum(cov)                            # eq. (9) on the simplex
 
 
 TARGETS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -118,43 +181,51 @@ TARGETS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "minlogit": minlogit_logits,
     "naive": naive_logits,
 }
+#: the ensemble targets: TARGETS' logits, or "general"'s weighted average of probabilities
+Target = Annotated[Literal[tuple(sorted([*TARGETS, "general"]))], Field(
+    description="the ensemble teacher: naive (eq. 4), linear (eq. 5), minlogit (eqs. 6-7) or "
+                "general (eqs. 8-11, weights from the hold-out split)")]
 
 
+# "general" exercises end_epoch and a checkpointed buffer; "views" is KDCL's ICL
+@register_objective("kdcl", example=ObjectiveExample(args={"target": "general"},
+                                                     data="views"))
 class EnsembleTargetLoss(Objective):
     """Every student learns from the labels and from one target built from all students.
 
     For K >= 2 students with logits z_k (B examples), labels y::
 
-        z_t  = h(z_1, ..., z_K)                 # eq. (3), detached: naive / linear / minlogit
+        z_t  = h(z_1, ..., z_K)                 # eq. (3), detached, per example:
+                                                # naive / linear / minlogit
         p_t  = softmax(z_t / T)
         L_k  = CE(y, z_k) + lambda * T^2 * KL(p_t || softmax(z_k / T))      # eq. (2)
         KL   = (1/B) sum_b sum_i p_t[b, i] * (log p_t[b, i] - log softmax(z_k[b] / T)_i)
         L    = sum_k L_k
 
-    naive (eq. 4): z_t = the z_k with the lowest CE on the batch. linear (eq. 5): z_t =
-    sum_k w_k z_k with the convex w minimising CE(y, z_t) on the batch. minlogit (eqs. 6-7):
-    z_t[b, c] = min_k (z_k[b, c] - z_k[b, y_b]). The paper's CIFAR setting is T=2, lambda=1.
+    Per example b, as the paper's "Each column of the matrix Z represents the logit of a
+    student" reads (module docstring): naive (eq. 4): z_t[b] = the z_k[b] with the lowest CE on
+    example b. linear (eq. 5): z_t[b] = sum_k w[b, k] z_k[b] with the convex w[b] minimising
+    CE(y_b, z_t[b]). minlogit (eqs. 6-7): z_t[b, c] = min_k (z_k[b, c] - z_k[b, y_b]). The
+    paper's CIFAR setting is T=2, lambda=1.
     general (eqs. 8-11): p_t = sum_k w_k softmax(z_k / T), a weighted average of
-    PROBABILITIES, with ``w`` from :func:`general_weights` on the students' hold-out outputs,
-    recomputed after every epoch (equal weights before the first update); ``w`` is a buffer,
-    so it is checkpointed and a resumed run uses the same weights.
+    PROBABILITIES, with ``w`` from :func:`general_weights` on the students' hold-out outputs
+    (eq. 9's minimum on the simplex), recomputed after every epoch (equal weights before the
+    first update); ``w`` is a buffer, so it is checkpointed and a resumed run uses the same
+    weights. At most :data:`GENERAL_MAX_STUDENTS` students with general.
     parts: "hard" = CE, "soft" = T^2 KL (before lambda).
     """
 
     min_heads = 2
 
-    def __init__(self, target: str = "minlogit", temperature: float = 2.0,
-                 weight: float = 1.0) -> None:
+    def __init__(self, target: Target = "minlogit", temperature: Temperature = 2.0,
+                 weight: Annotated[NonNegative, Field(
+                     description="lambda: weight of the KL term")] = 1.0) -> None:
         super().__init__()
-        valid = sorted([*TARGETS, "general"])
-        if not isinstance(target, str) or target not in valid:
-            raise ArgumentError("target", f"must be one of {', '.join(valid)}, got {target!r}")
         self.target = target
         self.wants_holdout = target == "general"
         if target == "general":  # sized by check_compatible (the engine) or the first batch
             self.register_buffer("general_weights", torch.ones(0))
-        self.temperature = check_number("temperature", temperature, 0, low_open=True)
-        self.weight = check_number("weight", weight, 0)
+        self.temperature, self.weight = temperature, weight
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -178,6 +249,10 @@ class EnsembleTargetLoss(Objective):
     def check_compatible(self, num_heads: int, num_classes: int) -> None:
         """Also sizes General's weights: equal until the first hold-out update."""
         super().check_compatible(num_heads, num_classes)
+        if self.target == "general" and num_heads > GENERAL_MAX_STUDENTS:
+            raise UserError(f"kdcl's general target solves its weights exactly over all "
+                            f"2^K - 1 subsets of its K students: at most {GENERAL_MAX_STUDENTS} "
+                            f"students, got {num_heads}")
         if self.target == "general" and self.general_weights.numel() != num_heads:
             self.general_weights = torch.full((num_heads,), 1.0 / num_heads,
                                               device=self.general_weights.device)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.graphs.base import INPUT
-from collabsurgery.objectives.base import (LossContext, Objective, Step, check_number,
+from collabsurgery.objectives.base import (LossContext, Objective, Step, Temperature, Unit,
                                            cross_entropy_per_head, kl_per_head)
+from collabsurgery.objectives.registry import ObjectiveExample, register_objective
 
 
 def group_rampup(step: Step, start: float, end: float) -> float:
@@ -24,6 +28,7 @@ def group_rampup(step: Step, start: float, end: float) -> float:
     return math.exp(-5.0 * (1.0 - lam) ** 2)
 
 
+@register_objective("cgl", example=ObjectiveExample(data="subsets"))
 class GroupImitationLoss(Objective):
     """Every student learns from the labels and from a random sub-group of the others.
 
@@ -52,19 +57,20 @@ class GroupImitationLoss(Objective):
     wants = (INPUT,)
     own_examples = True
 
-    def __init__(self, probability: float = 0.25, temperature: float = 3.0,
-                 rampup: tuple[float, float] | list[float] = (0.0, 0.2)) -> None:
+    def __init__(
+            self, probability: Annotated[float, Field(
+                gt=0, le=1, description="p: the chance that each other student joins a "
+                                        "student's sub-group in a step")] = 0.25,
+            temperature: Temperature = 3.0,
+            rampup: Annotated[Sequence[Unit], Field(
+                min_length=2, max_length=2, description="[start, end] of the KL ramp-up, "
+                                                        "fractions of training")] = (0.0, 0.2)
+            ) -> None:
         super().__init__()
-        self.probability = check_number("probability", probability, 0, 1, low_open=True)
-        self.temperature = check_number("temperature", temperature, 0, low_open=True)
-        if not isinstance(rampup, (list, tuple)) or len(rampup) != 2:
-            raise ArgumentError("rampup", f"must be [start, end], fractions of training, got "
-                                          f"{rampup!r}")
-        start = check_number("rampup", rampup[0], 0, 1)
-        end = check_number("rampup", rampup[1], 0, 1)
+        start, end = rampup
         if end < start:
             raise ArgumentError("rampup", f"must be [start, end] with start <= end, got {rampup!r}")
-        self.rampup = (start, end)
+        self.probability, self.temperature, self.rampup = probability, temperature, (start, end)
 
     def draw_subgroups(self, num_heads: int, step: Step) -> Tensor:
         """``[K, K]`` bool: row k marks the students imitated by k this step (never k itself)."""

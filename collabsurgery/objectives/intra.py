@@ -8,17 +8,23 @@ its weight > 0 and they combine freely (the paper's Table III grid).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.graphs.base import INPUT, TrainingGraph
 from collabsurgery.graphs.dropout import local_feature
-from collabsurgery.objectives.base import (LossContext, Objective, check_number,
+from collabsurgery.objectives.base import (LossContext, NonNegative, Objective, Temperature, Unit,
                                            cross_entropy_per_head, probe, soft_cross_entropy)
 from collabsurgery.objectives.local_losses import (LocalClassifier, depth_weights, mid_losses,
                                                    pull_push_losses)
+from collabsurgery.objectives.registry import ObjectiveExample, register_objective
+
+#: a weight at the shallowest local point, then at the deepest (linear in between)
+DepthPair = Annotated[Sequence[NonNegative], Field(min_length=2, max_length=2)]
 
 
 def kernel_decorrelation(weight: Tensor) -> Tensor:
@@ -43,6 +49,15 @@ def _module_names(graph: TrainingGraph) -> dict[str, nn.Module]:
     return names
 
 
+def _example_dropout(backbone: str, points: Sequence[str]) -> dict[str, Any]:
+    """Dropout views at two points with two local points up to the first one."""
+    middle = len(points) // 2
+    return {"split": [points[middle], points[-1]], "local": [points[middle - 2], points[middle]]}
+
+
+@register_objective("intra", example=ObjectiveExample(
+    kinds=("dropout",), graph={"dropout": _example_dropout},
+    args={"mid_weight": 1.0, "pull_push_weight": 0.01, "kernel_weight": 0.01}))
 class IntraModelLoss(Objective):
     """The four losses of paper 004, each weighted (0 switches it off), summed.
 
@@ -64,8 +79,11 @@ class IntraModelLoss(Objective):
     values: ours are a choice). Each trains its own module and its point's layer only.
 
     Kernel decorrelation: the sum of :func:`kernel_decorrelation` over the convolutions named by
-    ``kernel_layers`` (module names or prefixes of them, e.g. ``layer4``; default: the
-    convolutions of the model's last two top-level stages that hold any, the paper's best).
+    ``kernel_layers`` (module names or prefixes of them, e.g. ``layer4``); by default the
+    convolutions of the model's last two groups (:func:`last_conv_groups`), as the paper does:
+    "we found it beneficial to use Lkernel only in the last two groups of convolutions for
+    VGG-16 and ResNet-18" (section III-D): VGG-16's last six convolutions (two groups of three,
+    between its last pools), ResNet-18's layer3 and layer4.
 
     Losses of the whole step (L_mid, pull-push, kernel) count once per step: each view carries
     its share. Defaults are the paper's: T=2, alpha_out=0.5, alpha_mid=beta_mid=0.05 (K=2 views
@@ -74,25 +92,36 @@ class IntraModelLoss(Objective):
     parts: "hard" = CE, "soft" = J_soft, "mid", "pull_push", "kernel" (their shares per view).
     """
 
-    def __init__(self, out_weight: float = 1.0, alpha_out: float = 0.5,
-                 temperature: float = 2.0, mid_weight: float = 0.0, alpha_mid: float = 0.05,
-                 beta_mid: float = 0.05, pull_push_weight: float = 0.0,
-                 pull: Sequence[float] = (0.5, 1.0), push: Sequence[float] = (0.5, 0.1),
-                 kernel_weight: float = 0.0, kernel_layers: Sequence[str] | None = None) -> None:
+    def __init__(
+            self, out_weight: Annotated[NonNegative, Field(
+                description="weight of L_out (eq. 4; 0: off)")] = 1.0,
+            alpha_out: Annotated[Unit, Field(
+                description="weight of CE in L_out; 1 - alpha_out on J_soft")] = 0.5,
+            temperature: Temperature = 2.0,
+            mid_weight: Annotated[NonNegative, Field(
+                description="weight of L_mid (eqs. 5-7; 0: off; needs local points)")] = 0.0,
+            alpha_mid: Annotated[NonNegative, Field(
+                description="weight of the local classifiers' CE in L_mid")] = 0.05,
+            beta_mid: Annotated[NonNegative, Field(
+                description="weight of the local classifiers' soft term in L_mid")] = 0.05,
+            pull_push_weight: Annotated[NonNegative, Field(
+                description="weight of pull-push (eq. 9; 0: off; needs local points)")] = 0.0,
+            pull: Annotated[DepthPair, Field(
+                description="alpha_pull at the shallowest and the deepest local point")]
+            = (0.5, 1.0),
+            push: Annotated[DepthPair, Field(
+                description="alpha_push at the shallowest and the deepest local point")]
+            = (0.5, 0.1),
+            kernel_weight: Annotated[NonNegative, Field(
+                description="weight of kernel decorrelation (eq. 10; 0: off)")] = 0.0,
+            kernel_layers: Annotated[Sequence[str] | None, Field(
+                description="modules (or prefixes) whose convolutions are decorrelated "
+                            "(default: the model's last two groups)")] = None) -> None:
         super().__init__()
-        self.out_weight = check_number("out_weight", out_weight, 0)
-        self.alpha_out = check_number("alpha_out", alpha_out, 0, 1)
-        self.temperature = check_number("temperature", temperature, 0, low_open=True)
-        self.mid_weight = check_number("mid_weight", mid_weight, 0)
-        self.alpha_mid = check_number("alpha_mid", alpha_mid, 0)
-        self.beta_mid = check_number("beta_mid", beta_mid, 0)
-        self.pull_push_weight = check_number("pull_push_weight", pull_push_weight, 0)
-        self.pull, self.push = _pair("pull", pull), _pair("push", push)
-        self.kernel_weight = check_number("kernel_weight", kernel_weight, 0)
-        if kernel_layers is not None and (isinstance(kernel_layers, str) or not all(
-                isinstance(n, str) for n in kernel_layers)):
-            raise ArgumentError("kernel_layers", f"must be a list of module names, got "
-                                                 f"{kernel_layers!r}")
+        self.out_weight, self.alpha_out, self.temperature = out_weight, alpha_out, temperature
+        self.mid_weight, self.alpha_mid, self.beta_mid = mid_weight, alpha_mid, beta_mid
+        self.pull_push_weight, self.pull, self.push = pull_push_weight, tuple(pull), tuple(push)
+        self.kernel_weight = kernel_weight
         self.kernel_layers = None if kernel_layers is None else list(kernel_layers)
         self.convolutions: list[nn.Conv2d] = []
         self.points: list[str] = []
@@ -137,9 +166,11 @@ class IntraModelLoss(Objective):
 
     def _attach_kernels(self, graph: TrainingGraph) -> None:
         modules = _module_names(graph)
-        names = self.kernel_layers or _last_stages(modules)
+        if self.kernel_layers is None:
+            self.convolutions = last_conv_groups(graph, modules)
+            return
         convolutions = []
-        for name in names:
+        for name in self.kernel_layers:
             found = [m for n, m in modules.items() if n == name or n.startswith(name + ".")]
             if not found:
                 raise ArgumentError("kernel_layers", f"'{name}' is not a module of the model")
@@ -207,17 +238,33 @@ class IntraModelLoss(Objective):
                 f"kernel_weight={self.kernel_weight}, kernel_layers={self.kernel_layers}")
 
 
-def _pair(name: str, value: Sequence[float]) -> tuple[float, float]:
-    """Two non-negative numbers: the shallowest point's weight, then the deepest's."""
-    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
-        raise ArgumentError(name, f"must be two numbers [shallowest, deepest], got {value!r}")
-    return (check_number(name, value[0], 0), check_number(name, value[1], 0))
+def last_conv_groups(graph: TrainingGraph, modules: dict[str, nn.Module] | None = None,
+                     groups: int = 2) -> list[nn.Conv2d]:
+    """The 2D convolutions of the model's last ``groups`` groups, in model order.
 
-
-def _last_stages(modules: dict[str, nn.Module]) -> list[str]:
-    """The last two top-level modules that hold a convolution, in model order."""
-    tops = list(dict.fromkeys(n.split(".")[0] for n, m in modules.items()
-                              if n and isinstance(m, nn.Conv2d)))
-    if not tops:
+    A group is the convolutions between two spatial reductions: the graph runs once (on
+    :func:`~.base.probe`'s images at its input size) and every convolution is grouped by the
+    spatial size of its output; the groups are the sizes in the order the forward pass first
+    reaches them, and the last ``groups`` of them are taken. In VGG-16 a group is the
+    convolutions between two max pools (the last two: 512 channels at 1/8 and at 1/16, three
+    convolutions each); in a ResNet a stage (its strided first convolution and its shortcut
+    projection included: both output the stage's size), so ResNet-18's last two are layer3 and
+    layer4. ``modules``: the graph's modules by the plain model's names (default: all).
+    """
+    modules = _module_names(graph) if modules is None else modules
+    convs = [m for m in dict.fromkeys(modules.values()) if isinstance(m, nn.Conv2d)]
+    if not convs:
         raise UserError("kernel decorrelation needs convolutions; the model has none")
-    return tops[-2:]
+    sizes: dict[nn.Module, tuple[int, ...]] = {}  # in the order the forward pass reaches them
+
+    def record(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        sizes.setdefault(module, tuple(output.shape[2:]))
+
+    handles = [c.register_forward_hook(record) for c in convs]
+    try:
+        probe(graph, ())
+    finally:
+        for handle in handles:
+            handle.remove()
+    last = set(list(dict.fromkeys(sizes.values()))[-groups:])
+    return [c for c in convs if sizes.get(c) in last]

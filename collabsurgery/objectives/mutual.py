@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from collabsurgery.objectives.base import (LossContext, Objective, check_number,
+from collabsurgery.objectives.base import (LossContext, Objective, Temperature,
                                            cross_entropy_per_head, kl_per_head)
+from collabsurgery.objectives.registry import ObjectiveExample, register_objective
 
 
+@register_objective("dml", example=ObjectiveExample())
 class MutualLoss(Objective):
     """Every student learns from the labels and from each of the other students.
 
@@ -26,9 +28,9 @@ class MutualLoss(Objective):
 
     min_heads = 2
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: Temperature = 1.0) -> None:
         super().__init__()
-        self.temperature = check_number("temperature", temperature, 0, low_open=True)
+        self.temperature = temperature
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -7,9 +7,10 @@ from torch import Tensor, nn
 
 from collabsurgery.errors import UserError
 from collabsurgery.graphs.base import TrainingGraph
-from collabsurgery.objectives.base import (LossContext, Objective, check_number,
+from collabsurgery.objectives.base import (LossContext, Objective, RampupEpochs, Temperature,
                                            cross_entropy_per_head, kl_per_head, probe,
                                            require_shared_batch, sigmoid_rampup)
+from collabsurgery.objectives.registry import ObjectiveExample, register_objective
 
 
 def make_gate(channels: int, branches: int) -> nn.Sequential:
@@ -20,6 +21,7 @@ def make_gate(channels: int, branches: int) -> nn.Sequential:
                          nn.BatchNorm1d(branches), nn.ReLU(), nn.Softmax(dim=1))
 
 
+@register_objective("one", example=ObjectiveExample(kinds=("tree",)))
 class NativeEnsembleLoss(Objective):
     """K branches on a shared trunk learn from the labels and from their gated ensemble.
 
@@ -42,10 +44,13 @@ class NativeEnsembleLoss(Objective):
     parts: "hard" = CE(y, z_k), "ensemble" = CE(y, z_e) / K, "soft" = T^2 KL_k (before w).
     """
 
-    def __init__(self, temperature: float = 3.0, rampup_epochs: float = 80.0) -> None:
+    #: Lan et al.'s ONE sums the branch losses with no rescaling of the trunk's gradient
+    graph_defaults = {"rescale": "none"}
+
+    def __init__(self, temperature: Temperature = 3.0, rampup_epochs: RampupEpochs = 80.0
+                 ) -> None:
         super().__init__()
-        self.temperature = check_number("temperature", temperature, 0, low_open=True)
-        self.rampup_epochs = check_number("rampup_epochs", rampup_epochs, 0)
+        self.temperature, self.rampup_epochs = temperature, rampup_epochs
         self.gate: nn.Sequential | None = None
 
     def attach(self, graph: TrainingGraph) -> None:

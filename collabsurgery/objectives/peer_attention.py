@@ -8,14 +8,19 @@ peers diverse; the leader learns from the plain mean of the peers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Annotated, Any
+
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from collabsurgery.errors import ArgumentError, UserError
+from collabsurgery.errors import UserError
 from collabsurgery.graphs.base import TrainingGraph
-from collabsurgery.objectives.base import (LossContext, Objective, check_number,
-                                           cross_entropy_per_head, kl_per_head, probe,
+from collabsurgery.objectives.base import (LossContext, NonNegative, Objective, RampupEpochs,
+                                           Temperature, cross_entropy_per_head, kl_per_head, probe,
                                            require_shared_batch, sigmoid_rampup)
+from collabsurgery.objectives.registry import ObjectiveExample, register_objective
 
 
 class PeerAttention(nn.Module):
@@ -39,6 +44,13 @@ class PeerAttention(nn.Module):
         return torch.softmax(torch.einsum("abd,jbd->baj", q, k), dim=-1)
 
 
+def _example_tree(backbone: str, points: Sequence[str]) -> dict[str, Any]:
+    """Peers that branch in the middle and keep their own last split point's feature."""
+    return {"split": [points[len(points) // 2], points[-1]], "heads": 3, "branches": [3, 1]}
+
+
+@register_objective("okddip", example=ObjectiveExample(kinds=("tree",),
+                                                       graph={"tree": _example_tree}))
 class PeerAttentionLoss(Objective):
     """OKDDip's loss over m peers (heads ``0..m-1``) and a leader (head ``m``, the last).
 
@@ -51,16 +63,22 @@ class PeerAttentionLoss(Objective):
                 + w(t) T^2 [ sum_a KL(s(t_a/T) || s(z_a/T)) + KL(s(t_L/T) || s(z_L/T)) ]
         w(t)  = exp(-5 (1 - min(1, t / R))^2),  t = epochs done (Step.epochs_done)
 
-    What is detached for which parameters:
+    Nothing is detached, as in the authors' code (DefangChen/OKDDip at c052f5b,
+    ``models/model_cifar/resnet_GL.py`` lines 238-240 build ``x_m = bmm(pro, attention^T)`` from
+    the live peer logits ``pro`` and the attention of the live pooled branch features;
+    ``train_GL.py`` line 104 gives the leader ``KL_Loss(x_stu, mean(output_batch))``, and
+    ``utils.py`` ``KL_Loss`` detaches no teacher):
 
-    - the logits z_j inside t_a and t_L are detached: no head is trained to move towards the
-      student that imitates it, so a peer's branch and the trunk learn only from their own CE
-      and from the student side (z_a) of their own KL, and the leader likewise;
-    - alpha is NOT detached: the attention projections W_q, W_k learn only through the peer
-      targets t_a (the first-level KL); no CE and not the leader's KL reaches them;
-    - the features h fed to the attention are detached: the attention loss trains W_q, W_k
-      and never shapes the backbone's features.
+    - the logits z_j inside t_a and t_L carry gradient: peer a's KL also moves every peer j
+      towards or away from it through t_a, and the leader's KL moves the peers through t_L;
+    - alpha carries gradient: W_q, W_k learn through the peer targets t_a (no CE and not the
+      leader's KL reaches them);
+    - the features h fed to the attention carry gradient: the attention shapes each peer's
+      branch (h is the branch's pooled feature, its classifier's input, as in the reference).
 
+    Tested on parameter gradients against a transcription of the reference
+    (``tests/test_reference_losses.py``). The one difference: the reference adds 1e-7 to the
+    teacher's probabilities in each KL; we do not (a change below 1e-5 relative).
     Defaults are the reference code's: T = 3, R = 80 epochs (of 300), D' = D / 8.
     ``feature`` names a graph feature every head has its own copy of, e.g. the pooled features
     of a tree split at ``[layer2, global_pool]`` with ``branches: [H, 1]``; by default the
@@ -71,20 +89,22 @@ class PeerAttentionLoss(Objective):
 
     min_heads = 3
     default_export = "last"
+    #: train_GL.py sums the branch losses with no rescaling of the trunk's gradient
+    graph_defaults = {"rescale": "none"}
 
-    def __init__(self, temperature: float = 3.0, weight: float = 1.0, rampup_epochs: float = 80.0,
-                 projection_factor: int = 8, feature: str | None = None) -> None:
+    def __init__(
+            self, temperature: Temperature = 3.0,
+            weight: Annotated[NonNegative, Field(
+                description="weight of the KL terms (before the ramp-up)")] = 1.0,
+            rampup_epochs: RampupEpochs = 80.0,
+            projection_factor: Annotated[int, Field(
+                ge=1, description="the attention projects a D-channel feature to D / factor")] = 8,
+            feature: Annotated[str | None, Field(
+                description="the graph feature each peer has its own copy of (default: the "
+                            "graph's last split point)")] = None) -> None:
         super().__init__()
-        self.temperature = check_number("temperature", temperature, 0, low_open=True)
-        self.weight = check_number("weight", weight, 0)
-        self.rampup_epochs = check_number("rampup_epochs", rampup_epochs, 0)
-        if isinstance(projection_factor, bool) or not isinstance(projection_factor, int) \
-                or projection_factor < 1:
-            raise ArgumentError("projection_factor", f"must be an integer >= 1, got "
-                                                     f"{projection_factor!r}")
-        if feature is not None and not isinstance(feature, str):
-            raise ArgumentError("feature", f"must be a feature name, got {feature!r}")
-        self.projection_factor = projection_factor
+        self.temperature, self.weight = temperature, weight
+        self.rampup_epochs, self.projection_factor = rampup_epochs, projection_factor
         self.feature = feature
         self.attention: PeerAttention | None = None
 
@@ -124,10 +144,10 @@ class PeerAttentionLoss(Objective):
         require_shared_batch(labels, "OKDDip")
         t, step = self.temperature, context.step
         peers = logits[:-1]
-        alpha = self.attention(context.features[self.wants[0]][:-1].detach().float())
-        fixed = peers.detach()
-        peer_targets = torch.einsum("baj,jbc->abc", alpha, fixed)
-        leader_target = fixed.mean(0, keepdim=True)
+        # nothing detached: the reference code's gradients (see the class docstring)
+        alpha = self.attention(context.features[self.wants[0]][:-1].float())
+        peer_targets = torch.einsum("baj,jbc->abc", alpha, peers)
+        leader_target = peers.mean(0, keepdim=True)
         targets = torch.cat([peer_targets, leader_target])
         soft = kl_per_head(torch.softmax(targets / t, dim=-1), logits, t)
         hard = cross_entropy_per_head(logits, labels)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
 from torch import Tensor
 
-from collabsurgery.objectives.base import (LossContext, Objective, check_number,
-                                           cross_entropy_per_head)
+from collabsurgery.objectives.base import LossContext, Objective, cross_entropy_per_head
+from collabsurgery.objectives.registry import ObjectiveExample, register_objective
 
 
+@register_objective("single", example=ObjectiveExample(data="subsets"))
 class SingleLoss(Objective):
     """Plain cross entropy per head, summed: ``L = sum_h CE(y, z_h)``.
 
@@ -23,6 +27,7 @@ class SingleLoss(Objective):
         return hard, {"hard": hard}
 
 
+@register_objective("label_smoothing", example=ObjectiveExample(data="subsets"))
 class LabelSmoothingLoss(Objective):
     """Cross entropy with label smoothing per head, summed.
 
@@ -32,9 +37,11 @@ class LabelSmoothingLoss(Objective):
 
     own_examples = True
 
-    def __init__(self, smoothing: float = 0.1) -> None:
+    def __init__(self, smoothing: Annotated[float, Field(
+            ge=0, lt=1, description="eps: the target is (1 - eps) onehot(y) + eps / C")] = 0.1
+                 ) -> None:
         super().__init__()
-        self.smoothing = check_number("smoothing", smoothing, 0, 1, high_open=True)
+        self.smoothing = smoothing
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:
