@@ -6,7 +6,8 @@ the graph, the arguments and the batches come from its :class:`ObjectiveExample`
 branch on the name here. For every case: declarations that hold together and an ``attach`` that
 leaves the graph alone, a finite loss, a finite gradient to every trainable parameter of graph
 and objective, the objective's state round trip, a bit-exact resume from a checkpoint written
-between two SGD steps, and exports with exactly the plain model's keys. A toy objective
+between two SGD steps, exports with exactly the plain model's keys, and soft targets (mixup,
+cutmix, label smoothing) taken exactly as the labels or refused with a reason. A toy objective
 registered by a fixture gets the same checks, and fails them when it breaks the protocol.
 
 CPU, cifar_resnet20 at 16 px, batch 2, 10 classes; each graph is built once and copied.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.functional import one_hot
 
 import collabsurgery as cs
-from collabsurgery.graphs import GRAPH_KINDS, TrainingGraph, build_graph, builder_arguments
+from collabsurgery.errors import UserError
+from collabsurgery.graphs import (GRAPH_KINDS, GraphOutput, TrainingGraph, build_graph,
+                                  builder_arguments)
 from collabsurgery.graphs.base import EXAMPLES as GRAPH_EXAMPLES
 from collabsurgery.models import backbones
 from collabsurgery.objectives import (EXAMPLES, OBJECTIVES, ConsensusLoss, LossContext, MutualLoss,
@@ -287,8 +292,86 @@ def check_export(case: Case, tmp_path: Path) -> None:
         assert not exported & owned and not any(k.startswith("objective.") for k in exported)
 
 
+def mixed(labels: torch.Tensor, lam: float = 0.7) -> torch.Tensor:
+    """Mixup's targets for integer ``labels`` (``[B]`` or ``[H, B]``): ``lam`` of each example's
+    one-hot label and ``1 - lam`` of another class's, ``[..., C]``."""
+    return lam * one_hot(labels, CLASSES).float() + \
+        (1 - lam) * one_hot((labels + 1) % CLASSES, CLASSES).float()
+
+
+def check_soft_targets(case: Case, tmp_path: Path) -> None:
+    """An objective that takes soft targets (``soft_target_problem()`` None): one-hot targets
+    ``[B, C]`` or ``[H, B, C]`` give the labels' loss and gradients (logits' and owned
+    parameters'), mixed targets change the loss, and a mixed batch ``[B, C]`` or ``[H, B, C]``
+    gives a finite loss and a finite gradient to every trainable parameter, non-zero wherever the
+    labels' is. One that refuses them says why in one line, and its forward raises that as a
+    UserError."""
+    collab, _, mode = setup(case)
+    graph, objective = collab.graph.train(), collab.objective
+    h = graph.num_heads
+    x, labels = batch(mode, h, seed=0)
+    problem = objective.soft_target_problem()
+    if problem is not None:
+        assert isinstance(problem, str) and problem.strip() and "\n" not in problem, problem
+        with pytest.raises(UserError, match=re.escape(problem)):
+            collab(x, mixed(labels), step_at(0))
+        return
+
+    torch.manual_seed(1000)
+    with torch.no_grad():
+        out = graph.run(x, wants=objective.wants)
+    owned = [p for p in objective.parameters() if p.requires_grad]
+
+    def loss_and_gradients(targets: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = out.logits.detach().clone().requires_grad_()
+        objective.zero_grad(set_to_none=True)
+        torch.manual_seed(1001)
+        result = objective(GraphOutput(logits, out.features), targets, step_at(0), graph)
+        result.loss.backward()
+        grads = [logits.grad] + [torch.zeros_like(p) if p.grad is None else p.grad for p in owned]
+        return torch.cat([result.loss.view(1), result.per_head]), grads
+
+    hard, hard_grads = loss_and_gradients(labels)
+    # a per-head copy [H, B, C] (equal rows unless each head has its own examples)
+    hot = one_hot(labels, CLASSES).float()
+    for targets in (hot, hot.expand(h, *labels.shape[-1:], CLASSES).clone()):
+        soft, soft_grads = loss_and_gradients(targets)
+        torch.testing.assert_close(soft, hard, atol=1e-6, rtol=1e-6)
+        for a, b in zip(soft_grads, hard_grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(loss_and_gradients(mixed(labels))[0], hard), \
+        "mixed targets give the loss of their majority labels: the targets are not used"
+
+    def step_gradients(x: torch.Tensor, targets: torch.Tensor
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        collab.zero_grad(set_to_none=True)
+        torch.manual_seed(1000)
+        result = collab(x, targets, step_at(0))
+        (result.loss * graph.loss_weight).backward()
+        return result.loss, {n: p.grad for n, p in collab.named_parameters() if p.requires_grad}
+
+    x_shared, shared = batch("shared", h, seed=0)
+    batches = [(x_shared, mixed(shared))] + \
+        ([(x, mixed(labels))] if labels.dim() == 2 else [(x, mixed(labels).repeat(h, 1, 1))])
+    for x, targets in batches:
+        majority = targets.argmax(-1)
+        # a gradient that is zero in theory (a bias before BatchNorm) is rounding noise, which
+        # may be exactly zero: such a parameter need not move unless the labels move it
+        _, moved = step_gradients(x, majority)
+        loss, grads = step_gradients(x, targets)
+        assert torch.isfinite(loss), loss
+        skipped = parameters_cross_entropy_misses(graph, x, majority) \
+            if graph.may_skip_modules else set()
+        bad = [n for n, g in grads.items() if n not in skipped and
+               (g is None or not torch.isfinite(g).all()
+                or (not g.any() and moved[n] is not None and bool(moved[n].any())))]
+        assert not bad, f"targets {tuple(targets.shape)}: {len(bad)} of {len(grads)} " \
+                        f"parameters got no finite non-zero gradient, e.g. {bad[:5]}"
+
+
 CHECKS: tuple[Callable[[Case, Path], None], ...] = (
-    check_declarations, check_gradients, check_state_round_trip, check_resume, check_export)
+    check_declarations, check_gradients, check_state_round_trip, check_resume, check_export,
+    check_soft_targets)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -350,6 +433,29 @@ class ToyHiddenState(ToyBias):
         return per_head, parts
 
 
+class ToyHardLabels(ToyBias):
+    """Refuses soft targets, as an objective with a label term that has no soft form does."""
+
+    def soft_target_problem(self) -> str | None:
+        return "the toy's bias is indexed by the true class, which a mixed label does not have"
+
+
+class ToyArgmax(ToyBias):
+    """Breaks the protocol: claims soft targets but trains on their most likely class."""
+
+    def head_losses(self, logits: torch.Tensor, labels: torch.Tensor, context: LossContext
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return super().head_losses(
+            logits, labels.argmax(-1) if labels.is_floating_point() else labels, context)
+
+
+class ToyLongRefusal(ToyHardLabels):
+    """Breaks the protocol: its refusal is not one line."""
+
+    def soft_target_problem(self) -> str | None:
+        return "no soft targets:\nthe toy indexes its bias"
+
+
 TOY_EXAMPLE = ObjectiveExample(kinds=("instances",), data="subsets")
 
 
@@ -369,8 +475,9 @@ def register_toy() -> Iterator[Callable[[type[Objective]], str]]:
     assert (list(OBJECTIVES.items()), list(EXAMPLES.items())) == before
 
 
-def test_an_objective_is_covered_by_registering_it(register_toy, tmp_path) -> None:
-    name = register_toy(ToyBias)
+@pytest.mark.parametrize("toy", [ToyBias, ToyHardLabels], ids=["soft-targets", "hard-labels"])
+def test_an_objective_is_covered_by_registering_it(register_toy, tmp_path, toy) -> None:
+    name = register_toy(toy)
     assert cases_of([name]) == [Case(name, "instances")]
     for check in CHECKS:
         check(Case(name, "instances"), tmp_path)
@@ -381,7 +488,10 @@ def test_an_objective_is_covered_by_registering_it(register_toy, tmp_path) -> No
     (ToyOnTheGraph, check_declarations, "attach changed the graph's state"),
     (ToyHiddenState, check_state_round_trip, "train mode: the loaded objective's loss"),
     (ToyHiddenState, check_resume, "tensors differ"),
-], ids=["idle-module", "module-on-the-graph", "hidden-state-round-trip", "hidden-state-resume"])
+    (ToyArgmax, check_soft_targets, "the targets are not used"),
+    (ToyLongRefusal, check_soft_targets, "no soft targets:"),
+], ids=["idle-module", "module-on-the-graph", "hidden-state-round-trip", "hidden-state-resume",
+        "soft-targets-unused", "refusal-of-two-lines"])
 def test_the_checks_catch_a_toy_that_breaks_the_protocol(register_toy, tmp_path, toy, check,
                                                          match) -> None:
     with pytest.raises(AssertionError, match=match):

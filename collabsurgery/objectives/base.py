@@ -2,10 +2,16 @@
 
 ``objective(out, labels, step, graph) -> LossOutput`` where ``out`` is the graph's
 :class:`~collabsurgery.graphs.GraphOutput` (or just its logits ``[H, B, C]``), ``labels`` is
-``[B]`` (every head sees the same examples) or ``[H, B]`` (per-head subsets), ``step`` says
-where training is (ramp-ups, random choices) and ``graph`` is the graph itself (for objectives
-that run heads again on other inputs). A subclass implements :meth:`Objective.head_losses`; the
-base checks shapes and computes it in float32 with autocast off.
+``[B]`` (every head sees the same examples) or ``[H, B]`` (per-head subsets) integer labels, or
+soft targets (class probabilities, from mixup, cutmix or label smoothing): float ``[B, C]`` or
+``[H, B, C]``; ``step`` says where training is (ramp-ups, random choices) and ``graph`` is the
+graph itself (for objectives that run heads again on other inputs). A subclass implements
+:meth:`Objective.head_losses`; the base checks shapes and computes it in float32 with autocast
+off, with labels ``[H, B]`` or soft targets ``[H, B, C]``.
+
+Soft targets: every label term takes them (:func:`cross_entropy_per_head` takes both kinds;
+a one-hot target gives the hard label's loss). An objective with a label term that has no
+soft form says so in ``soft_target_problem()``; ``forward`` then refuses soft targets.
 
 The hook protocol, the one way an objective tells the engine what it needs. Every hook has a
 default that asks for nothing.
@@ -22,6 +28,8 @@ Declarations (class attributes; ``wants`` and ``wants_holdout`` may be set per i
   checkpointed or exported.
 - ``wants_holdout``: ``end_epoch`` gets every head's hold-out logits after each epoch.
 - ``default_export``: the head an export takes unless told: "best" (on hold-out) or "last".
+- ``soft_target_problem()``: None when every label term takes soft targets, else why not (a
+  phrase naming the setting): the engine refuses mixup, cutmix and label smoothing with it.
 - ``graph_defaults``: graph builder arguments the method's authors train with (ONE and OKDDip:
   ``rescale: none``), applied by a recipe whose graph section leaves them out and whose
   pattern takes them; a recipe's own value always wins.
@@ -153,9 +161,10 @@ class Objective(nn.Module):
     """Base class: checks shapes, turns autocast off and computes in float32.
 
     Subclasses implement :meth:`head_losses`, which gets float32 logits ``[H, B, C]``, labels
-    ``[H, B]`` and a :class:`LossContext`, and returns ``(per_head_losses [H], parts)`` where
-    ``parts`` maps names to per-head tensors ``[H]``. What else an objective may declare or
-    implement is the hook protocol of this module's docstring; nothing else is read.
+    ``[H, B]`` (integer) or soft targets ``[H, B, C]`` (float32) and a :class:`LossContext`,
+    and returns ``(per_head_losses [H], parts)`` where ``parts`` maps names to per-head tensors
+    ``[H]``. What else an objective may declare or implement is the hook protocol of this
+    module's docstring; nothing else is read.
     """
 
     min_heads: int = 1           # the fewest heads it trains
@@ -175,20 +184,32 @@ class Objective(nn.Module):
 
     def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None,
                 graph: TrainingGraph | None = None) -> LossOutput:
+        """The loss of ``out`` (a GraphOutput or logits ``[H, B, C]``) against integer labels
+        ``[B]`` / ``[H, B]`` or float soft targets ``[B, C]`` / ``[H, B, C]``; UserError for a
+        shape that does not fit, or soft targets where :meth:`soft_target_problem` says no."""
         if isinstance(out, Tensor):
             out = GraphOutput(out)
         logits = out.logits
         if logits.dim() != 3:
             raise UserError(f"logits must be [H, B, C], got shape {tuple(logits.shape)}")
-        h, b = logits.shape[:2]
-        if labels.shape not in ((b,), (h, b)):
+        h, b, c = logits.shape
+        soft = labels.is_floating_point()
+        if soft and labels.shape not in ((b, c), (h, b, c)):
+            raise UserError(f"soft targets must be [B, C] or [H, B, C] with H={h}, B={b}, C={c}, "
+                            f"got shape {tuple(labels.shape)}")
+        if not soft and labels.shape not in ((b,), (h, b)):
             raise UserError(f"labels must be [B] or [H, B] with H={h}, B={b}, got shape "
                             f"{tuple(labels.shape)}")
         if h < self.min_heads:
             raise UserError(f"{type(self).__name__} needs at least {self.min_heads} heads, got {h}")
+        problem = self.soft_target_problem() if soft else None
+        if problem is not None:
+            raise UserError(f"{type(self).__name__} takes no soft targets (mixup, cutmix, label "
+                            f"smoothing): {problem}")
         context = LossContext(out.features, step or Step(), graph)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            per_head, parts = self.head_losses(logits.float(), labels.expand(h, b), context)
+            targets = labels.float().expand(h, b, c) if soft else labels.expand(h, b)
+            per_head, parts = self.head_losses(logits.float(), targets, context)
         return LossOutput(
             loss=per_head.sum(),
             per_head=per_head.detach(),
@@ -201,6 +222,12 @@ class Objective(nn.Module):
         if num_heads < self.min_heads:
             raise UserError(f"{type(self).__name__} needs at least {self.min_heads} heads, "
                             f"got {num_heads}")
+
+    def soft_target_problem(self) -> str | None:
+        """None when the objective takes soft targets (mixup, cutmix, label smoothing), else a
+        one-line reason naming the setting that cannot and the settings that can; the engine
+        refuses soft targets with it at setup and ``forward`` refuses them."""
+        return None
 
     def attach(self, graph: TrainingGraph) -> None:
         """Called once by the engine (and by users of the API) before the optimizer is made:
@@ -243,11 +270,15 @@ def _checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
 
 
 def cross_entropy_per_head(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean-over-batch CE of every head: ``[H, B, C]``, labels ``[B]`` or ``[H, B]`` -> ``[H]``."""
+    """Mean-over-batch CE of every head: ``[H, B, C]`` -> ``[H]``, against integer labels ``[B]``
+    or ``[H, B]``, or soft targets ``t`` ``[B, C]`` or ``[H, B, C]`` (float probabilities:
+    ``-sum_c t_c log softmax(z)_c``). ``label_smoothing`` eps smooths either kind of target to
+    ``(1 - eps) t + eps / C``."""
     h, b, c = logits.shape
+    soft = labels.is_floating_point()
     ce = nn.functional.cross_entropy(
         logits.reshape(h * b, c),
-        labels.expand(h, b).reshape(h * b),
+        labels.expand(h, b, c).reshape(h * b, c) if soft else labels.expand(h, b).reshape(h * b),
         reduction="none",
         label_smoothing=label_smoothing,
     )
@@ -298,8 +329,8 @@ def probe(graph: TrainingGraph, wants: tuple[str, ...]) -> GraphOutput:
 
 
 def require_shared_batch(labels: Tensor, method: str) -> None:
-    """UserError unless every head sees the same examples (labels ``[H, B]`` all equal rows):
-    ``method`` combines the heads' outputs example by example."""
+    """UserError unless every head sees the same examples (labels ``[H, B]`` or soft targets
+    ``[H, B, C]`` all equal rows): ``method`` combines the heads' outputs example by example."""
     if labels.stride(0) != 0 and not torch.equal(labels, labels[:1].expand_as(labels)):
         raise UserError(f"{method} combines the heads' outputs on each example, so every head "
                         "must see the same examples; got different labels per head")

@@ -3,6 +3,9 @@
 The target constructions are small pure functions over detached logits ``[K, B, C]`` and
 labels ``[B]`` that return the ensemble teacher's logits ``z_t`` ``[B, C]`` (paper eq. (3));
 :class:`EnsembleTargetLoss` turns them into ``softmax(z_t / T)`` and the loss of eq. (2).
+Naive and Linear also take soft targets ``[B, C]`` (mixup, cutmix, label smoothing): their CE
+is then the soft CE, ``-sum_c t_c log softmax(z)_c``, and a one-hot target gives the label's
+choice exactly. MinLogit subtracts the true class's logit, which a soft target has not.
 
 Every logit target is built per example, as the paper writes eqs. (4), (5) and (7): "Let matrix
 Z = (z_1^T; z_2^T; ...; z_m^T). Each column of the matrix Z represents the logit of a student"
@@ -34,14 +37,19 @@ GENERAL_MAX_STUDENTS = 12
 
 
 def _example_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """CE of every student on every example: ``[K, B, C]``, labels ``[B]`` -> ``[K, B]``."""
-    right = logits.gather(-1, labels.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
+    """CE of every student on every example: ``[K, B, C]``, labels ``[B]`` or soft targets
+    ``[B, C]`` -> ``[K, B]``."""
+    if labels.is_floating_point():  # targets sum to 1: -sum_c t_c (z_c - lse) = lse - t . z
+        right = (logits * labels).sum(-1)
+    else:
+        right = logits.gather(-1, labels.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
     return torch.logsumexp(logits, -1) - right
 
 
 def naive_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """Eq. (4) per example: ``z_t[b]`` is the logits of the student with the lowest CE on
-    example b (the first such student on a tie), ``[B, C]``."""
+    example b (the first such student on a tie), ``[B, C]``; labels ``[B]`` or soft targets
+    ``[B, C]``."""
     best = _example_ce(logits, labels).argmin(0)                              # [B]
     return logits.gather(0, best.view(1, -1, 1).expand(1, -1, logits.shape[-1])).squeeze(0)
 
@@ -70,15 +78,19 @@ def project_to_simplex(v: Tensor) -> Tensor:
 
 def _example_mix_ce(weights: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
     """CE on example b of the mixtures ``sum_k w[b, j, k] z_k[b]`` for every candidate j of
-    ``weights`` ``[B, J, K]``: ``[B, J]``."""
+    ``weights`` ``[B, J, K]``: ``[B, J]`` (labels ``[B]`` or soft targets ``[B, C]``)."""
     mixed = torch.einsum("bjk,kbc->bjc", weights, logits)
-    right = mixed.gather(-1, labels.view(-1, 1, 1).expand(-1, weights.shape[1], 1)).squeeze(-1)
+    if labels.is_floating_point():
+        right = (mixed * labels[:, None]).sum(-1)
+    else:
+        right = mixed.gather(-1, labels.view(-1, 1, 1).expand(-1, weights.shape[1], 1)).squeeze(-1)
     return torch.logsumexp(mixed, -1) - right
 
 
 def linear_weights(logits: Tensor, labels: Tensor, iterations: int = LINEAR_ITERATIONS) -> Tensor:
     """Eq. (5) for every example: convex weights ``w[b]`` (``w >= 0``, ``sum_k w[b, k] = 1``)
-    that minimise ``f_b(w) = CE(y_b, sum_k w_k z_k[b])``, ``[B, K]``, in float64.
+    that minimise ``f_b(w) = CE(y_b, sum_k w_k z_k[b])``, ``[B, K]``, in float64; labels ``[B]``
+    or soft targets ``[B, C]`` (the soft CE, as convex in the logits).
 
     Each ``f_b`` is convex and smooth in ``w`` (CE is convex in the logits, which are linear
     in ``w``), so projected gradient descent with the exact simplex projection converges to the
@@ -98,7 +110,10 @@ def linear_weights(logits: Tensor, labels: Tensor, iterations: int = LINEAR_ITER
     bound = centred.square().sum(0).amax(-1).clamp_min(1e-12)                  # [B]
     steps = 4.0 ** torch.arange(LINEAR_STEP_SIZES, device=z.device, dtype=z.dtype) \
         / bound[:, None]                                                        # [B, S]
-    onehot = torch.nn.functional.one_hot(labels, z.shape[-1]).to(z.dtype)
+    if labels.is_floating_point():
+        labels = onehot = labels.to(z.dtype)
+    else:
+        onehot = torch.nn.functional.one_hot(labels, z.shape[-1]).to(z.dtype)
     eye = torch.eye(k, device=z.device, dtype=z.dtype)
     starts = torch.cat([torch.full((1, k), 1.0 / k, device=z.device, dtype=z.dtype), eye])
     starts = starts.expand(b, k + 1, k)
@@ -118,7 +133,7 @@ def linear_weights(logits: Tensor, labels: Tensor, iterations: int = LINEAR_ITER
 
 def linear_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """Eq. (5) per example: ``z_t[b] = sum_k w[b, k] z_k[b]`` ``[B, C]`` with each example's
-    CE-optimal convex weights."""
+    CE-optimal convex weights (labels ``[B]`` or soft targets ``[B, C]``)."""
     w = linear_weights(logits, labels).to(logits.dtype)
     return torch.einsum("bk,kbc->bc", w, logits)
 
@@ -206,7 +221,8 @@ class EnsembleTargetLoss(Objective):
     student" reads (module docstring): naive (eq. 4): z_t[b] = the z_k[b] with the lowest CE on
     example b. linear (eq. 5): z_t[b] = sum_k w[b, k] z_k[b] with the convex w[b] minimising
     CE(y_b, z_t[b]). minlogit (eqs. 6-7): z_t[b, c] = min_k (z_k[b, c] - z_k[b, y_b]). The
-    paper's CIFAR setting is T=2, lambda=1.
+    paper's CIFAR setting is T=2, lambda=1. Soft targets t (mixup, cutmix, label smoothing)
+    replace y in every CE (naive's and linear's choices included); minlogit refuses them.
     general (eqs. 8-11): p_t = sum_k w_k softmax(z_k / T), a weighted average of
     PROBABILITIES, with ``w`` from :func:`general_weights` on the students' hold-out outputs
     (eq. 9's minimum on the simplex), recomputed after every epoch (equal weights before the
@@ -226,6 +242,14 @@ class EnsembleTargetLoss(Objective):
         if target == "general":  # sized by check_compatible (the engine) or the first batch
             self.register_buffer("general_weights", torch.ones(0))
         self.temperature, self.weight = temperature, weight
+
+    def soft_target_problem(self) -> str | None:
+        """MinLogit needs each example's true class; the other targets take soft targets."""
+        if self.target == "minlogit":
+            return ("kdcl target 'minlogit' subtracts the true class's logit, and a soft target "
+                    "(mixed or smoothed) names no single true class; valid with mixup/cutmix/"
+                    "label smoothing: target naive, linear or general")
+        return None
 
     def head_losses(self, logits: Tensor, labels: Tensor, context: LossContext
                     ) -> tuple[Tensor, dict[str, Tensor]]:

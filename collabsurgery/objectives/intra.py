@@ -2,7 +2,8 @@
 
 L_out (eq. 4) over the dropout views, L_mid (eqs. 5-7) and pull-push (eqs. 8-9) at the graph's
 local points (``objectives.local_losses``), kernel decorrelation (eq. 10); each is switched on by
-its weight > 0 and they combine freely (the paper's Table III grid).
+its weight > 0 and they combine freely (the paper's Table III grid). Every term takes soft
+targets (mixup, cutmix, label smoothing): see ``objectives.local_losses``.
 """
 
 from __future__ import annotations
@@ -192,8 +193,9 @@ class IntraModelLoss(Objective):
             soft = soft_cross_entropy(q, logits, t) / t**2  # eq. 2: no T^2
         parts = {"hard": hard, "soft": soft}
         total = self.out_weight * (self.alpha_out * hard + (1 - self.alpha_out) * soft)
-        per_step = {"mid": self._mid(logits, labels, context) if self.mid_weight else None,
-                    "pull_push": self._pull_push(labels, context)
+        example = labels[0]  # the views share the examples: [B] labels or [B, C] targets
+        per_step = {"mid": self._mid(logits, example, context) if self.mid_weight else None,
+                    "pull_push": self._pull_push(example, context)
                     if self.pull_push_weight else None,
                     "kernel": self._kernel() if self.kernel_weight else None}
         weights = {"mid": self.mid_weight, "pull_push": self.pull_push_weight,
@@ -212,16 +214,14 @@ class IntraModelLoss(Objective):
 
     def _mid(self, logits: Tensor, labels: Tensor, context: LossContext) -> Tensor:
         local = [c(h) for c, h in zip(self.classifiers, self._local_features(context))]
-        hard, soft = mid_losses(local, logits.detach().float().mean(0), labels[0]
-                                if labels.dim() > 1 else labels, self.temperature)
+        hard, soft = mid_losses(local, logits.detach().float().mean(0), labels, self.temperature)
         return (self.alpha_mid * hard + self.beta_mid * soft).sum()
 
     def _pull_push(self, labels: Tensor, context: LossContext) -> Tensor:
         features = self._local_features(context)
         projected = [g(h) for g, h in zip(self.projections, features)]
         n = len(projected)
-        return pull_push_losses(projected, context.features[INPUT][0],
-                                labels[0] if labels.dim() > 1 else labels, self.num_classes,
+        return pull_push_losses(projected, context.features[INPUT][0], labels, self.num_classes,
                                 depth_weights(self.pull, n), depth_weights(self.push, n)).sum()
 
     def _kernel(self) -> Tensor:

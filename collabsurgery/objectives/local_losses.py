@@ -8,6 +8,10 @@ detached input), so their gradients train the objective's own module and that on
 - Pull-push (eqs. 8-9): a projection (one 1x1 convolution) per point; :func:`similarity` of the
   batch's channel standard deviations is pulled towards the labels' and pushed away from the
   input's, :func:`pull_push_losses`.
+
+Both take integer labels ``[B]`` or soft targets ``[B, C]`` (mixup, cutmix, label smoothing):
+L_mid's hard term is then the soft CE, pull-push's S(y) the similarity of the target vectors
+themselves (a one-hot target gives the label's value exactly in both).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ def mid_losses(local_logits: Sequence[Tensor], output_logits: Tensor, labels: Te
     ``q_i = softmax(mean(z_i, ..., z_n, z_out) / T)``, detached: the mean of the predictions of
     that layer and every layer above it (eq. 6 writes the mean's count as N - i). As eq. 5 does,
     the hard term takes the softmax at temperature T too; neither term is scaled by T^2.
+    ``labels``: ``[B]``, or soft targets ``[B, C]`` for the hard term ``-sum_c t_c log p_c``.
     """
     t = temperature
     stacked = torch.stack([z.float() for z in local_logits] + [output_logits.float()])
@@ -51,8 +56,11 @@ def mid_losses(local_logits: Sequence[Tensor], output_logits: Tensor, labels: Te
         counts = torch.arange(len(local_logits) + 1, 1, -1, device=stacked.device)
         targets = torch.softmax(above / counts.view(-1, 1, 1) / t, dim=-1)
     log_p = torch.log_softmax(stacked[:-1] / t, dim=-1)
-    hard = -log_p.gather(-1, labels.view(1, -1, 1).expand(len(local_logits), -1, 1)) \
-        .squeeze(-1).mean(-1)
+    if labels.is_floating_point():
+        hard = -(log_p * labels).sum(-1).mean(-1)
+    else:
+        hard = -log_p.gather(-1, labels.view(1, -1, 1).expand(len(local_logits), -1, 1)) \
+            .squeeze(-1).mean(-1)
     soft = -(targets * log_p).sum(-1).mean(-1)
     return hard, soft
 
@@ -82,8 +90,9 @@ def pull_push_losses(projected: Sequence[Tensor], images: Tensor, labels: Tensor
                      num_classes: int, pull: Sequence[float], push: Sequence[float]) -> Tensor:
     """Eq. 9 per point, ``[n]``: ``pull_i ||S(g_i h_i) - S(y)||_F - push_i ||S(g_i h_i) -
     S(x)||_F`` with S of the channel standard deviations (of the images for x, of the one-hot
-    labels themselves for y)."""
-    target = similarity(F.one_hot(labels, num_classes))
+    labels themselves for y: ``labels`` ``[B]``, or soft targets ``[B, C]`` as they are; a
+    smoothed target's constant eps / C cancels in S's centring)."""
+    target = similarity(labels if labels.is_floating_point() else F.one_hot(labels, num_classes))
     source = similarity(channel_std(images))
     losses = []
     for g, a_pull, a_push in zip(projected, pull, push):

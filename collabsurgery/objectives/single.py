@@ -32,7 +32,8 @@ class LabelSmoothingLoss(Objective):
     """Cross entropy with label smoothing per head, summed.
 
     ``L = sum_h CE((1 - eps) * onehot(y) + eps / C, z_h)``, as
-    ``F.cross_entropy(..., label_smoothing=eps)``.
+    ``F.cross_entropy(..., label_smoothing=eps)``. Soft targets t (mixup, cutmix) are smoothed
+    the same way, to ``(1 - eps) t + eps / C``; on top of any smoothing the engine applied.
     """
 
     own_examples = True
