@@ -163,18 +163,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     from collabsurgery.export.from_run import export_from_source
 
     output = Path(args.output)
+    which = " of the EMA weights" if args.weights == "ema" else ""
     if args.format == "safetensors":
-        path, head = export_from_source(Path(args.source), args.head, output)
-        print(f"exported head {head} to {path}")
+        path, head = export_from_source(Path(args.source), args.head, output, args.weights)
+        print(f"exported head {head}{which} to {path}")
         return
     from collabsurgery.export.model_folder import save_timm_folder
 
     with tempfile.TemporaryDirectory(prefix="collabsurgery-export-") as tmp:
         path, head = export_from_source(Path(args.source), args.head,
-                                        Path(tmp) / "head.safetensors")
+                                        Path(tmp) / "head.safetensors", args.weights)
         folder = save_timm_folder(path, output)
-    print(f"exported head {head} to {folder} (load: timm.create_model(\"local-dir:{folder}\", "
-          "pretrained=True))")
+    print(f"exported head {head}{which} to {folder} (load: timm.create_model("
+          f"\"local-dir:{folder}\", pretrained=True))")
 
 
 def cmd_finetune_detection(args: argparse.Namespace) -> None:
@@ -207,14 +208,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from collabsurgery.config.recipe import data_arguments, load_recipe
     from collabsurgery.data.datasets import load_splits
-    from collabsurgery.export.from_run import load_run, select_head
+    from collabsurgery.export.from_run import load_run, run_weights, select_head
     from collabsurgery.measure.robustness import (accuracy, format_table, perturbation_curve,
                                                   save_robustness)
     from collabsurgery.models.backbones import create
 
     run_dir = Path(args.run)
-    net, history = load_run(run_dir)
-    head = select_head(run_dir, args.head, net, history)
+    weights = run_weights(run_dir, args.weights)
+    net, history = load_run(run_dir, weights)
+    head = select_head(run_dir, args.head, net, history, weights)
     spec = net.head_spec(head)
     model = create(spec)
     model.load_state_dict(net.head_state_dict(head))
@@ -391,6 +393,17 @@ def _add_bench(sub: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _add_weights(p: argparse.ArgumentParser, verb: str) -> None:
+    """--ema / --live: which of a run's weights (default: the run's train.ema_select)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ema", dest="weights", action="store_const", const="ema", default=None,
+                       help=f"{verb} the EMA weights of a run trained with train.ema_decay "
+                            "('best': the best EMA head on hold-out); default for runs with "
+                            "train.ema_select: true")
+    group.add_argument("--live", dest="weights", action="store_const", const="live",
+                       help=f"{verb} the live (trained) weights; the default otherwise")
+
+
 def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export one head as a plain backbone (safetensors)")
     p.add_argument("source", help="a training run directory or a training graph file")
@@ -405,6 +418,7 @@ def _add_export(sub: Any) -> None:
                         "timm-folder: config.json + model.safetensors + README.md model card, "
                         "as timm's save_for_hf writes (timm.create_model('local-dir:DIR', "
                         "pretrained=True); pushable to the Hub)")
+    _add_weights(p, "export")
     p.set_defaults(func=cmd_export)
 
 
@@ -421,6 +435,7 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--draws", type=_at_least(1), default=5, metavar="N",
                    help="noise draws per sigma (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    _add_weights(p, "evaluate")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -518,7 +518,7 @@ def test_paper_recipes_load_with_the_papers_values(name: str) -> None:
     assert recipe.objective.name == "kdcl"
     assert recipe.objective.args == {"target": target, "temperature": 2.0, "weight": 1.0}
     t = recipe.train
-    assert (t.epochs, t.milestones, t.gamma, t.schedule) == (epochs, milestones, 0.1, "step")
+    assert (t.epochs, t.milestones, t.gamma, t.schedule) == (epochs, milestones, 0.1, "multistep")
     assert (t.lr, t.batch_size * t.grad_accum, t.weight_decay) == (lr, batch, decay)
     assert (t.momentum, t.nesterov, t.mixed_precision) == (0.9, False, "bf16")
     d = recipe.data

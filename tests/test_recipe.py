@@ -52,8 +52,9 @@ def test_yaml_quirks_are_accepted(tmp_path):
     ("graph:\n  input_size: [3, 8, 8]\n", "graph.input_size"),   # set from data.image_size
     ("objective:\n  smoothing: 0.1\n", "objective.smoothing"),   # not consensus's argument
     ("objective:\n  name: consensu\n", "objective.name"),
-    ("train:\n  schedule: step\n", "train.milestones"),
-    ("train:\n  schedule: step\n  milestones: [5, 2]\n", "train.milestones"),
+    ("train:\n  schedule: multistep\n", "train.milestones"),
+    ("train:\n  schedule: step\n", "train.decay_epochs"),
+    ("train:\n  schedule: multistep\n  milestones: [5, 2]\n", "train.milestones"),
     ("model:\n  kwargs: 3\n", "model.kwargs"),
     ("model: resnet50\n", "model"),                           # section given as a scalar
     ("run:\n  name: a/b\n", "run.name"),
@@ -97,7 +98,7 @@ def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
 
 def test_valid_edge_values(tmp_path):
     r = load_recipe(None, ["graph.pattern=instances", "graph.split=null", "objective.beta=1",
-                           "graph.heads=1", "train.schedule=step", "train.milestones=[2, 5]",
+                           "graph.heads=1", "train.schedule=multistep", "train.milestones=[2, 5]",
                            "data.max_train_examples=100", "train.grad_clip=1"])
     assert r.graph.args == {"heads": 1} and r.objective.args == {"beta": 1}
     assert r.train.grad_clip == 1.0

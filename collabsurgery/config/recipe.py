@@ -25,7 +25,7 @@ from pydantic import BeforeValidator, Field
 
 from collabsurgery.common import atomic
 from collabsurgery.common.arguments import check_arguments, describe, suggest
-from collabsurgery.errors import ArgumentError, UserError
+from collabsurgery.errors import ArgumentError, UserError, warn
 
 __all__ = [
     "DataConfig", "GraphSection", "ModelConfig", "ObjectiveSection", "Recipe", "RunConfig",
@@ -107,19 +107,40 @@ class TrainConfig:
     epochs: Count = 10
     batch_size: Count = 64
     lr: Positive = 0.1
+    # the optimizer: any name of timm.optim.list_optimizers() (sgd, momentum, adamw, lamb, lion...)
+    optimizer: str = "sgd"
     momentum: Fraction = 0.9
-    nesterov: bool = True
+    nesterov: bool = True  # optimizers with a Nesterov option (sgd); sgd with momentum 0: off
     weight_decay: Annotated[float, Field(ge=0)] = 5.0e-4
-    optimizer: Literal["sgd", "adam"] = "sgd"  # adam: paper 002's CGL setting (momentum unused)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    milestones: list[Count] = _copied([])
-    gamma: Positive = 0.1
+    decay_norm_and_bias: bool = False  # as timm: no decay on norm weights and biases
+    optimizer_args: dict[str, Any] = _copied({})  # more keyword arguments (betas, eps, ...)
+    # the schedule, timm's names: cosine, tanh, step, multistep, poly, plateau, constant
+    schedule: str = "cosine"
+    milestones: list[Count] = _copied([])  # multistep: epochs at which lr is multiplied by gamma
+    decay_epochs: Positive | None = None  # step: lr x gamma every decay_epochs epochs
+    gamma: Positive = 0.1  # timm's decay_rate (step, multistep, plateau; poly: the power)
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
     warmup_epochs: Index = 0
+    warmup_lr: Annotated[float, Field(ge=0)] = 0.0  # lr at the start of the warm-up
+    scheduler_args: dict[str, Any] = _copied({})  # more create_scheduler_v2 arguments
+    # soft targets (timm's Mixup): alphas, 0 = off
+    mixup: Annotated[float, Field(ge=0)] = 0.0
+    cutmix: Annotated[float, Field(ge=0)] = 0.0
+    mixup_prob: Annotated[float, Field(ge=0, le=1)] = 1.0
+    mixup_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5
+    label_smoothing: Fraction = 0.0
+    # EMA of the weights (timm's ModelEmaV3); null = off
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
+    ema_warmup: bool = False  # ModelEmaV3's use_warmup: decay ramps up over the first updates
+    # true (needs ema_decay): the run's best head is the EMA weights' best on hold-out, and
+    # export/evaluate use the EMA weights unless given --live; false: the live weights (--ema)
+    ema_select: bool = False
     mixed_precision: Annotated[Literal["no", "fp16", "bf16"], _NO] = "no"
     grad_accum: Count = 1
     max_steps: Count | None = None
     grad_clip: Positive | None = None
     channels_last: bool = False
+    compile: bool | dict[str, Any] = False  # true, or torch.compile arguments (regional)
 
 
 @dataclass
@@ -252,6 +273,40 @@ def _check_objective(o: ObjectiveSection) -> None:
                            f"for objective '{o.name}'")
 
 
+#: timm scheduler names the engine steps (``constant``: the lr after warm-up, never decayed)
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "plateau", "constant")
+
+
+def _check_train(t: TrainConfig) -> None:
+    """Optimizer and schedule names (timm's) and the keys each schedule needs."""
+    import timm.optim
+
+    try:
+        timm.optim.get_optimizer_info(t.optimizer.lower().split("_")[-1])
+    except ValueError:
+        raise UserError(f"recipe key 'train.optimizer' is {t.optimizer!r}, which timm does not "
+                        f"know; valid: {', '.join(timm.optim.list_optimizers())}") from None
+    if t.schedule not in SCHEDULES:
+        raise UserError(f"recipe key 'train.schedule' is {t.schedule!r}; valid (timm's names): "
+                        f"{', '.join(SCHEDULES)}")
+    if t.schedule == "step" and t.decay_epochs is None:
+        if not t.milestones:
+            raise UserError("recipe key 'train.decay_epochs' is unset but train.schedule is "
+                            "'step' (lr x train.gamma every decay_epochs epochs); set it, or use "
+                            "schedule 'multistep' with train.milestones")
+        warn("train.schedule 'step' with train.milestones is timm's 'multistep' (lr x gamma at "
+             "each milestone); read as multistep")
+        t.schedule = "multistep"
+    if t.schedule == "multistep" and not t.milestones:
+        raise UserError("recipe key 'train.milestones' is empty but train.schedule is "
+                        "'multistep'; give the epochs at which the lr is multiplied by "
+                        "train.gamma")
+    # milestones/warmup beyond train.epochs are allowed: `train.epochs=1` must work on any recipe
+    if t.milestones != sorted(set(t.milestones)):
+        raise UserError(f"recipe key 'train.milestones' must be strictly increasing epochs, "
+                        f"got {t.milestones}")
+
+
 def _check(r: Recipe) -> Recipe:
     """Rules that involve more than one key."""
     for key, value in (("name", r.name), ("run.name", r.run.name)):
@@ -260,14 +315,7 @@ def _check(r: Recipe) -> Recipe:
                             f"got {value!r}")
     _check_objective(r.objective)
     _check_graph(r.graph, r.objective)
-    t = r.train
-    if t.schedule == "step" and not t.milestones:
-        raise UserError("recipe key 'train.milestones' is empty but train.schedule is 'step'; "
-                        "give the epochs at which the lr is multiplied by train.gamma")
-    # milestones/warmup beyond train.epochs are allowed: `train.epochs=1` must work on any recipe
-    if t.milestones != sorted(set(t.milestones)):
-        raise UserError(f"recipe key 'train.milestones' must be strictly increasing epochs, "
-                        f"got {t.milestones}")
+    _check_train(r.train)
     if r.data.holdout_split is not None and r.data.holdout_split == r.data.test_split:
         raise UserError(f"recipe key 'data.holdout_split' is the test split "
                         f"'{r.data.test_split}': the best head would be chosen (and hold-out "

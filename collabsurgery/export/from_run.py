@@ -1,7 +1,14 @@
-"""Find what to export: a training graph file, or the last checkpoint of a training run."""
+"""Find what to export: a training graph file, or the last checkpoint of a training run.
+
+A run trained with ``train.ema_decay`` holds two sets of weights of its graph: the live ones
+(``model.safetensors``) and their exponential moving average (``ema.safetensors``). ``weights``
+picks one (``"live"`` or ``"ema"``); left out, :func:`run_weights` takes the run's own choice
+(``train.ema_select``). The EMA weights have their own hold-out records, so their own best head.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -35,77 +42,124 @@ def parse_head(text: str, net: TrainingGraph) -> int | None:
     return head
 
 
-def load_run(run_dir: Path) -> tuple[TrainingGraph, list[dict]]:
+WEIGHTS = ("live", "ema")
+
+
+def _recipe_of(run_dir: Path) -> dict[str, Any]:
+    """A run's ``recipe.yaml`` as plain data ({} if absent or not a mapping)."""
+    recipe_file = run_dir / "recipe.yaml"
+    raw = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
+    return raw if isinstance(raw, dict) else {}
+
+
+def run_weights(run_dir: Path, asked: str | None = None) -> str:
+    """``asked`` (``"live"`` or ``"ema"``), else the run's choice: ``"ema"`` when its recipe
+    sets ``train.ema_select``, otherwise ``"live"``."""
+    if asked is not None:
+        if asked not in WEIGHTS:
+            raise UserError(f"weights '{asked}' unknown; valid: {', '.join(WEIGHTS)}")
+        return asked
+    train = _recipe_of(run_dir).get("train")
+    return "ema" if isinstance(train, dict) and train.get("ema_select") is True else "live"
+
+
+def _record(history_entry: dict, weights: str) -> dict:
+    """An epoch record's hold-out/test records of ``weights`` (the EMA's under ``"ema"``)."""
+    return history_entry["ema"] if weights == "ema" else history_entry
+
+
+def load_run(run_dir: Path, weights: str = "live") -> tuple[TrainingGraph, list[dict]]:
     """The training graph of a run at its newest intact checkpoint (without what the objective
-    owns), and its epoch records. Damaged newer checkpoints are reported on stderr and skipped;
-    reading is safe while the run is still training (see :func:`checkpoint.load_latest`)."""
+    owns), with its live or EMA ``weights``, and its epoch records. Damaged newer checkpoints
+    are reported on stderr and skipped; reading is safe while the run is still training (see
+    :func:`checkpoint.load_latest`). ``"ema"`` of a run without EMA weights: UserError."""
     if not (run_dir / "graph.json").is_file():
         raise UserError(f"{run_dir} is not a training run (no graph.json); valid: a run "
                         "directory written by collabsurgery train, or a training graph file")
     found = checkpoint.load_latest(run_dir / "checkpoints", warn=warn)
     if found is None:
         raise UserError(f"{run_dir} has no complete checkpoint yet")
-    _, (model_state, _, progress) = found
+    _, (model_state, states, progress) = found
+    if weights == "ema":
+        if "ema" not in states:
+            raise UserError(f"{run_dir} has no EMA weights (it was trained with "
+                            "train.ema_decay: null); valid: its live weights (leave out --ema), "
+                            "or a run trained with train.ema_decay set")
+        graph_state = states["ema"]
+    else:
+        graph_state, _ = checkpoint.split_state(model_state)
     net = rebuild(config_from_json((run_dir / "graph.json").read_text()))
-    graph_state, _ = checkpoint.split_state(model_state)
     net.load_state_dict(graph_state, strict=True)
     return net.eval(), progress.history
 
 
-def best_head(run_dir: Path, history: list[dict], num_heads: int) -> int:
-    """The run's best head on hold-out at its last evaluated epoch; UserError before one."""
+def best_head(run_dir: Path, history: list[dict], num_heads: int, weights: str = "live") -> int:
+    """The run's best head on hold-out at its last evaluated epoch, of its live or EMA
+    ``weights``; UserError before one."""
     if not history:
         raise UserError(f"{run_dir} has no evaluated epoch yet, so no best head; "
                         f"give a head index 0..{num_heads - 1}")
-    return history[-1]["holdout"]["best_head"]
+    if weights == "ema" and "ema" not in history[-1]:
+        raise UserError(f"{run_dir} has no hold-out record of EMA weights, so no best EMA head; "
+                        f"give a head index 0..{num_heads - 1}")
+    return _record(history[-1], weights)["holdout"]["best_head"]
 
 
-def default_head(run_dir: Path, history: list[dict], num_heads: int) -> int:
+def default_head(run_dir: Path, history: list[dict], num_heads: int,
+                 weights: str = "live") -> int:
     """The head a run's method keeps for inference: its objective's ``default_export``
-    (OKDDip: the leader, the last head), else the best head on hold-out."""
+    (OKDDip: the leader, the last head), else the best head on hold-out (of ``weights``)."""
     from collabsurgery.objectives import OBJECTIVES
 
-    recipe_file = run_dir / "recipe.yaml"
-    raw = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
-    name = (raw or {}).get("objective", {}).get("name") if isinstance(raw, dict) else None
+    section = _recipe_of(run_dir).get("objective")
+    name = section.get("name") if isinstance(section, dict) else None
     objective = OBJECTIVES.get(name) if isinstance(name, str) else None
     if objective is not None and objective.default_export == "last":
         return num_heads - 1
-    return best_head(run_dir, history, num_heads)
+    return best_head(run_dir, history, num_heads, weights)
 
 
 def select_head(run_dir: Path, head_text: str | None, net: TrainingGraph,
-                history: list[dict]) -> int:
-    """The head ``head_text`` names in a run (an index, an architecture or ``best``); ``None``:
-    the head the run's method keeps (:func:`default_head`)."""
+                history: list[dict], weights: str = "live") -> int:
+    """The head ``head_text`` names in a run (an index, an architecture or ``best``: of the live
+    or EMA ``weights``); ``None``: the head the run's method keeps (:func:`default_head`)."""
     if head_text is None:
-        return default_head(run_dir, history, net.num_heads)
+        return default_head(run_dir, history, net.num_heads, weights)
     head = parse_head(head_text, net)
-    return best_head(run_dir, history, net.num_heads) if head is None else head
+    return best_head(run_dir, history, net.num_heads, weights) if head is None else head
 
 
-def _export_run(run_dir: Path, head_text: str | None, output: Path) -> tuple[Path, int]:
-    net, history = load_run(run_dir)
-    head = select_head(run_dir, head_text, net, history)
+def _export_run(run_dir: Path, head_text: str | None, output: Path, weights: str
+                ) -> tuple[Path, int]:
+    net, history = load_run(run_dir, weights)
+    head = select_head(run_dir, head_text, net, history, weights)
     metrics = {}
-    if history:
-        last = history[-1]
-        metrics = {"epoch": last["epoch"], "holdout_acc": last["holdout"]["head_acc"][head],
-                   "test_acc": last["test"]["head_acc"][head],
-                   "ensemble_test_acc": last["test"]["ensemble_acc"]}
+    if history and (weights == "live" or "ema" in history[-1]):
+        last, records = history[-1], _record(history[-1], weights)
+        metrics = {"epoch": last["epoch"], "holdout_acc": records["holdout"]["head_acc"][head],
+                   "test_acc": records["test"]["head_acc"][head],
+                   "ensemble_test_acc": records["test"]["ensemble_acc"]}
     recipe_file = run_dir / "recipe.yaml"
     extra = {"recipe": recipe_file.read_text() if recipe_file.is_file() else "",
              "metrics": metrics, "run": run_dir.name}
+    if weights == "ema":
+        extra["weights"] = "ema"
     return export(net, head, output, extra_metadata=extra), head
 
 
-def export_from_source(source: Path, head_text: str | None, output: Path) -> tuple[Path, int]:
+def export_from_source(source: Path, head_text: str | None, output: Path,
+                       weights: str | None = None) -> tuple[Path, int]:
     """Export ``head_text`` of a run directory or graph file to ``output``; (path, head).
-    ``None``: a run's :func:`default_head`; a graph file needs an index."""
+    ``None``: a run's :func:`default_head`; a graph file needs an index. ``weights``: a run's
+    ``"live"`` or ``"ema"`` weights; None: the run's choice (:func:`run_weights`)."""
     if source.is_dir():
-        return _export_run(source, head_text, output)
+        return _export_run(source, head_text, output, run_weights(source, weights))
     if not source.is_file():
         raise UserError(f"no such file or run directory: {source}")
+    if weights == "ema":
+        raise UserError(f"{source} is a training graph file, which holds one set of weights; "
+                        "EMA weights (--ema) come from a training run directory trained with "
+                        "train.ema_decay set")
     net = load_graph(source)
     head = parse_head(head_text or "best", net)
     if head is None:

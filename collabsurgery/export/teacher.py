@@ -16,7 +16,7 @@ from torch import nn
 from collabsurgery.common.tensorfile import load_state
 from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.export import load_backbone
-from collabsurgery.export.from_run import default_head, load_run
+from collabsurgery.export.from_run import default_head, load_run, run_weights
 from collabsurgery.models import backbones
 
 _VALID_TEACHERS = ("valid: a file written by collabsurgery export, a training run directory, "
@@ -52,10 +52,12 @@ def _check_types(teacher: Any, head: Any, weights: Any, kwargs: Any) -> None:
 
 def _teacher_from_run(run_dir: Path, head: int | None) -> nn.Module:
     """Head ``head`` of a training run (default: the head its method keeps, see
-    :func:`~collabsurgery.export.from_run.default_head`) as a plain model."""
-    graph, history = load_run(run_dir)
+    :func:`~collabsurgery.export.from_run.default_head`) as a plain model, of the weights the
+    run exports by default (its EMA weights under ``train.ema_select``)."""
+    weights = run_weights(run_dir)
+    graph, history = load_run(run_dir, weights)
     if head is None:
-        head = default_head(run_dir, history, graph.num_heads)
+        head = default_head(run_dir, history, graph.num_heads, weights)
     if not 0 <= head < graph.num_heads:
         raise ArgumentError("teacher_head", f"must be a head of the teacher run, got {head}; "
                                             f"valid: 0..{graph.num_heads - 1}")

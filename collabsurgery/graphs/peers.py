@@ -29,6 +29,7 @@ class PeerGroup(TrainingGraph):
     """
 
     per_head_input = True
+    compiled = False
 
     def __init__(self, students: Sequence[nn.Module], specs: Sequence[BackboneSpec],
                  config: GraphConfig):
@@ -78,6 +79,21 @@ class PeerGroup(TrainingGraph):
     def head_state_dict(self, head: int) -> dict[str, torch.Tensor]:
         """Student ``head``'s state_dict: it is the plain model."""
         return self.students[self.check_head(head)].state_dict()
+
+    def set_execution(self, mode: str | None = None, checkpoint_branches: bool | str | None = None,
+                      compile: bool | dict | None = None) -> "PeerGroup":
+        """Students run one after another (``loop``); ``compile`` (True, or ``torch.compile``
+        arguments) compiles each student in place, one region per student."""
+        super().set_execution(mode, checkpoint_branches)
+        if compile:
+            for student in self.students:
+                student.compile(**(compile if isinstance(compile, dict) else {}))
+            self.compiled = True
+        return self
+
+    def describe_execution(self) -> str:
+        """How the students run, in words."""
+        return "execution: loop" + (", every student compiled" if self.compiled else "")
 
     @torch.no_grad()
     def cost_pieces(self, x: torch.Tensor) -> list[CostPiece]:

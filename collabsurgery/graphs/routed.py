@@ -54,10 +54,12 @@ class RoutedNet(StagedGraph):
         use in one step runs once on their inputs concatenated (BatchNorm still normalises each
         student's part with its own statistics, so logits, gradients and running statistics are
         the loop's); ``auto`` is ``loop``."""
-        if mode not in (None, *ROUTED_MODES) or checkpoint_branches or compile:
+        if compile:
+            raise UserError("a routed graph is not compiled: its routes change every step, "
+                            "which would recompile each new route; valid: compile off")
+        if mode not in (None, *ROUTED_MODES) or checkpoint_branches:
             raise UserError(f"a routed graph runs as {' or '.join(ROUTED_MODES)}; got {mode!r}"
-                            f"{' with checkpoint_branches' if checkpoint_branches else ''}"
-                            f"{' with compile' if compile else ''}")
+                            f"{' with checkpoint_branches' if checkpoint_branches else ''}")
         if mode is not None:
             self.execution = "loop" if mode == "auto" else mode
         return self

@@ -3,6 +3,9 @@
 A checkpoint is a directory ``checkpoints/ckpt-<global step>/`` with
 
 - ``model.safetensors``  the weights of the training graph and of what its objective owns;
+- ``ema.safetensors``  (runs with ``train.ema_decay``) the exponential moving average of the
+  training graph's weights, a plain state dict of the graph like ``model.safetensors``'s
+  ``graph.`` part, loaded into ``states["ema"]``;
 - ``optimizer.safetensors``, ``scheduler.safetensors`` (and ``scaler.safetensors`` under fp16)
   state dicts stored by :mod:`collabsurgery.rundir.training_state` (tensors + JSON, no pickle);
 - ``state.json``  progress (epoch, batches done in it, optimizer steps), metrics history, the
@@ -41,6 +44,7 @@ from collabsurgery.rundir import training_state
 LATEST = "latest"
 STATE = "state.json"
 MODEL = "model.safetensors"
+EMA = "ema.safetensors"  # the graph's EMA weights; loaded as states["ema"]
 
 
 @dataclass
@@ -75,14 +79,18 @@ def _checksum(record: dict[str, Any]) -> str:
 
 
 def save(directory: Path, step: int, model_state: dict[str, torch.Tensor],
-         states: dict[str, dict], progress: Progress, keep: int) -> Path:
-    """Write checkpoint ``ckpt-<step>`` under ``directory`` atomically; call on the main process."""
+         states: dict[str, dict], progress: Progress, keep: int,
+         ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint ``ckpt-<step>`` under ``directory`` atomically; call on the main process.
+    ``ema_state`` (the graph's EMA weights, if the run keeps them) becomes ``ema.safetensors``."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"ckpt-{step:08d}"
     tmp = directory / f"ckpt-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_safetensors_atomic(model_state, tmp / MODEL, {"format": "pt"})
+    if ema_state is not None:
+        save_safetensors_atomic(ema_state, tmp / EMA, {"format": "pt"})
     for name, state in states.items():
         training_state.save_state(state, tmp / f"{name}.safetensors")
     files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
@@ -174,14 +182,17 @@ def split_state(state: dict[str, torch.Tensor]
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], Progress]:
-    """Model weights, other state dicts by name, and progress of checkpoint ``path``, after
-    :func:`verify`; :class:`DamagedCheckpoint` if it does not verify."""
+    """Model weights, other state dicts by name (``"ema"``: the graph's EMA weights, where the
+    run keeps them), and progress of checkpoint ``path``, after :func:`verify`;
+    :class:`DamagedCheckpoint` if it does not verify."""
     record = verify(path)
     record.pop("files", None)
     try:
         model_state = load_state(path / MODEL)
         states = {p.name.removesuffix(".safetensors"): training_state.load_state(p)
-                  for p in sorted(path.glob("*.safetensors")) if p.name != MODEL}
+                  for p in sorted(path.glob("*.safetensors")) if p.name not in (MODEL, EMA)}
+        if (path / EMA).is_file():
+            states["ema"] = load_state(path / EMA)
     except DamagedCheckpoint:
         raise
     except UserError as err:

@@ -14,8 +14,11 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic.write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
-def headline(record: dict[str, Any]) -> dict[str, float]:
-    """The numbers a run is judged by: head 0, best head on hold-out, and the ensemble, on test."""
+def headline(record: dict[str, Any], ema: bool = False) -> dict[str, float]:
+    """The numbers a run is judged by: head 0, best head on hold-out, and the ensemble, on test;
+    ``ema``: those of the EMA weights (``record["ema"]``, runs with ``train.ema_decay``)."""
+    if ema:
+        record = record["ema"]
     best = record["holdout"]["best_head"]
     return {
         "head0_test_acc": record["test"]["head_acc"][0],
@@ -29,10 +32,11 @@ def headline(record: dict[str, Any]) -> dict[str, float]:
 def flat_scalars(record: dict[str, Any]) -> dict[str, float]:
     """One epoch record as flat ``split/name`` scalars, for trackers."""
     out = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-    for split in ("holdout", "test"):
-        for h, acc in enumerate(record[split]["head_acc"]):
-            out[f"{split}/head{h}_acc"] = acc
-        out[f"{split}/ensemble_acc"] = record[split]["ensemble_acc"]
+    for prefix, source in (("", record), ("ema/", record.get("ema"))):
+        for split in ("holdout", "test") if source else ():
+            for h, acc in enumerate(source[split]["head_acc"]):
+                out[f"{prefix}{split}/head{h}_acc"] = acc
+            out[f"{prefix}{split}/ensemble_acc"] = source[split]["ensemble_acc"]
     return out
 
 
@@ -49,6 +53,16 @@ def summary_table(record: dict[str, Any], names: Sequence[str] = ()) -> str:
                      f"{test:>9.4f}", f"{loss:>9.4f}"))
     rows.append(("ensemble", f"{record['holdout']['ensemble_acc']:>12.4f}",
                  f"{record['test']['ensemble_acc']:>9.4f}", ""))
+    ema = record.get("ema")
+    if ema:  # the EMA weights' heads (train.ema_decay)
+        ema_best = ema["holdout"]["best_head"]
+        for h, (hold, test, loss) in enumerate(zip(ema["holdout"]["head_acc"],
+                                                   ema["test"]["head_acc"],
+                                                   ema["test"]["head_loss"])):
+            rows.append((f"EMA head {h}" + (" (best)" if h == ema_best else ""),
+                         f"{hold:>12.4f}", f"{test:>9.4f}", f"{loss:>9.4f}"))
+        rows.append(("EMA ensemble", f"{ema['holdout']['ensemble_acc']:>12.4f}",
+                     f"{ema['test']['ensemble_acc']:>9.4f}", ""))
     width = max(14, *(len(r[0]) for r in rows))
     lines = [f"{'':<{width}} {'hold-out acc':>12} {'test acc':>9} {'test loss':>9}"]
     lines += [f"{r[0]:<{width}} {r[1]} {r[2]} {r[3]}".rstrip() for r in rows]

@@ -19,7 +19,7 @@ from collabsurgery.config.recipe import data_arguments, load_recipe
 from collabsurgery.data.datasets import load_splits
 from collabsurgery.errors import UserError
 from collabsurgery.export import load_backbone
-from collabsurgery.export.from_run import export_from_source, load_run
+from collabsurgery.export.from_run import export_from_source, load_run, run_weights
 from collabsurgery.rundir.metrics import headline
 from collabsurgery.train import engine
 
@@ -58,7 +58,7 @@ def run_demo(recipe_path: str | None, overrides: Sequence[str] = ()) -> Path:
 
     run_dir = engine.run_directory(collab)
     path, head = export_from_source(run_dir, "best", run_dir / "best_head.safetensors")
-    net, _ = load_run(run_dir)
+    net, _ = load_run(run_dir, run_weights(run_dir))
     spec = net.head_spec(head)
     model = _reload(path, spec)
     test = load_splits(**data_arguments(collab.data), seed=collab.seed).test

@@ -19,7 +19,6 @@ reads only the graph's part.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,11 @@ from collabsurgery.graphs import TrainingGraph, build_graph, builder_arguments
 from collabsurgery.objectives import (OBJECTIVES, TEACHER_KEYS, LossOutput, Objective, Step,
                                       build_objective, check_objective_arguments)
 from collabsurgery.rundir import checkpoint, metrics
+from collabsurgery.train import ema as weight_ema
 from collabsurgery.train import preflight
 from collabsurgery.train.evaluate import evaluate
+from collabsurgery.train.optim import Schedule, current_lr, make_optimizer, make_schedule
+from collabsurgery.train.soft_targets import SoftTargets, check_soft_targets, soft_targets_asked
 
 
 def step_seed(*parts: int) -> int:
@@ -121,29 +123,6 @@ class Collaboration(torch.nn.Module):
         return self.objective(out, labels, step, self.graph)
 
 
-def make_optimizer(module: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or Adam over every parameter of graph and objective."""
-    t = recipe.train
-    if t.optimizer == "adam":
-        return torch.optim.Adam(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(module.parameters(), lr=t.lr, momentum=t.momentum,
-                           nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay)
-
-
-def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
-    """Learning-rate multiplier after ``step`` optimizer steps (warm-up, then the schedule)."""
-    t = recipe.train
-    epoch = step / steps_per_epoch
-    if epoch < t.warmup_epochs:
-        return (epoch + 1 / steps_per_epoch) / t.warmup_epochs
-    if t.schedule == "cosine":
-        span = max(t.epochs - t.warmup_epochs, 1e-8)
-        return 0.5 * (1 + math.cos(math.pi * min((epoch - t.warmup_epochs) / span, 1.0)))
-    if t.schedule == "step":
-        return t.gamma ** sum(epoch >= m for m in t.milestones)
-    return 1.0
-
-
 def _resume_point(recipe: Recipe, ckpt_dir: Path
                   ) -> tuple[Path, checkpoint.Loaded] | None:
     """The checkpoint to resume from, loaded: the newest intact one for ``auto`` (damaged newer
@@ -193,7 +172,7 @@ class Session:
     model: torch.nn.Module             # the prepared Collaboration (DDP-wrapped on many ranks)
     collaboration: Collaboration       # the same, unwrapped
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: Schedule
     batches: SharedBatches | SubsetBatches
     holdout: DataLoader
     test: DataLoader
@@ -201,6 +180,8 @@ class Session:
     loss_sum: torch.Tensor | None = None  # the epoch's summed loss so far (this rank)
     loss_count: int = 0
     execution_settled: bool = False  # every process runs the main process's auto choices
+    soft_targets: SoftTargets | None = None  # Mixup/CutMix/smoothing, when asked
+    ema: Any = None  # timm's ModelEmaV3 of the graph (train.ema_decay), or None
 
     @property
     def graph(self) -> TrainingGraph:
@@ -258,12 +239,14 @@ def setup(recipe: Recipe) -> Session:
     preflight.check_trackers(recipe.run.log_with, run_dir)
     recipe = preflight.runnable_precision(recipe)
     t = recipe.train
+    weight_ema.check(t)
     resume_from = _resume_point(recipe, run_dir / "checkpoints")
     splits = load_splits(**data_arguments(recipe.data), seed=recipe.seed)
     set_seed(recipe.seed)
     graph = build_net(recipe, splits.num_classes)
     objective = build_objective_from(recipe)
     objective.check_compatible(graph.num_heads, splits.num_classes)
+    check_soft_targets(t, objective, recipe.objective.name, t.batch_size)
     if resume_from is not None:
         preflight.check_resumable(run_dir, graph)
     objective.attach(graph)
@@ -280,8 +263,14 @@ def setup(recipe: Recipe) -> Session:
     )
     if t.channels_last:
         graph = graph.to(memory_format=torch.channels_last)
+    if t.compile:
+        preflight.check_compile(t.compile)
+        try:
+            graph.set_execution(compile=t.compile)  # regional: each stage's plan, as bench
+        except UserError as err:
+            raise UserError(f"recipe key 'train.compile' cannot apply: {err}") from None
     collaboration = Collaboration(graph, objective)
-    optimizer = make_optimizer(collaboration, recipe)
+    optimizer = make_optimizer(collaboration, t)
     batches = _batch_provider(recipe, splits, graph, objective, accelerator.num_processes)
     loader_args = dict(batch_size=t.batch_size, num_workers=recipe.data.num_workers)
     model, optimizer, holdout, test = accelerator.prepare(
@@ -289,10 +278,12 @@ def setup(recipe: Recipe) -> Session:
         DataLoader(splits.test, **loader_args))
     batches.prepare(accelerator)
     steps_per_epoch = max(len(batches) // t.grad_accum, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe))
+    scheduler = make_schedule(optimizer, t, steps_per_epoch)
     session = Session(recipe, accelerator, run_dir, model, accelerator.unwrap_model(model),
                       optimizer, scheduler, batches, holdout, test)
+    session.ema = weight_ema.build(session.graph, t)
+    if soft_targets_asked(t):
+        session.soft_targets = SoftTargets(t, splits.num_classes)
     if resume_from is not None:
         _restore(session, *resume_from)
     if accelerator.is_main_process:
@@ -306,12 +297,19 @@ def setup(recipe: Recipe) -> Session:
 def _restore(session: Session, path: Path, loaded: checkpoint.Loaded) -> None:
     model_state, states, progress = loaded
     graph_state, objective_state = checkpoint.split_state(model_state)
+    if (session.ema is not None) != ("ema" in states):
+        has = "holds EMA weights" if "ema" in states else "holds no EMA weights"
+        raise UserError(f"checkpoint {path} {has} but this recipe's train.ema_decay is "
+                        f"{session.recipe.train.ema_decay}; resume with the run's own recipe "
+                        f"({session.run_dir / 'recipe.yaml'}) or choose another run.name")
     try:
         session.collaboration.graph.load_state_dict(graph_state)
         session.collaboration.objective.load_state_dict(objective_state)
         session.optimizer.load_state_dict(states["optimizer"])
         session.scheduler.load_state_dict(states["scheduler"])
         session.collaboration.graph.replay_execution_choices(progress.execution)
+        if session.ema is not None:
+            weight_ema.load(session.ema, states["ema"])
     except (RuntimeError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise UserError(f"checkpoint {path} does not fit this recipe's graph, objective or "
@@ -348,7 +346,8 @@ def save_checkpoint(session: Session) -> None:
         if accelerator.scaler is not None:
             states["scaler"] = accelerator.scaler.state_dict()
         checkpoint.save(session.checkpoints, progress.global_step, state, states, progress,
-                        session.recipe.run.keep)
+                        session.recipe.run.keep,
+                        None if session.ema is None else weight_ema.state(session.ema))
     accelerator.wait_for_everyone()
 
 
@@ -402,6 +401,8 @@ def train_epoch(session: Session) -> bool:
     session.loss_count = progress.loss_count if resumed else 0
     for x, labels in bar:
         torch.manual_seed(step_seed(recipe.seed, epoch, progress.batch, accelerator.process_index))
+        if session.soft_targets is not None:
+            x, labels = session.soft_targets(x, labels, recipe.seed, epoch, progress.batch)
         if recipe.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         step = Step(recipe.seed, epoch, progress.batch, recipe.train.epochs, len(session.batches),
@@ -413,8 +414,10 @@ def train_epoch(session: Session) -> bool:
         session.loss_sum += loss
         session.loss_count += 1
         if accelerator.sync_gradients:
-            session.scheduler.step()
             progress.global_step += 1
+            session.scheduler.after_update(progress.global_step)
+            if session.ema is not None:
+                weight_ema.update(session.ema, session.graph, progress.global_step)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             every = recipe.run.checkpoint_every
             if (every and progress.global_step % every == 0) or session.done():
@@ -432,16 +435,21 @@ def end_epoch(session: Session) -> dict[str, Any]:
     record = {
         "epoch": progress.epoch + 1,
         "step": progress.global_step,
-        "lr": session.scheduler.get_last_lr()[0],
+        "lr": current_lr(session.optimizer),
         "train_loss": accelerator.reduce(session.loss_sum, "mean").item()
         / max(session.loss_count, 1),
         "holdout": evaluate(session.graph, session.holdout, accelerator, holdout_outputs),
         "test": evaluate(session.graph, session.test, accelerator),
     }
+    if session.ema is not None:  # {"holdout": ..., "test": ...} of the EMA weights
+        record["ema"] = weight_ema.evaluate_ema(session.ema, session.graph, session.holdout,
+                                                session.test, accelerator)
     if holdout_outputs is not None:
         objective.end_epoch(*holdout_outputs)
     progress.history.append(record)
     progress.epoch, progress.batch = progress.epoch + 1, 0
+    session.scheduler.after_epoch(progress.epoch,  # plateau: on the best head's hold-out accuracy
+                                  metrics.headline(record)["best_head_holdout_acc"])
     if recipe.run.log_with:
         accelerator.log(metrics.flat_scalars(record), step=progress.global_step)
     save_checkpoint(session)
@@ -453,6 +461,8 @@ def end_epoch(session: Session) -> dict[str, Any]:
                           f"{record['train_loss']:.4f}  test acc head0 {h['head0_test_acc']:.4f}"
                           f"  best head {h['best_head']} {h['best_head_test_acc']:.4f}  "
                           f"ensemble {h['ensemble_test_acc']:.4f}")
+        if "ema" in record:
+            accelerator.print(weight_ema.epoch_line(record))
     return record
 
 
@@ -470,7 +480,7 @@ def _finish(session: Session) -> None:
     if accelerator.is_main_process and history:
         run_dir, final = session.run_dir, history[-1]
         atomic.write_text(run_dir / "summary.json", json.dumps(
-            {**metrics.headline(final), "final": final,
+            {**metrics.headline(final, ema=session.recipe.train.ema_select), "final": final,
              "num_processes": accelerator.num_processes,
              "execution": session.graph.describe_execution().splitlines()}, indent=1))
         metrics.plot_history(history, run_dir / "accuracy.png", run_dir.name)
@@ -497,5 +507,5 @@ def history_of(run_dir: Path) -> list[dict[str, Any]]:
 
 
 __all__ = ["Collaboration", "Session", "TrainingStopped", "build_net", "end_epoch",
-           "history_of", "lr_factor", "run_directory", "save_checkpoint", "setup", "step_seed",
+           "history_of", "run_directory", "save_checkpoint", "setup", "step_seed",
            "train", "train_epoch"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from accelerate.state import PartialState
 
 from collabsurgery.config.recipe import Recipe
-from collabsurgery.errors import UserError, warn
+from collabsurgery.errors import UserError, first_line, warn
 from collabsurgery.graphs import TrainingGraph
 from collabsurgery.graphs.saving import config_from_json
 
@@ -78,3 +78,21 @@ def check_resumable(run_dir: Path, graph: TrainingGraph) -> None:
     raise UserError(f"{run_dir} was trained with another training graph: "
                     + ", ".join(changed) + "; resume it with its own recipe "
                     f"({run_dir / 'recipe.yaml'}) or choose another run.name")
+
+
+def check_compile(options: bool | dict) -> None:
+    """UserError (one line, why) when ``torch.compile`` with ``options`` (``train.compile``)
+    cannot run here: a tiny function is compiled and run first, so an unsupported Python, a
+    missing C++ compiler or a bad argument shows before the model is traced."""
+    import torch
+
+    kwargs = options if isinstance(options, dict) else {}
+    try:
+        torch.compiler.reset()  # a fresh probe, not a cached success
+        probe = torch.compile(lambda x: (x * 2).sin(), **kwargs)
+        probe(torch.ones(4))
+    except Exception as err:  # noqa: BLE001 -- any failure is the answer, reworded
+        raise UserError(f"recipe key 'train.compile' is {options!r}, but torch.compile cannot "
+                        f"run here ({first_line(err)}); set train.compile=false, or e.g. "
+                        "train.compile={backend: aot_eager} when no C++ compiler is installed"
+                        ) from None
