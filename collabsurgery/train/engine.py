@@ -54,6 +54,20 @@ def step_seed(*parts: int) -> int:
     return derive_seed("step", *parts)
 
 
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seed the CPU's and ``device``'s global RNGs, as ``torch.manual_seed`` seeds them.
+
+    ``torch.manual_seed`` also seeds every other backend torch was built for, and one that is
+    not initialised (CUDA on a CPU run; XPU and MTIA on a CUDA run) queues the seed with a
+    formatted stack trace: 0.2-0.45 ms a batch (docs/benchmarks.md, "What the engine costs").
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
+
+
 def run_directory(recipe: Recipe) -> Path:
     """Where a recipe's run lives: ``run.dir / (run.name or name)``."""
     return Path(recipe.run.dir) / (recipe.run.name or recipe.name)
@@ -400,7 +414,8 @@ def train_epoch(session: Session) -> bool:
                                   device=accelerator.device)
     session.loss_count = progress.loss_count if resumed else 0
     for x, labels in bar:
-        torch.manual_seed(step_seed(recipe.seed, epoch, progress.batch, accelerator.process_index))
+        seed_step(step_seed(recipe.seed, epoch, progress.batch, accelerator.process_index),
+                  accelerator.device)
         if session.soft_targets is not None:
             x, labels = session.soft_targets(x, labels, recipe.seed, epoch, progress.batch)
         if recipe.train.channels_last:
@@ -418,7 +433,8 @@ def train_epoch(session: Session) -> bool:
             session.scheduler.after_update(progress.global_step)
             if session.ema is not None:
                 weight_ema.update(session.ema, session.graph, progress.global_step)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if not bar.disable:  # .item() waits for the device: only for a bar that shows
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             every = recipe.run.checkpoint_every
             if (every and progress.global_step % every == 0) or session.done():
                 save_checkpoint(session)
