@@ -191,3 +191,16 @@ def test_optimizer_args_that_do_not_fit_are_one_line():
     t = load_recipe(DEMO, ["train.optimizer_args={foo: 1}"]).train
     with pytest.raises(UserError, match="train.optimizer_args"):
         make_optimizer(torch.nn.Linear(2, 2), t)
+
+
+def test_a_checkpoint_from_before_timm_resumes_its_schedule():
+    """A run checkpointed by the old LambdaLR engine continues at its update count."""
+    t = load_recipe(PAPER).train
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    old = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: old_lr_factor(s, 7, t))
+    for _ in range(100 * 7 + 3):
+        old.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    schedule = make_schedule(opt2, t, 7)
+    schedule.load_state_dict(old.state_dict())
+    assert current_lr(opt2) == pytest.approx(old.get_last_lr()[0]) == pytest.approx(t.lr * 0.1)

@@ -71,7 +71,11 @@ class Schedule:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s state."""
+        """Restore :meth:`state_dict`'s state (or, from a checkpoint written before timm's
+        schedulers, a torch ``LambdaLR``'s: continue from its update count)."""
+        if "timm" not in state and "last_epoch" in state:
+            self.after_update(state["last_epoch"])
+            return
         self.scheduler.load_state_dict(state["timm"])
         if "plateau" in state:
             self.scheduler.lr_scheduler.load_state_dict(state["plateau"])
