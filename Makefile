@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=23"
-	$(BIN)/python -m pip install --quiet -e ".[test,tensorboard]"
+	$(BIN)/python -m pip install --quiet -e ".[test,tensorboard,onnx]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -66,6 +66,8 @@ def cmd_splits(args: argparse.Namespace) -> None:
 _NOT_GRAPH_OPTIONS = ("model", "input_size", "model_kwargs", "execution")
 #: spellings of graph options from before they were generated, kept working
 _OLD_SPELLINGS = {"seed": ("--route-seed",), "p": ("--dropout-p",)}
+#: option placeholders other than the argument's name in capitals
+_METAVARS = {"pretrained": "FILE"}
 
 
 def _graph_declarations() -> dict[str, list[tuple[str, Declared]]]:
@@ -126,8 +128,10 @@ def _add_graph_options(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> 
             continue
         tp = bare(uses[0][1].annotation)
         kind = ({"choices": get_args(tp)} if get_origin(tp) is Literal else
-                {"type": tp, "metavar": name.upper()} if tp in (int, float, str) else
-                {"type": _from_text(uses[0][1].annotation), "metavar": name.upper()})
+                {"type": tp, "metavar": _METAVARS.get(name, name.upper())}
+                if tp in (int, float, str) else
+                {"type": _from_text(uses[0][1].annotation),
+                 "metavar": _METAVARS.get(name, name.upper())})
         group.add_argument(f"--{name.replace('_', '-')}", *_OLD_SPELLINGS.get(name, ()),
                            dest=name, default=None, help=_graph_option_help(uses), **kind)
 
@@ -164,18 +168,49 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     output = Path(args.output)
     which = " of the EMA weights" if args.weights == "ema" else ""
+    _check_export_options(args)
+    if args.format in ("onnx", "torch-export"):
+        from collabsurgery.export.from_run import deploy_from_source
+
+        verified, head = deploy_from_source(Path(args.source), args.head, output, args.format,
+                                            args.weights, opset=args.opset,
+                                            features_only=args.features_only)
+        print(f"exported head {head}{which} to {verified.path}: {verified.describe()}")
+        return
     if args.format == "safetensors":
         path, head = export_from_source(Path(args.source), args.head, output, args.weights)
         print(f"exported head {head}{which} to {path}")
         return
     from collabsurgery.export.model_folder import save_timm_folder
 
+    checked = []
     with tempfile.TemporaryDirectory(prefix="collabsurgery-export-") as tmp:
         path, head = export_from_source(Path(args.source), args.head,
                                         Path(tmp) / "head.safetensors", args.weights)
-        folder = save_timm_folder(path, output)
+        folder = save_timm_folder(path, output, onnx=args.onnx, opset=args.opset,
+                                  on_onnx=checked.append)
     print(f"exported head {head}{which} to {folder} (load: timm.create_model("
           f"\"local-dir:{folder}\", pretrained=True))")
+    for verified in checked:
+        print(f"with {verified.path.name}: {verified.describe()}")
+
+
+def _check_export_options(args: argparse.Namespace) -> None:
+    """The export options that apply to ``--format`` only, refused with any other."""
+    if args.onnx and args.format != "timm-folder":
+        raise UserError(f"--onnx adds model.onnx to a model folder (--format timm-folder); "
+                        f"for an ONNX file alone use --format onnx, not --format {args.format}")
+    if args.opset is not None and not (args.format == "onnx" or args.onnx):
+        raise UserError(f"--opset applies to --format onnx (or timm-folder --onnx), not "
+                        f"--format {args.format}")
+    if args.features_only and args.format not in ("onnx", "torch-export"):
+        raise UserError(f"--features-only applies to --format onnx and torch-export, not "
+                        f"--format {args.format} (a safetensors export loads as features with "
+                        "cs.load_backbone(path, features_only=True))")
+    if args.format == "timm-folder" and args.onnx:
+        from collabsurgery.export.deploy import require_onnx
+
+        require_onnx()
 
 
 def cmd_finetune_detection(args: argparse.Namespace) -> None:
@@ -405,19 +440,34 @@ def _add_weights(p: argparse.ArgumentParser, verb: str) -> None:
 
 
 def _add_export(sub: Any) -> None:
-    p = sub.add_parser("export", help="export one head as a plain backbone (safetensors)")
+    p = sub.add_parser("export", help="export one head as a plain backbone (safetensors, a "
+                       "timm folder, ONNX or torch.export)")
     p.add_argument("source", help="a training run directory or a training graph file")
     p.add_argument("--head", default=None,
                    help="head index, 'best' (best on hold-out), or for a peer group a student's "
                         "architecture (resnet18); default: the head the run's method keeps "
                         "(OKDDip: the leader, the last head; otherwise best)")
     p.add_argument("-o", "--output", required=True,
-                   help="output .safetensors file (--format timm-folder: a new directory)")
-    p.add_argument("--format", choices=("safetensors", "timm-folder"), default="safetensors",
+                   help="output .safetensors file (--format timm-folder: a new directory; "
+                        "onnx: model.onnx and torch-export: model.pt2, in an existing folder)")
+    p.add_argument("--format", choices=("safetensors", "timm-folder", "onnx", "torch-export"),
+                   default="safetensors",
                    help="safetensors: one file for cs.load_backbone or timm's file overlay; "
                         "timm-folder: config.json + model.safetensors + README.md model card, "
                         "as timm's save_for_hf writes (timm.create_model('local-dir:DIR', "
-                        "pretrained=True); pushable to the Hub)")
+                        "pretrained=True); pushable to the Hub); onnx: an ONNX file with a "
+                        "dynamic batch and the preprocessing in its metadata (pip install "
+                        "collabsurgery[onnx]); torch-export: a torch.export program "
+                        "(torch.export.load). onnx and torch-export are verified against the "
+                        "head's logits before they are kept")
+    p.add_argument("--opset", type=_at_least(7), default=None, metavar="N",
+                   help="--format onnx (or timm-folder --onnx): the ai.onnx opset (default: "
+                        "the exporter's)")
+    p.add_argument("--features-only", action="store_true",
+                   help="--format onnx / torch-export: the feature maps (outputs features.<i>) "
+                        "instead of the logits")
+    p.add_argument("--onnx", action="store_true",
+                   help="--format timm-folder: also model.onnx beside model.safetensors")
     _add_weights(p, "export")
     p.set_defaults(func=cmd_export)
 

@@ -126,9 +126,11 @@ def test_export_a_timm_model_folder(graph_file, tmp_path, capsys):
 
 
 def test_export_refuses_an_unknown_format_or_a_full_folder(graph_file, tmp_path, capsys):
-    assert run(["export", graph_file, "--head", "0", "--format", "onnx", "-o", tmp_path / "x"]) == 2
+    assert run(["export", graph_file, "--head", "0", "--format", "tflite",
+                "-o", tmp_path / "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "argument --format: invalid choice: 'onnx'" in err[0]
+    assert len(err) == 1 and "argument --format: invalid choice: 'tflite'" in err[0]
+    assert all(f in err[0] for f in ("safetensors", "timm-folder", "onnx", "torch-export"))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     assert run(["export", graph_file, "--head", "0", "--format", "timm-folder",

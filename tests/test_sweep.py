@@ -12,7 +12,8 @@ import torch
 
 import collabsurgery.measure.sweep as sweep
 from collabsurgery.measure.sweep import (CSV_COLUMNS, STAGES, SweepResult, check_model,
-                                         default_models, family_of, normalise_reason, summarise)
+                                         check_onnx_only, default_models, family_of,
+                                         normalise_reason, summarise)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_STAGES = list(STAGES)
@@ -203,3 +204,60 @@ def test_sweep_tool_times_out(tmp_path: Path) -> None:
         (row,) = list(csv.DictReader(f))
     assert (row["model"], row["status"]) == ("cifar_resnet20", "timeout")
     assert row["reason"] == "no result after 0.5 s"
+
+
+def test_onnx_stage_follows_a_pass() -> None:
+    results = []
+    result = check_model("cifar_resnet20", threads=1, onnx=True, on_result=results.append)
+    assert result.status == "pass" and result.onnx == "pass", result.onnx_reason
+    assert result.checks == TIMM_STAGES  # the ONNX stage is not one of the model's stages
+    assert result.onnx_max_abs_diff <= result.onnx_tolerance and result.onnx_seconds > 0
+    assert [r.onnx for r in results] == ["pass"]  # reported before it ran: same object
+
+
+def test_onnx_only_refuses_what_the_exporter_cannot_handle_with_its_reason() -> None:
+    result = check_onnx_only("sweep_test_untraceable", threads=1)
+    assert (result.status, result.stage, result.onnx) == ("refused", "onnx", "refused")
+    assert "cannot be exported to ONNX" in result.onnx_reason
+    assert "data-dependent" in result.onnx_reason and "\n" not in result.onnx_reason
+    ok = check_onnx_only("cifar_resnet20", threads=1)
+    assert (ok.status, ok.onnx, ok.checks) == ("pass", "pass", ["create", "onnx"])
+
+
+def test_summarise_has_the_onnx_section() -> None:
+    results = [
+        SweepResult("resnet18", "resnet", "timm", 11.7, "pass", "overlay", onnx="pass",
+                    onnx_max_abs_diff=1e-7, onnx_tolerance=1e-4, onnx_seconds=3.0),
+        SweepResult("odd_net", "odd", "timm", 1.0, "pass", "overlay", onnx="refused",
+                    onnx_reason="odd_net cannot be exported to ONNX by torch.onnx.export "
+                                "(dynamo exporter): GuardOnDataDependentSymNode: Could not "
+                                "guard on data-dependent expression Eq(u0, 1)"),
+        SweepResult("torchvision.alexnet", "alexnet", "torchvision", 61.1, "pass", "logits",
+                    onnx="pass", onnx_max_abs_diff=0.0, onnx_tolerance=1e-5),
+    ]
+    text = summarise(results)
+    onnx = text.split("## ONNX\n")[1]
+    assert "- timm: 1/2 families pass (50.0%); 1 refused, 0 fail, 0 timeout" in onnx
+    assert "- torchvision: 1/1 models pass (100.0%)" in onnx
+    assert "- weak: 1/2 passes" in onnx
+    assert "| 1 | <model> cannot be exported to ONNX" in onnx and "| odd_net | odd |" in onnx
+    assert "## ONNX" not in summarise([SweepResult("a", status="pass")])  # the stage not run
+    assert summarise(results, onnx_only=True).startswith("# collabsurgery model sweep: ONNX")
+
+
+def test_a_timeout_in_the_onnx_stage_keeps_what_passed() -> None:
+    """The child reports its result before the ONNX stage; a timeout there marks only it."""
+    import tempfile
+    import types
+
+    from helpers import load_tool
+
+    tool = load_tool("sweep_models")
+    passed = SweepResult("resnet18", "resnet", "timm", 11.7, "pass", "overlay", split="layer2")
+    log = tempfile.TemporaryFile()
+    log.write(f"{sweep.RESULT_PREFIX}{passed.to_json()}\n{sweep.STAGE_PREFIX}onnx\n".encode())
+    child = tool.Child(0, "resnet18", 11.7, types.SimpleNamespace(returncode=-9), log)
+    result = tool.collect(child, timed_out=True, timeout=300)
+    assert (result.status, result.stage, result.split) == ("pass", "overlay", "layer2")
+    assert (result.onnx, result.onnx_reason) == ("timeout", "no result after 300 s")
+    assert tool.child_flags(types.SimpleNamespace(onnx=True, onnx_only=False)) == ("--onnx",)

@@ -4,12 +4,21 @@
                                                           # and every torchvision classifier
     python tools/sweep_models.py --filter 'resnet*,vit_*' --all --max-params 30 --jobs 2
     python tools/sweep_models.py --no-timm --csv tv.csv --summary tv.md
+    python tools/sweep_models.py --onnx                   # + the ONNX stage after each pass
+    python tools/sweep_models.py --onnx-only              # only the reduced ONNX check
 
 Each model is checked by :func:`collabsurgery.measure.sweep.check_model` in its own subprocess
 (``python -m collabsurgery.measure.sweep NAME``), killed after ``--timeout`` seconds. The CSV is rewritten
 after every model; the Markdown summary at the end. Ctrl-C kills the running checks and writes
 what is done. The CSV's ``seconds`` is each subprocess's wall time (interpreter start and
 imports included), as the timeout counts it.
+
+``--onnx`` adds the ONNX stage (the head exported to ONNX and run by onnxruntime) after each
+pass; a timeout in it keeps the model's result and marks only ``onnx`` as ``timeout``.
+``--onnx-only`` runs the reduced ONNX check alone
+(:func:`collabsurgery.measure.sweep.check_onnx_only`: each model with random weights at its
+default input size, nothing wrapped or trained), for when the whole sweep with ONNX is too long
+for the machine.
 """
 from __future__ import annotations
 
@@ -50,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model")
     parser.add_argument("--jobs", type=int, default=1, help="models checked in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
+    onnx = parser.add_mutually_exclusive_group()
+    onnx.add_argument("--onnx", action="store_true",
+                      help="add the ONNX stage after each pass (needs collabsurgery[onnx])")
+    onnx.add_argument("--onnx-only", action="store_true",
+                      help="only the reduced ONNX check of each model (random weights, default "
+                           "input size; nothing wrapped or trained)")
     parser.add_argument("--csv", default="sweep.csv", metavar="PATH")
     parser.add_argument("--summary", default="sweep.md", metavar="PATH")
     args = parser.parse_args(argv)
@@ -71,7 +86,8 @@ class Child:
     start: float = field(default_factory=time.monotonic)
 
 
-def start_child(index: int, name: str, params_m: float | None, threads: int) -> Child:
+def start_child(index: int, name: str, params_m: float | None, threads: int,
+                flags: tuple[str, ...] = ()) -> Child:
     """Start ``python -m collabsurgery.measure.sweep NAME`` in a session of its own (so Ctrl-C reaches
     only this tool, which then kills the whole session)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -79,7 +95,8 @@ def start_child(index: int, name: str, params_m: float | None, threads: int) -> 
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "collabsurgery.measure.sweep", name,
-                             "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT,
+                             "--threads", str(threads), *flags], stdout=log,
+                            stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     return Child(index, name, params_m, proc, log)
 
@@ -99,12 +116,16 @@ def collect(child: Child, timed_out: bool, timeout: float) -> SweepResult:
     lines = child.log.read().decode(errors="replace").splitlines()
     child.log.close()
     seconds = round(time.monotonic() - child.start, 2)
+    stages = [line[len(STAGE_PREFIX):] for line in lines if line.startswith(STAGE_PREFIX)]
     for line in reversed(lines):
         if line.startswith(RESULT_PREFIX):
             result = SweepResult.from_json(line[len(RESULT_PREFIX):])
+            if not result.onnx and stages[-1:] == ["onnx"]:  # stopped in the ONNX stage
+                result.onnx = "timeout" if timed_out else "fail"
+                result.onnx_reason = f"no result after {timeout:g} s" if timed_out else \
+                    f"check process exited with status {child.proc.returncode}"
             result.seconds = seconds
             return result
-    stages = [line[len(STAGE_PREFIX):] for line in lines if line.startswith(STAGE_PREFIX)]
     result = SweepResult(model=child.name, library=library_of(child.name),
                          params_m=child.params_m, stage=stages[-1] if stages else "create",
                          seconds=seconds)
@@ -139,7 +160,8 @@ def run_all(models: list[tuple[str, float | None]], args: argparse.Namespace,
         while pending or running:
             while pending and len(running) < args.jobs:
                 index, (name, params_m) = pending.pop(0)
-                running.append(start_child(index, name, params_m, args.threads))
+                running.append(start_child(index, name, params_m, args.threads,
+                                           child_flags(args)))
             time.sleep(0.1)
             for child in list(running):
                 timed_out = time.monotonic() - child.start > args.timeout
@@ -156,6 +178,11 @@ def run_all(models: list[tuple[str, float | None]], args: argparse.Namespace,
         for child in running:
             kill(child)
             child.log.close()
+
+
+def child_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The check's options passed on to each child."""
+    return ("--onnx",) if args.onnx else ("--onnx-only",) if args.onnx_only else ()
 
 
 def ordered(results: dict[int, SweepResult]) -> list[SweepResult]:
@@ -203,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         status, note = 130, f"\n**Interrupted** after {len(results)} models.\n"
         print(f"interrupted; writing the {len(results)} results so far", file=sys.stderr)
     write_csv(args.csv, ordered(results))
-    write_text(args.summary, summarise(ordered(results), command) + "\n" + note)
+    write_text(args.summary, summarise(ordered(results), command, onnx_only=args.onnx_only)
+               + "\n" + note)
     print(f"wrote {args.csv} and {args.summary}")
     return status
 

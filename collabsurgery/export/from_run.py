@@ -14,6 +14,8 @@ import yaml
 
 from collabsurgery.errors import UserError, warn
 from collabsurgery.export import export
+from collabsurgery.export.artifact import check_format, export_head
+from collabsurgery.export.deploy import Verified, check_target
 from collabsurgery.graphs import TrainingGraph, rebuild
 from collabsurgery.graphs.saving import config_from_json, load_graph
 from collabsurgery.rundir import checkpoint
@@ -129,8 +131,10 @@ def select_head(run_dir: Path, head_text: str | None, net: TrainingGraph,
     return best_head(run_dir, history, net.num_heads, weights) if head is None else head
 
 
-def _export_run(run_dir: Path, head_text: str | None, output: Path, weights: str
-                ) -> tuple[Path, int]:
+def _run_head(run_dir: Path, head_text: str | None, weights: str
+              ) -> tuple[TrainingGraph, int, dict[str, Any]]:
+    """A run's graph, the head ``head_text`` names and the export's metadata (recipe, metrics
+    of that head, run name, EMA weights)."""
     net, history = load_run(run_dir, weights)
     head = select_head(run_dir, head_text, net, history, weights)
     metrics = {}
@@ -144,16 +148,14 @@ def _export_run(run_dir: Path, head_text: str | None, output: Path, weights: str
              "metrics": metrics, "run": run_dir.name}
     if weights == "ema":
         extra["weights"] = "ema"
-    return export(net, head, output, extra_metadata=extra), head
+    return net, head, extra
 
 
-def export_from_source(source: Path, head_text: str | None, output: Path,
-                       weights: str | None = None) -> tuple[Path, int]:
-    """Export ``head_text`` of a run directory or graph file to ``output``; (path, head).
-    ``None``: a run's :func:`default_head`; a graph file needs an index. ``weights``: a run's
-    ``"live"`` or ``"ema"`` weights; None: the run's choice (:func:`run_weights`)."""
+def _source_head(source: Path, head_text: str | None, weights: str | None
+                 ) -> tuple[TrainingGraph, int, dict[str, Any] | None]:
+    """The graph, head and export metadata of a run directory or a graph file."""
     if source.is_dir():
-        return _export_run(source, head_text, output, run_weights(source, weights))
+        return _run_head(source, head_text, run_weights(source, weights))
     if not source.is_file():
         raise UserError(f"no such file or run directory: {source}")
     if weights == "ema":
@@ -165,4 +167,25 @@ def export_from_source(source: Path, head_text: str | None, output: Path,
     if head is None:
         raise UserError("head 'best' needs a training run with hold-out metrics; "
                         f"give a head index 0..{net.num_heads - 1}")
-    return export(net, head, output), head
+    return net, head, None
+
+
+def export_from_source(source: Path, head_text: str | None, output: Path,
+                       weights: str | None = None) -> tuple[Path, int]:
+    """Export ``head_text`` of a run directory or graph file to ``output``; (path, head).
+    ``None``: a run's :func:`default_head`; a graph file needs an index. ``weights``: a run's
+    ``"live"`` or ``"ema"`` weights; None: the run's choice (:func:`run_weights`)."""
+    net, head, extra = _source_head(source, head_text, weights)
+    return export(net, head, output, extra_metadata=extra), head
+
+
+def deploy_from_source(source: Path, head_text: str | None, output: Path, format: str,
+                       weights: str | None = None, *, opset: int | None = None,
+                       features_only: bool = False) -> tuple[Verified, int]:
+    """As :func:`export_from_source`, as a verified ``onnx`` or ``torch-export`` artifact
+    (:func:`collabsurgery.export.artifact.export_head`); (what was verified, head)."""
+    check_format(format, opset, features_only)
+    check_target(format, output)  # before loading the run
+    net, head, extra = _source_head(source, head_text, weights)
+    return export_head(net, head, output, format, extra_metadata=extra, opset=opset,
+                       features_only=features_only), head

@@ -15,6 +15,10 @@ can be uploaded to the Hugging Face Hub unchanged (then ``hf-hub:user/repo``):
     the Hub expect) plus the export's metadata and a fresh checksum of both.
 ``README.md``
     a model card: method, recipe, data, metrics, exported head, version, how to load.
+``model.onnx`` (only with ``onnx=True``)
+    the same head as ONNX (:func:`collabsurgery.export.artifact.export_artifact`: dynamic
+    batch, input ``input``, output ``logits``, preprocessing in its metadata), verified with
+    onnxruntime against the weights before the folder is kept; the card says how to run it.
 
 The folder is built as a temporary sibling ``DIR.tmp-<hex>``, every file synced, then renamed
 into place, so a failure leaves nothing half written.
@@ -25,6 +29,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +43,15 @@ from collabsurgery.common.atomic import fsync_path, write_text
 from collabsurgery.common.integrity import CHECKSUM_KEY
 from collabsurgery.common.tensorfile import load_state, save_safetensors_atomic
 from collabsurgery.errors import UserError
+from collabsurgery.export.artifact import export_artifact
 from collabsurgery.export.backbone import FORMAT, export_metadata, load_plain
+from collabsurgery.export.deploy import Verified, require_onnx
 from collabsurgery.models import backbones
 
 #: what the folder holds, nothing else (it is uploaded to the Hub as it is)
 FOLDER_FILES = ("README.md", "config.json", "model.safetensors")
+#: the ONNX file beside model.safetensors when asked for
+ONNX_FILE = "model.onnx"
 #: pretrained_cfg keys that describe timm's published weights, not weights trained here
 _SOURCE_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes",
                 "description")
@@ -55,17 +64,25 @@ _METRIC_NAMES = {
 
 
 def save_timm_folder(export_file: str | os.PathLike, directory: str | os.PathLike, *,
-                     license: str | None = None) -> Path:
+                     license: str | None = None, onnx: bool = False, opset: int | None = None,
+                     on_onnx: Callable[[Verified], None] | None = None) -> Path:
     """Write export ``export_file`` as a timm / Hugging Face model folder ``directory``.
 
     ``directory`` must not exist or be empty. Only exports of timm architectures qualify (a
     torchvision or ready-module export is a UserError). ``license`` goes into the card's front
-    matter when given (none is assumed otherwise). Returns ``directory``.
+    matter when given (none is assumed otherwise). ``onnx``: also ``model.onnx`` (``opset``:
+    its ai.onnx opset), verified before the folder is kept; ``on_onnx`` receives how it
+    compared. Returns ``directory``.
     """
     export_file, directory = Path(export_file), Path(directory)
     metadata = export_metadata(export_file)
     _require_timm(export_file, metadata)
     _require_empty(directory)
+    if opset is not None and not onnx:
+        raise UserError("opset applies to the ONNX file of a model folder; ask for it with "
+                        "onnx=True (--onnx)")
+    if onnx:
+        require_onnx()  # before any work
     tensors = load_state(export_file)
     model = load_plain(export_file)  # rebuilds it and checks that the tensors fit
     recipe = _parse_recipe(metadata.get("recipe", ""))
@@ -79,12 +96,17 @@ def save_timm_folder(export_file: str | os.PathLike, directory: str | os.PathLik
                             "in a writable directory") from None
         _write_weights(tensors, metadata, tmp / "model.safetensors")
         _write_config(model, metadata, recipe, tmp / "config.json")
-        write_text(tmp / "README.md", model_card(metadata, recipe, target.name, license))
+        verified = export_artifact(export_file, tmp / ONNX_FILE, "onnx", opset=opset) \
+            if onnx else None
+        write_text(tmp / "README.md", model_card(metadata, recipe, target.name, license,
+                                                 verified))
         fsync_path(tmp)
         _move_into_place(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    if verified is not None and on_onnx is not None:
+        on_onnx(verified)
     return directory
 
 
@@ -274,6 +296,21 @@ def _metrics(metadata: dict[str, str]) -> str:
     return "\n## Metrics\n\n" + "\n".join(rows) + "\n"
 
 
+def _onnx_usage(verified: Verified | None) -> str:
+    if verified is None:
+        return ""
+    code = ("import numpy as np\nimport onnxruntime as ort\n\n"
+            f'session = ort.InferenceSession("{ONNX_FILE}", providers=["CPUExecutionProvider"])\n'
+            f"x = np.zeros((1, {', '.join(map(str, verified.input_size))}), np.float32)  "
+            "# preprocessed as the metadata_props say\n"
+            'logits = session.run(["logits"], {"input": x})[0]\n')
+    return (f"\n## ONNX\n\n`{ONNX_FILE}` is the same head as ONNX (opset {verified.opset}, dynamic "
+            "batch; its `metadata_props` hold the preprocessing). Before this folder was "
+            f"written, onnxruntime's outputs on seeded batches were compared with these weights' "
+            f"logits: max abs diff {verified.max_abs_diff:.3g} (tolerance "
+            f"{verified.tolerance:.3g}).\n\n" + _fenced(code, "python"))
+
+
 def _usage(metadata: dict[str, str], folder_name: str) -> str:
     module = _registering_module(metadata.get("architecture", ""))
     code = "import timm\n"
@@ -288,10 +325,12 @@ def _usage(metadata: dict[str, str], folder_name: str) -> str:
 
 
 def model_card(metadata: dict[str, str], recipe: dict[str, Any], folder_name: str,
-               license: str | None = None) -> str:
-    """The README.md of a model folder, from an export's metadata and its parsed recipe."""
+               license: str | None = None, onnx: Verified | None = None) -> str:
+    """The README.md of a model folder, from an export's metadata and its parsed recipe
+    (``onnx``: how its ``model.onnx`` was verified, when it has one)."""
     title = metadata.get("run") or f"{metadata.get('architecture', 'model')} (collabsurgery)"
     kwargs = _json_field(metadata, "model_kwargs")
     return (_front_matter(license) + f"# Model card for {title}\n\n"
             + _summary(metadata, kwargs) + _method_and_recipe(metadata, recipe)
-            + _data(recipe) + _metrics(metadata) + _usage(metadata, folder_name))
+            + _data(recipe) + _metrics(metadata) + _usage(metadata, folder_name)
+            + _onnx_usage(onnx))

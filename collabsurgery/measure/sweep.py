@@ -14,6 +14,15 @@ One model is checked by :func:`check_model`, in stages (the first that goes wron
 ``overlay``         timm only: ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))``
 ==================  ===================================================================
 
+With ``onnx=True`` an ONNX stage follows a pass: the loaded head 1 exported to ONNX and run by
+onnxruntime (:func:`collabsurgery.export.deploy.save_onnx`: dynamic batch, outputs equal to the
+head's eval logits within 1e-4 x max|logit| + 1e-5 at batch 1 and 3). Its outcome is the
+separate ``onnx`` field (``pass``; ``refused``: the exporter or onnxruntime cannot handle the
+model, with the exporter's reason; ``fail``: the outputs differ or something else broke;
+``timeout``), so a model's ``status`` stays that of the stages above. :func:`check_onnx_only`
+is the reduced ONNX check: the model at its default input size with random weights (what a head
+of it exports to), exported and run, without wrapping or training.
+
 Status ``refused`` is a :class:`~collabsurgery.errors.UserError` while creating, listing split
 points or wrapping (the library's intended refusal); any other exception, a UserError after the
 graph was built, or a check that does not hold is ``fail``. ``timeout`` is set by the caller that
@@ -25,6 +34,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import importlib
+import importlib.metadata
 import json
 import math
 import re
@@ -44,6 +54,7 @@ import torchvision
 
 from collabsurgery.errors import UserError, first_line
 from collabsurgery.export import export, load_backbone
+from collabsurgery.export.deploy import NotExportable, OutputsDiffer, save_onnx
 from collabsurgery.graphs import splits, wrap
 from collabsurgery.measure.bench import torch_threads
 from collabsurgery.models import backbones
@@ -53,7 +64,8 @@ STAGES = ("create", "splits", "wrap", "forward-backward", "gradients", "export",
 REFUSING_STAGES = ("create", "splits", "wrap")  # a UserError after these is a failure
 STATUSES = ("pass", "refused", "fail", "timeout")
 CSV_COLUMNS = ("model", "family", "library", "params_m", "status", "stage", "reason", "seconds",
-               "split", "max_abs_diff", "bit_equal", "logit_scale")
+               "split", "max_abs_diff", "bit_equal", "logit_scale", "onnx", "onnx_max_abs_diff",
+               "onnx_tolerance", "onnx_seconds", "onnx_reason")
 RESULT_PREFIX = "SWEEP-RESULT "  # the line of a child's stdout that carries its result
 STAGE_PREFIX = "SWEEP-STAGE "  # progress lines, so a timeout still says where it hung
 NUM_CLASSES = 10
@@ -84,6 +96,11 @@ class SweepResult:
     overlay_max_abs_diff: float | None = None
     no_grad: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)  # stages completed, in order
+    onnx: str = ""  # the ONNX stage: pass, refused, fail, timeout; "" when not run
+    onnx_reason: str = ""
+    onnx_max_abs_diff: float | None = None  # onnxruntime vs the head, at batch 1 and 3
+    onnx_tolerance: float | None = None
+    onnx_seconds: float | None = None
 
     def to_json(self) -> str:
         """One line of JSON (non-finite numbers as null)."""
@@ -226,11 +243,14 @@ def one_line(err: BaseException) -> str:
 
 def check_model(name: str, threads: int | None = None,
                 on_stage: Callable[[str], None] | None = None,
-                workdir: str | Path | None = None) -> SweepResult:
+                workdir: str | Path | None = None, onnx: bool = False,
+                on_result: Callable[[SweepResult], None] | None = None) -> SweepResult:
     """Run every stage of the sweep on one model; never raises for a model's failure.
 
     ``threads`` sets torch's intra-op threads for the check; ``on_stage(stage)`` is called as
     each stage starts; the export goes to ``workdir`` (default: a temporary directory).
+    ``onnx``: after a pass, the ONNX stage (``on_result`` gets the result before it starts, so
+    that a timeout in it keeps what passed).
     """
     result = SweepResult(model=name, library=library_of(name))
     start = time.perf_counter()
@@ -245,9 +265,16 @@ def check_model(name: str, threads: int | None = None,
     with torch_threads(threads), tempfile.TemporaryDirectory(dir=workdir) as tmp:
         try:
             torch.manual_seed(0)
-            _run_stages(name, result, enter, Path(tmp) / "h1.safetensors")
+            model, size = _run_stages(name, result, enter, Path(tmp) / "h1.safetensors")
             result.checks.append(result.stage)
             result.status = "pass"
+            result.seconds = round(time.perf_counter() - start, 2)
+            if onnx:
+                if on_result:
+                    on_result(result)
+                if on_stage:
+                    on_stage("onnx")
+                onnx_stage(name, model, size, Path(tmp) / "h1.onnx", result)
         except UserError as err:
             refused = result.stage in REFUSING_STAGES
             result.status = "refused" if refused else "fail"
@@ -261,7 +288,8 @@ def check_model(name: str, threads: int | None = None,
 
 
 def _run_stages(name: str, result: SweepResult, enter: Callable[[str], None],
-                path: Path) -> None:
+                path: Path) -> tuple[nn.Module, tuple[int, ...]]:
+    """Every stage up to the last; returns the loaded head 1 (eval) and the input size."""
     enter("create")
     module = _create(name)
     result.family = family_of(name)
@@ -278,7 +306,7 @@ def _run_stages(name: str, result: SweepResult, enter: Callable[[str], None],
                   input_size=size, execution="loop")
     x = torch.randn(BATCH, *size)
     _train_step(net, x, result, enter)
-    _export_and_compare(name, net, x, path, result, enter)
+    return _export_and_compare(name, net, x, path, result, enter), size
 
 
 def _train_step(net: nn.Module, x: torch.Tensor, result: SweepResult,
@@ -308,7 +336,7 @@ def _some(names: list[str], n: int = 4) -> str:
 
 
 def _export_and_compare(name: str, net: nn.Module, x: torch.Tensor, path: Path,
-                        result: SweepResult, enter: Callable[[str], None]) -> None:
+                        result: SweepResult, enter: Callable[[str], None]) -> nn.Module:
     enter("export")
     export(net, head=1, path=path)
     enter("load")
@@ -320,13 +348,68 @@ def _export_and_compare(name: str, net: nn.Module, x: torch.Tensor, path: Path,
         result.logit_scale = expected.abs().max().item()
         result.max_abs_diff, result.bit_equal = _compare(expected, model(x), "loaded backbone")
     if result.library != "timm":
-        return
+        return model
     enter("overlay")
     overlay = timm.create_model(name, pretrained=True, num_classes=NUM_CLASSES,
                                 pretrained_cfg_overlay=dict(file=str(path),
                                                             num_classes=NUM_CLASSES)).eval()
     with torch.no_grad():
         result.overlay_max_abs_diff, _ = _compare(expected, overlay(x), "timm overlay load")
+    return model
+
+
+def onnx_stage(name: str, model: nn.Module, size: Sequence[int], path: Path,
+               result: SweepResult) -> None:
+    """Export ``model`` to ONNX at ``path`` and verify it in onnxruntime; fills the result's
+    ``onnx*`` fields (never raises for the model's failure)."""
+    start = time.perf_counter()
+    try:
+        verified = save_onnx(model, path, size, what=name)
+        result.onnx = "pass"
+        result.onnx_max_abs_diff, result.onnx_tolerance = verified.max_abs_diff, \
+            verified.tolerance
+    except NotExportable as err:
+        result.onnx, result.onnx_reason = "refused", first_line(err)
+    except OutputsDiffer as err:
+        result.onnx, result.onnx_reason = "fail", first_line(err)
+    except Exception as err:  # noqa: BLE001 - a sweep reports every failure and goes on
+        result.onnx, result.onnx_reason = "fail", one_line(err)
+    result.onnx_seconds = round(time.perf_counter() - start, 2)
+
+
+def check_onnx_only(name: str, threads: int | None = None,
+                    on_stage: Callable[[str], None] | None = None,
+                    workdir: str | Path | None = None) -> SweepResult:
+    """The reduced ONNX check: the model (random weights, 10 classes, eval) at its default
+    input size exported to ONNX and verified in onnxruntime, nothing wrapped or trained.
+    ``status`` and ``stage`` are the ONNX stage's (``create`` when the model cannot be built)."""
+    result = SweepResult(model=name, library=library_of(name))
+    start = time.perf_counter()
+    with torch_threads(threads), tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        try:
+            if on_stage:
+                on_stage("create")
+            torch.manual_seed(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = _create(name, NUM_CLASSES).eval()
+            result.family = family_of(name)
+            result.params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+            size = input_size_of(name, model)
+            result.checks.append("create")
+            result.stage = "onnx"
+            if on_stage:
+                on_stage("onnx")
+            onnx_stage(name, model, size, Path(tmp) / "model.onnx", result)
+            result.status, result.reason = result.onnx, result.onnx_reason
+            if result.onnx == "pass":
+                result.checks.append("onnx")
+        except UserError as err:
+            result.status, result.reason = "refused", first_line(err)
+        except Exception as err:  # noqa: BLE001 - a sweep reports every failure and goes on
+            result.reason = one_line(err)
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result
 
 
 def _compare(expected: torch.Tensor, got: torch.Tensor, what: str) -> tuple[float, bool]:
@@ -376,7 +459,8 @@ def _family_results(results: list[SweepResult]) -> list[SweepResult]:
 
 
 def _group_table(results: list[SweepResult], title: str, header: str,
-                 key: Callable[[SweepResult], str]) -> list[str]:
+                 key: Callable[[SweepResult], str],
+                 reason: Callable[[SweepResult], str] = lambda r: r.reason) -> list[str]:
     groups: dict[str, list[SweepResult]] = defaultdict(list)
     for r in results:
         groups[key(r)].append(r)
@@ -386,7 +470,7 @@ def _group_table(results: list[SweepResult], title: str, header: str,
     lines += [f"| count | {header} | models, and the first one's reason |", "|---:|---|---|"]
     for cause, rs in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         names = ", ".join(r.model for r in rs[:8]) + (f", +{len(rs) - 8} more" * (len(rs) > 8))
-        lines.append(f"| {len(rs)} | {_cell(cause)} | {names}<br>e.g. {_cell(rs[0].reason)} |")
+        lines.append(f"| {len(rs)} | {_cell(cause)} | {names}<br>e.g. {_cell(reason(rs[0]))} |")
     return lines + [""]
 
 
@@ -395,10 +479,87 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def summarise(results: Sequence[SweepResult], command: str | None = None) -> str:
+def _onnx_view(r: SweepResult) -> SweepResult:
+    """``r`` with the ONNX stage's outcome as its status and reason (for the rate lines)."""
+    return SweepResult(r.model, r.family, r.library, r.params_m, r.onnx or "not run", "onnx",
+                       r.onnx_reason)
+
+
+def onnx_section(results: Sequence[SweepResult], onnx_only: bool = False) -> list[str]:
+    """The ONNX stage's Markdown: pass rates, exactness, refusals grouped by the exporter's
+    reason, failures, and a per-model table; [] when no result ran it. ``onnx_only``: the
+    results of :func:`check_onnx_only`."""
+    ran = [r for r in results if r.onnx]
+    if not ran:
+        return []
+    views = [_onnx_view(r) for r in ran]
+    timm_views = [v for v in views if v.library == "timm"]
+    tv_views = [v for v in views if v.library == "torchvision"]
+    passes = [r for r in ran if r.onnx == "pass"]
+    ratios = [r.onnx_max_abs_diff / r.onnx_tolerance for r in passes
+              if r.onnx_max_abs_diff is not None and r.onnx_tolerance]
+    lines = ["## ONNX", "",
+             f"{'The model (random weights)' if onnx_only else 'Head 1'} exported to ONNX (the "
+             "exporter torch recommends, dynamic batch) and run by onnxruntime on the CPU at "
+             "batch 1 and 3; *pass*: every output within 1e-4 x max|logit| + 1e-5 of the "
+             "model's eval logits.", "",
+             _rate_line("timm", _family_results(timm_views), "families"),
+             _rate_line("timm models", timm_views, "models"),
+             _rate_line("torchvision", tv_views, "models")]
+    if ratios:
+        median = sorted(ratios)[len(ratios) // 2]
+        lines.append(f"- closeness: the largest difference of a pass is {max(ratios):.2g} of "
+                     f"its tolerance (median {median:.2g})")
+    # tolerance = 1e-4 x max|logit| + 1e-5: logits below WEAK_SCALE leave mostly the floor
+    weak = sum(r.onnx_tolerance is not None and r.onnx_tolerance < 1e-4 * WEAK_SCALE + 1e-5
+               for r in passes)
+    lines += [f"- weak: {weak}/{len(passes)} passes have logits below {WEAK_SCALE:g} in "
+              "magnitude (BatchNorm with initial statistics, zero-initialised heads), where the "
+              "tolerance is mostly its 1e-5 floor", ""]
+    lines += _group_table([r for r in ran if r.onnx == "refused"], "ONNX refusals by reason",
+                          "reason", _onnx_cause, lambda r: r.onnx_reason)
+    lines += _group_table([r for r in ran if r.onnx == "fail"], "ONNX failures by cause",
+                          "cause", _onnx_cause, lambda r: r.onnx_reason)
+    lines += ["<details><summary>ONNX by model</summary>", "",
+              "| model | family | params (M) | ONNX | max abs diff | tolerance | seconds |",
+              "|---|---|---:|---|---:|---:|---:|"]
+    for r in ran:
+        lines.append(f"| {r.model} | {r.family} | {_num(r.params_m)} | {r.onnx} | "
+                     f"{_num(r.onnx_max_abs_diff)} | {_num(r.onnx_tolerance)} | "
+                     f"{_num(r.onnx_seconds)} |")
+    return lines + ["", "</details>", ""]
+
+
+def _onnx_cause(r: SweepResult) -> str:
+    """An ONNX reason normalised, without where in the model's code it arose (so one cause of
+    the exporter groups across model files)."""
+    return normalise_reason(re.sub(r" \(at [\w.]+:\d+ in \w+: .*\)(?=; nothing written)", "",
+                                   r.onnx_reason), r.model)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.3g}"
+
+
+def summarise(results: Sequence[SweepResult], command: str | None = None,
+              onnx_only: bool = False) -> str:
     """A Markdown summary: pass rates (timm by family, torchvision by model), failures grouped
-    by normalised cause, refusals grouped by message, timeouts, and the command line."""
+    by normalised cause, refusals grouped by message, timeouts, the ONNX stage where it ran,
+    and the command line. ``onnx_only``: results of :func:`check_onnx_only` (only the ONNX
+    section, and models that could not be built)."""
     results = list(results)
+    if onnx_only:
+        lines = ["# collabsurgery model sweep: ONNX", ""]
+        if command:
+            lines += [f"Command: `{command}`", ""]
+        lines += [f"torch {torch.__version__}, timm {timm.__version__}, torchvision "
+                  f"{torchvision.__version__}, onnxruntime {_version('onnxruntime')}, onnxscript "
+                  f"{_version('onnxscript')}; each model with random weights, "
+                  f"{NUM_CLASSES} classes, at its default input size (the reduced setting: "
+                  "nothing wrapped or trained).", ""]
+        unbuilt = [r for r in results if not r.onnx]
+        return "\n".join(lines + onnx_section(results, onnx_only=True) + _group_table(
+            unbuilt, "Not built", "reason", lambda r: normalise_reason(r.reason, r.model)))
     timm_results = [r for r in results if r.library == "timm"]
     tv_results = [r for r in results if r.library == "torchvision"]
     passes = [r for r in results if r.status == "pass"]
@@ -425,24 +586,42 @@ def summarise(results: Sequence[SweepResult], command: str | None = None) -> str
                           lambda r: normalise_reason(r.reason, r.model))
     timeouts = [r for r in results if r.status == "timeout"]
     lines += _group_table(timeouts, "Timeouts", "stage", lambda r: r.stage)
+    lines += onnx_section(results)
     return "\n".join(lines)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 # ---------------------------------------------------------------------------------- child entry
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m collabsurgery.measure.sweep NAME [--threads N]``: check one model, print progress
-    lines and one ``SWEEP-RESULT {json}`` line on stdout."""
+    """``python -m collabsurgery.measure.sweep NAME [--threads N] [--onnx | --onnx-only]``: check
+    one model, print progress lines and its ``SWEEP-RESULT {json}`` line on stdout (with
+    ``--onnx`` also one before the ONNX stage; the last one counts)."""
     parser = argparse.ArgumentParser(description="Check one model for the sweep.")
     parser.add_argument("model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--onnx", action="store_true", help="add the ONNX stage after a pass")
+    parser.add_argument("--onnx-only", action="store_true",
+                        help="the reduced ONNX check alone (check_onnx_only)")
     args = parser.parse_args(argv)
 
     def report(stage: str) -> None:
         print(STAGE_PREFIX + stage, flush=True)
 
-    result = check_model(args.model, threads=args.threads, on_stage=report)
-    print(RESULT_PREFIX + result.to_json(), flush=True)
+    def emit(result: SweepResult) -> None:
+        print(RESULT_PREFIX + result.to_json(), flush=True)
+
+    if args.onnx_only:
+        emit(check_onnx_only(args.model, threads=args.threads, on_stage=report))
+    else:
+        emit(check_model(args.model, threads=args.threads, on_stage=report, onnx=args.onnx,
+                         on_result=emit))
     return 0
 
 
