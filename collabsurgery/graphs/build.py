@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from collabsurgery.errors import ArgumentError, UserError
+from collabsurgery.errors import ArgumentError, UserError, warn
 from collabsurgery.graphs.base import GraphConfig, register_graph
 from collabsurgery.graphs.execution.executor import EXECUTION_MODES
 from collabsurgery.graphs.tree import RESCALE_MODES, TreeNet
-from collabsurgery.models import backbones
+from collabsurgery.models import backbones, pretrained as pretrained_weights
 from collabsurgery.surgery import Stage, cut_graph, resolve_splits, split_points, trace, valid_list
 
 
@@ -39,6 +39,15 @@ Execution = Annotated[Literal[EXECUTION_MODES], Field(
 Recompute = Annotated[bool | Literal["selective"], Field(
     description="recompute branch activations in the backward pass (selective: all but "
                 "convolutions and matmuls)")]
+Pretrained = Annotated[bool | str | None, Field(
+    description="initial weights: a weights file (.safetensors, or a .pth/.pt/.bin state dict) "
+                "or true (timm's local cache; nothing is downloaded); a classifier for another "
+                "class count starts fresh")]
+COPIES_MODES = ("pretrained", "fresh")
+Copies = Annotated[Literal[COPIES_MODES], Field(
+    description="with pretrained weights, every copy of a branched stage starts from them "
+                "(pretrained) or only head 0's path does and the other copies are freshly "
+                "initialised (fresh); without, every copy beyond the first is fresh")]
 
 
 def _prime_factors(n: int) -> list[int]:
@@ -87,21 +96,51 @@ def _fanouts(heads: int, split: tuple[str, ...], branches: Sequence[int] | None)
     return (1, *branches)
 
 
-def _reinitialise_copies(net: TreeNet, module: nn.Module, spec: backbones.BackboneSpec) -> None:
-    """Give every stage copy beyond the first its own initial weights (see
-    :func:`~collabsurgery.models.backbones.fresh_instance`)."""
-    fresh_by_head: dict[int, dict[str, torch.Tensor]] = {}
+def load_pretrained(module: nn.Module, spec: backbones.BackboneSpec, pretrained: Any,
+                    size: Sequence[int], copies: str = "pretrained", heads: int = 1
+                    ) -> frozenset[str]:
+    """Load ``pretrained`` into ``module`` (:mod:`collabsurgery.models.pretrained`); returns
+    the keys every copy keeps from it: those loaded under ``copies="pretrained"``, none under
+    ``"fresh"`` (only head 0's path, the module itself, keeps them). Warns when ``heads``
+    heads would all start identical (same class count: the classifier loaded too)."""
+    loaded = pretrained_weights.load_pretrained(module, spec, pretrained, size)
+    if heads > 1 and copies == "pretrained" and loaded >= set(module.state_dict()):
+        warn(f"every head starts from the same pretrained weights, {spec.qualified_name}'s "
+             "classifier included (same class count): on a shared batch with a symmetric "
+             "objective the heads stay identical; set graph.copies=fresh (or copies='fresh') "
+             "for heads that differ, or give each head its own input (data.views=per_head)")
+    return loaded if copies == "pretrained" else frozenset()
+
+
+def reinitialise(copies: Sequence[Sequence[nn.Module]], owners: Sequence[Sequence[int]],
+                 module: nn.Module, spec: backbones.BackboneSpec,
+                 keep: frozenset[str] = frozenset()) -> None:
+    """Give every copy ``copies[i][c]`` with ``c >= 1`` the initial weights of the fresh
+    instance (:func:`~collabsurgery.models.backbones.fresh_instance`) numbered
+    ``owners[i][c]``, except the keys in ``keep`` (pretrained weights every copy starts from)."""
+    fresh: dict[int, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
-        for i, copies in enumerate(net.stages):
-            leaves_per_copy = net.num_heads // net.copies(i)
-            for c in range(1, len(copies)):
-                owner = c * leaves_per_copy  # the first head running this copy
-                if owner not in fresh_by_head:
-                    fresh_by_head[owner] = backbones.fresh_instance(module, spec).state_dict()
-                state = fresh_by_head[owner]
-                for key, tensor in copies[c].state_dict(keep_vars=True).items():
+        for stage, numbers in zip(copies, owners):
+            for c in range(1, len(stage)):
+                targets = {k: t for k, t in stage[c].state_dict(keep_vars=True).items()
+                           if k not in keep}
+                if not targets and keep:  # (without keep: drawn as ever, the same weights)
+                    continue
+                if numbers[c] not in fresh:
+                    fresh[numbers[c]] = backbones.fresh_instance(module, spec).state_dict()
+                state = fresh[numbers[c]]
+                for key, tensor in targets.items():
                     if key in state:
                         tensor.copy_(state[key])
+
+
+def _reinitialise_copies(net: TreeNet, module: nn.Module, spec: backbones.BackboneSpec,
+                         keep: frozenset[str] = frozenset()) -> None:
+    """Give every stage copy beyond the first its own initial weights, but for the pretrained
+    keys ``keep``; copies of one head's path share one fresh instance."""
+    owners = [[c * (net.num_heads // net.copies(i)) for c in range(net.copies(i))]
+              for i in range(len(net.stages))]  # the first head running each copy
+    reinitialise(net.stages, owners, module, spec, keep)
 
 
 def _config(kind: str, spec: backbones.BackboneSpec, size: tuple[int, ...], **args: Any
@@ -113,8 +152,8 @@ def _config(kind: str, spec: backbones.BackboneSpec, size: tuple[int, ...], **ar
 
 
 def _finish(net: TreeNet, module: nn.Module, spec: backbones.BackboneSpec, execution: str,
-            checkpoint_branches: bool | str) -> TreeNet:
-    _reinitialise_copies(net, module, spec)
+            checkpoint_branches: bool | str, keep: frozenset[str]) -> TreeNet:
+    _reinitialise_copies(net, module, spec, keep)
     net.set_execution(execution, checkpoint_branches)
     net.train(module.training)
     return net
@@ -132,6 +171,7 @@ def build_tree(model: str | nn.Module, split: Split = None, heads: Heads = 2,
                                "(default: an even factorisation of heads)")] = None,
                rescale: Rescale = "backprop", input_size: InputSize = None,
                execution: Execution = "auto", checkpoint_branches: Recompute = False,
+               pretrained: Pretrained = None, copies: Copies = "pretrained",
                model_kwargs: ModelKwargs = None) -> TreeNet:
     """Shared trunk up to the first split point; with several split points the heads branch
     hierarchically, ``branches`` (default: an even factorisation of ``heads``) giving the
@@ -140,13 +180,18 @@ def build_tree(model: str | nn.Module, split: Split = None, heads: Heads = 2,
     ``rescale``: ``"backprop"`` (gradient x 1/children at each branch point), ``"loss"`` (1/H per
     head loss, through ``net.loss_weight``) or ``"none"``; ``execution`` and
     ``checkpoint_branches`` choose how sibling copies run (:mod:`.execution`).
+
+    ``pretrained``: a weights file or true (:mod:`collabsurgery.models.pretrained`); every copy
+    starts from it (``copies="pretrained"``) or only head 0's path does (``"fresh"``). The
+    config records ``copies`` but not ``pretrained``: a rebuilt graph loads its own weights.
     """
     split = _parse_split(split)
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
     config = _config("tree", spec, size, split=split, heads=heads,
                      branches=tuple(branches) if branches is not None else None, rescale=rescale,
-                     execution=execution, checkpoint_branches=checkpoint_branches)
+                     execution=execution, checkpoint_branches=checkpoint_branches, copies=copies)
+    keep = load_pretrained(module, spec, pretrained, size, copies, heads)
     reference_keys = list(module.state_dict().keys())
     if not split:
         if heads > 1:
@@ -154,11 +199,11 @@ def build_tree(model: str | nn.Module, split: Split = None, heads: Heads = 2,
                                          "split points; valid split points: "
                                          f"{valid_list(split_points(trace(module, size)))}")
         net = TreeNet([module], [1], rescale, spec, reference_keys, config, ["input..output"])
-        return _finish(net, module, spec, execution, checkpoint_branches)
+        return _finish(net, module, spec, execution, checkpoint_branches, keep)
     fanouts = _fanouts(heads, split, branches)
     stages, names, unused = cut_stages(module, size, split)
     net = TreeNet(stages, fanouts, rescale, spec, reference_keys, config, names, unused)
-    return _finish(net, module, spec, execution, checkpoint_branches)
+    return _finish(net, module, spec, execution, checkpoint_branches, keep)
 
 
 def cut_stages(module: nn.Module, size: tuple[int, ...], split: Sequence[str]
@@ -182,14 +227,16 @@ def cut_stages(module: nn.Module, size: tuple[int, ...], split: Sequence[str]
 @register_graph("instances", example=lambda backbone, points: {"heads": 2})
 def build_instances(model: str | nn.Module, heads: Heads = 2, rescale: Rescale = "backprop",
                     input_size: InputSize = None, execution: Execution = "auto",
-                    checkpoint_branches: Recompute = False, model_kwargs: ModelKwargs = None
-                    ) -> TreeNet:
+                    checkpoint_branches: Recompute = False, pretrained: Pretrained = None,
+                    copies: Copies = "pretrained", model_kwargs: ModelKwargs = None) -> TreeNet:
     """``heads`` independent copies of the whole model (paper 000, Fig. 1b); each head may run
-    on its own batch (``[H, B, ...]`` input). ``rescale="loss"`` weights each head's loss 1/H."""
+    on its own batch (``[H, B, ...]`` input). ``rescale="loss"`` weights each head's loss 1/H.
+    ``pretrained``/``copies``: as :func:`build_tree`'s."""
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
     config = _config("instances", spec, size, heads=heads, rescale=rescale, execution=execution,
-                     checkpoint_branches=checkpoint_branches)
+                     checkpoint_branches=checkpoint_branches, copies=copies)
+    keep = load_pretrained(module, spec, pretrained, size, copies, heads)
     net = TreeNet([module], [heads], rescale, spec, list(module.state_dict().keys()), config,
                   ["input..output"])
-    return _finish(net, module, spec, execution, checkpoint_branches)
+    return _finish(net, module, spec, execution, checkpoint_branches, keep)

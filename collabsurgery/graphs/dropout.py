@@ -38,8 +38,8 @@ from torch.func import functional_call
 from collabsurgery.errors import ArgumentError
 from collabsurgery.graphs.base import (INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph,
                                        register_graph)
-from collabsurgery.graphs.build import (Count, InputSize, ModelKwargs, Points, _config,
-                                        _parse_split, cut_stages)
+from collabsurgery.graphs.build import (Count, InputSize, ModelKwargs, Points, Pretrained,
+                                        _config, _parse_split, cut_stages, load_pretrained)
 from collabsurgery.graphs.staged import StagedGraph
 from collabsurgery.models import backbones
 from collabsurgery.models.backbones import BackboneSpec
@@ -217,14 +217,17 @@ def build_dropout(model: str | nn.Module,
                   local: Annotated[Points | None, Field(
                       description="local points for intra's local losses, e.g. layer1,layer2 "
                                   "(each gets its layer cut out for local backprop)")] = None,
+                  pretrained: Pretrained = None,
                   model_kwargs: ModelKwargs = None) -> DropoutViews:
     """Hierarchical dropout views of ``model`` at the points ``split`` (default: its own dropout
     modules, else its last split point), each sampled ``samples`` times; ``p`` is the
     probability of the dropouts inserted at points that are not dropout modules. ``local``:
-    points up to the first dropout point that give local features (module docstring)."""
+    points up to the first dropout point that give local features (module docstring).
+    ``pretrained``: the one weight set's initial weights (:func:`~.build.build_tree`)."""
     split, local = _parse_split(split), _parse_split(local, "local")
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
+    load_pretrained(module, spec, pretrained, size)
     traced = trace(module, size)
     if not split:
         points = split_points(traced)

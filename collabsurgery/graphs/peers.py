@@ -8,16 +8,18 @@ exports as its own architecture.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 
-from collabsurgery.errors import UserError
+from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.graphs.base import (INPUT, CostPiece, GraphConfig, GraphOutput, TrainingGraph,
                                        register_graph)
 from collabsurgery.graphs.build import InputSize, ModelKwargs
 from collabsurgery.models import backbones
+from collabsurgery.models.pretrained import load_pretrained
 from collabsurgery.models.backbones import BackboneSpec
 
 
@@ -124,24 +126,52 @@ def _num_classes(module: nn.Module, size: tuple[int, ...]) -> int:
     return out.shape[1]
 
 
+_UNTRAINED = ("", "null", "none", "false")
+
+
+def _per_student(pretrained: Any, students: int) -> list[Any]:
+    """One pretrained source per student: a single value applies to every student; a list (or
+    a string of entries joined by commas) gives one per student, null/false: untrained."""
+    if isinstance(pretrained, str) and "," in pretrained:
+        pretrained = [None if p.strip().lower() in _UNTRAINED else
+                      True if p.strip().lower() == "true" else p.strip()
+                      for p in pretrained.split(",")]
+    if pretrained is None or isinstance(pretrained, (bool, str)):
+        return [pretrained] * students
+    if len(pretrained) != students:
+        raise ArgumentError("pretrained", f"gives {len(pretrained)} entries for {students} "
+                                          "students; valid: one entry per student (null: "
+                                          "untrained), or one value for every student")
+    return list(pretrained)
+
+
 @register_graph("peers", example=lambda backbone, points: {"model": [backbone, "cifar_resnet20"]})
 def build_peers(model: str | Sequence[str | nn.Module], input_size: InputSize = None,
+                pretrained: Annotated[bool | str | Sequence[bool | str | None] | None, Field(
+                    description="initial weights of every student, or a list with one entry "
+                                "per student (null: untrained; on the command line "
+                                "comma-separated): a weights file or true (timm's local "
+                                "cache)")] = None,
                 model_kwargs: ModelKwargs = None) -> PeerGroup:
     """A group of students, one per entry of ``model`` (a list, or names joined by commas).
 
     Every student is built by its own factory with ``model_kwargs`` (so two equal names give
     two differently initialised students); a module given twice is copied and re-initialised.
-    All students must predict the same number of classes.
+    All students must predict the same number of classes. ``pretrained``: one source for every
+    student or a list, one per student (:mod:`collabsurgery.models.pretrained`); the config
+    does not record it (a rebuilt group loads its own weights).
     """
     entries = _names(model)
+    sources = _per_student(pretrained, len(entries))
     resolved = [backbones.resolve(m, **(model_kwargs or {}) if isinstance(m, str) else {})
                 for m in entries]
     size = tuple(input_size) if input_size else backbones.default_input_size(resolved[0][0])
     students, specs, seen = [], [], set()
-    for module, spec in resolved:
+    for (module, spec), source in zip(resolved, sources):
         if id(module) in seen:
             module = backbones.fresh_instance(module, spec)
         seen.add(id(module))
+        load_pretrained(module, spec, source, size)
         students.append(module)
         specs.append(spec)
     classes = [_num_classes(s, size) for s in students]

@@ -24,8 +24,9 @@ from pydantic import Field
 from collabsurgery.common.seeding import generator
 from collabsurgery.errors import ArgumentError, UserError
 from collabsurgery.graphs.base import INPUT, CostPiece, GraphConfig, GraphOutput, register_graph
-from collabsurgery.graphs.build import (Count, InputSize, ModelKwargs, Points, _config,
-                                        _parse_split, cut_stages)
+from collabsurgery.graphs.build import (Copies, Count, InputSize, ModelKwargs, Points, Pretrained,
+                                        _config, _parse_split, cut_stages, load_pretrained,
+                                        reinitialise)
 from collabsurgery.graphs.staged import StagedGraph
 from collabsurgery.models import backbones
 from collabsurgery.models.backbones import BackboneSpec
@@ -246,13 +247,16 @@ def build_routed(model: str | nn.Module,
                  input_size: InputSize = None,
                  execution: Annotated[Literal[ROUTED_MODES], Field(
                      description="how a module several students use runs")] = "loop",
+                 pretrained: Pretrained = None, copies: Copies = "pretrained",
                  model_kwargs: ModelKwargs = None) -> RoutedNet:
     """Cut ``model`` at ``split`` into stages of ``modules`` modules each and route
     ``students`` (default 8) students through them: paths drawn by :func:`draw_paths` from
     ``seed`` (the recipe's seed in training), or given as ``paths`` (one module index per
     stage; paper 002's transfer of a parameter-sharing structure, Table 7). The config stores
     the paths, so a rebuild or a resumed run has the same students. ``execution``: see
-    :meth:`RoutedNet.set_execution`."""
+    :meth:`RoutedNet.set_execution`. ``pretrained``: initial weights of every module
+    (``copies="pretrained"``) or of module 0 of each stage only (``"fresh"``), as in
+    :func:`~.build.build_tree`."""
     split = _parse_split(split)
     stages_count = len(split) + 1
     if paths is None:
@@ -262,18 +266,14 @@ def build_routed(model: str | nn.Module,
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
     config = _config("routed", spec, size, split=split, modules=modules, students=len(paths),
-                     paths=paths, seed=seed, execution=execution)
+                     paths=paths, seed=seed, execution=execution, copies=copies)
+    keep = load_pretrained(module, spec, pretrained, size, copies, len(paths))
     reference_keys = list(module.state_dict().keys())
     if split:
         stages, names, unused = cut_stages(module, size, split)
     else:
         stages, names, unused = [module], ["input..output"], {}
     net = RoutedNet(stages, modules, paths, spec, reference_keys, config, names, unused)
-    with torch.no_grad():  # module m of every stage from the m-th fresh instance
-        for m in range(1, modules):
-            fresh = backbones.fresh_instance(module, spec).state_dict()
-            for copies in net.stages:
-                for key, tensor in copies[m].state_dict(keep_vars=True).items():
-                    if key in fresh:
-                        tensor.copy_(fresh[key])
+    # module m of every stage from the m-th fresh instance, but for the pretrained keys kept
+    reinitialise(net.stages, [list(range(modules))] * len(net.stages), module, spec, keep)
     return net.set_execution(execution).train(module.training)
