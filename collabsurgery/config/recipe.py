@@ -49,6 +49,11 @@ def _copied(default: Any) -> Any:
 class ModelConfig:
     name: str | list[str] = "cifar_resnet20"  # a list: one backbone per student (pattern peers)
     kwargs: dict[str, Any] = _copied({})
+    # initial weights: a weights file (an export, or a .safetensors/.pth/.pt/.bin state dict),
+    # a training run directory (the head it keeps), or true (timm's local cache, nothing
+    # downloaded); peers: also one entry per student (null: untrained); a classifier for
+    # another class count starts fresh; graph.copies: every copy from it, or head 0's only
+    pretrained: bool | str | list[bool | str | None] | None = None
 
 
 #: graph arguments a recipe's ``graph`` section gets when it leaves them out, per pattern
@@ -57,7 +62,7 @@ class ModelConfig:
 GRAPH_DEFAULTS: dict[str, dict[str, Any]] = {"tree": {"heads": 4, "split": ["layer1", "layer2"]}}
 #: builder arguments the engine fills in from other sections
 _GRAPH_ARGS_FROM = {"model": "model.name", "model_kwargs": "model.kwargs",
-                    "input_size": "data.image_size"}
+                    "input_size": "data.image_size", "pretrained": "model.pretrained"}
 
 
 @dataclass
@@ -91,15 +96,35 @@ class DataConfig:
     test_split: str = "test"
     holdout_split: str | None = None
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    image_size: Annotated[int, Field(ge=8)] = 32
+    # small: resize + centre crop, pad-and-crop (+ flip, cutout), statistics of the training
+    # split; timm: the model's data configuration and timm's transforms (RandomResizedCrop,
+    # flips, colour jitter, auto_augment, random erasing; resize by crop_pct + centre crop)
+    preset: Literal["small", "timm"] = "small"
+    image_size: Annotated[int, Field(ge=8)] | None = 32  # null (preset timm): the model's
+    test_image_size: Annotated[int, Field(ge=8)] | None = None  # hold-out/test; null: image_size
     augment: bool = True
     hflip: bool = False  # the built-in digits must not be mirrored; CIFAR recipes turn it on
+    cutout: Index = 0  # small: one square patch of this many pixels zeroed per view (0: off)
+    # preset timm (timm's defaults; null: the model's data configuration)
+    scale: Annotated[list[float], Field(min_length=2, max_length=2)] = _copied([0.08, 1.0])
+    ratio: Annotated[list[float], Field(min_length=2, max_length=2)] = _copied([0.75, 4 / 3])
+    color_jitter: Annotated[float, Field(ge=0)] | None = 0.4  # off with auto_augment (not 3a)
+    auto_augment: str | None = None  # timm policy: rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0...
+    reprob: Annotated[float, Field(ge=0, le=1)] = 0.0  # random erasing probability
+    crop_pct: Annotated[float, Field(gt=0, le=1)] | None = None  # eval: resize to size/crop_pct
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming",
+                           "random"] | None = None
+    # null: the model's (timm) or the training split's statistics (small)
+    mean: Annotated[list[float], Field(min_length=3, max_length=3)] | None = None
+    std: Annotated[list[float], Field(min_length=3, max_length=3)] | None = None
     label_noise: Fraction = 0.0
     views: Literal["shared", "per_head"] = "shared"  # per_head: each head its own augmentation
     subsets: bool = False  # each head trains on its own subset (paper 002's sub-set data learning)
     subset_overlap: Fraction = 0.0  # subsets also take round(o x share) of the others'
     num_workers: Index = 0
+    prefetch_factor: Count | None = None  # batches each worker loads ahead; null: PyTorch's 2
     max_train_examples: Count | None = None
+    classes: list[int | str] | None = None  # keep only these classes (indices or names)
 
 
 @dataclass
@@ -442,7 +467,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def data_arguments(data: DataConfig) -> dict[str, Any]:
     """The ``data`` section as :func:`collabsurgery.data.datasets.load_splits` keyword arguments."""
-    provider_keys = ("num_workers", "views", "subsets", "subset_overlap")
+    provider_keys = ("num_workers", "prefetch_factor", "views", "subsets", "subset_overlap")
     return {k: v for k, v in dataclasses.asdict(data).items() if k not in provider_keys}
 
 

@@ -10,28 +10,69 @@ A provider owns its DataLoader(s); :meth:`prepare` hands them to Accelerate (sha
 processes, the seedable sampler), :meth:`set_epoch` selects the epoch's data order and
 augmentation, and :meth:`batches` yields an epoch's batches from batch ``skip`` on, so a resumed
 run continues mid-epoch exactly where it stopped.
+
+Their samplers yield ``(epoch, index)`` pairs, and the training dataset draws example ``index``
+of ``epoch`` (:class:`~collabsurgery.data.datasets.TrainDataset`): the epoch reaches DataLoader
+workers with every index, so workers can be persistent (``persistent_workers=True``: they keep
+their own copy of the dataset, which :meth:`set_epoch` in the main process would not reach).
+:func:`loader_options` gives the DataLoader settings: workers, persistent when there are any,
+``prefetch_factor``, pinned memory (for a CUDA device).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from collabsurgery.common.seeding import generator
 from collabsurgery.data.datasets import TrainDataset
 from collabsurgery.errors import UserError
 
 
+def loader_options(num_workers: int = 0, pin_memory: bool = False,
+                   prefetch_factor: int | None = None) -> dict[str, Any]:
+    """DataLoader keyword arguments: ``num_workers`` processes, persistent (started once per
+    loader, not every epoch) and each loading ``prefetch_factor`` batches ahead (None:
+    PyTorch's 2) when there are any; ``pin_memory`` for a CUDA device (faster copies)."""
+    options: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory}
+    if num_workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=prefetch_factor or 2)
+    return options
+
+
+class EpochBatches(BatchSampler):
+    """A BatchSampler whose batches are ``(epoch, index)`` pairs, so the epoch travels with
+    every index to the dataset (in the main process or any worker). The order is the plain
+    BatchSampler's over ``sampler`` (which Accelerate replaces with its seedable sampler);
+    :meth:`set_epoch` selects the epoch written into the pairs."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool):
+        super().__init__(sampler, batch_size, drop_last)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the pairs carry."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        for batch in super().__iter__():
+            yield [(epoch, i) for i in batch]
+
+
 class SharedBatches:
     """Mini-batches of one training set; with ``views > 1`` each head gets its own view."""
 
-    def __init__(self, dataset: TrainDataset, batch_size: int, num_workers: int = 0):
+    def __init__(self, dataset: TrainDataset, batch_size: int, num_workers: int = 0, *,
+                 pin_memory: bool = False, prefetch_factor: int | None = None):
         self.dataset = dataset
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                 num_workers=num_workers)
+        self.sampler = EpochBatches(RandomSampler(dataset), batch_size, drop_last=True)
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler,
+                                 **loader_options(num_workers, pin_memory, prefetch_factor))
 
     def prepare(self, accelerator: Accelerator) -> None:
         """Let Accelerate shard the loader and seed its sampler."""
@@ -43,7 +84,8 @@ class SharedBatches:
 
     def set_epoch(self, epoch: int) -> None:
         """Select epoch ``epoch``'s order, augmentation and noisy labels."""
-        self.dataset.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)  # for direct indexing; the loader's indices carry it
+        self.sampler.set_epoch(epoch)  # directly: behind Accelerate's shard it is not reached
         self.loader.set_epoch(epoch)
 
     def batches(self, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,7 +105,7 @@ def _subset_size(examples: int, students: int, overlap: float) -> int:
     return share + min(round(overlap * share), examples - share)
 
 
-class _Steps(Sampler[list[int]]):
+class _Steps(Sampler[list[tuple[int, int]]]):
     """Batch sampler: step j is batch j of every student's shuffled subset, concatenated."""
 
     def __init__(self, subsets: list[Tensor], batch_size: int, seed: int):
@@ -80,12 +122,13 @@ class _Steps(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self) -> Iterator[list[int]]:
-        n, b = self.steps, self.student_batch
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        n, b, epoch = self.steps, self.student_batch, self.epoch
         orders = [s[torch.randperm(len(s), generator=generator("subset-order", self.seed,
-                                                                self.epoch, k))][: n * b]
+                                                                epoch, k))][: n * b]
                   for k, s in enumerate(self.subsets)]
-        yield from torch.stack(orders).view(len(orders), n, b).transpose(0, 1).flatten(1).tolist()
+        for step in torch.stack(orders).view(len(orders), n, b).transpose(0, 1).flatten(1):
+            yield [(epoch, i) for i in step.tolist()]
 
 
 class SubsetBatches(SharedBatches):
@@ -112,7 +155,8 @@ class SubsetBatches(SharedBatches):
     """
 
     def __init__(self, dataset: TrainDataset, students: int, batch_size: int,
-                 overlap: float = 0.0, seed: int = 0, num_workers: int = 0):
+                 overlap: float = 0.0, seed: int = 0, num_workers: int = 0, *,
+                 pin_memory: bool = False, prefetch_factor: int | None = None):
         if students < 1:
             raise UserError(f"sub-set data learning needs at least 1 student, got {students}")
         if not 0 <= overlap < 1:
@@ -129,7 +173,8 @@ class SubsetBatches(SharedBatches):
             pick = torch.randperm(len(others), generator=generator("subset-overlap", seed, k))
             self.subsets.append(torch.cat([share, others[pick[:extra]]]).sort().values)
         self.sampler = _Steps(self.subsets, batch_size, seed)
-        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers)
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler,
+                                 **loader_options(num_workers, pin_memory, prefetch_factor))
 
     def _check_fits(self, processes: int) -> None:
         n, k, b = len(self.dataset), self.students, self.batch_size

@@ -6,24 +6,40 @@ test images: the studies' unsaturated small budget), a directory written by ``Da
 ``DatasetDict.save_to_disk``, an ``imagefolder`` directory (``<dir>/<split>/<class>/<img>`` or
 ``<dir>/<class>/<img>``), or a Hugging Face hub id.
 
-Images are converted to RGB, resized so the shorter side is ``image_size`` (bilinear) and
-centre-cropped to a square, then normalised per channel with the mean/std of the training split
-(estimated on up to 2048 un-augmented training images, picked with a fixed generator); they are
-returned in :class:`Splits` so inference can reuse them.
+Two presets (``data.preset``):
 
-Every random choice of the training view (crop offsets, flips, noisy labels; the set of
-corrupted examples is fixed for all runs, see :func:`corrupted_examples`) comes from a
-``torch.Generator`` seeded by a hash of ``(seed, epoch, example)``, never from the global RNG:
-a sample depends only on those three numbers, not on the worker count, the batch order or where
-a run resumed. Call ``train.set_epoch(epoch)`` before each epoch; with DataLoader workers keep
-``persistent_workers=False`` so the workers see the new epoch.
+- ``small`` (the default): images are converted to RGB, resized so the shorter side is
+  ``image_size`` (bilinear) and centre-cropped to a square, then normalised per channel with the
+  mean/std of the training split (estimated on up to 2048 un-augmented training images, picked
+  with a fixed generator; ``data.mean``/``data.std`` replace them when given); they are returned
+  in :class:`Splits` so inference can reuse them. Training views are pad-and-crop (zero padding
+  ``image_size // 8``), an optional flip and, with ``cutout`` > 0, one square patch of
+  ``cutout`` pixels set to zero after normalisation (DeVries & Taylor's Cutout: the centre is
+  uniform over the image, the patch may extend beyond the border).
+- ``timm``: the model's data configuration and timm's transforms (:mod:`.transforms`): for
+  training, timm's ``create_transform(is_training=True)`` on the decoded PIL image
+  (RandomResizedCrop, flips, colour jitter, ``auto_augment``, random erasing); for hold-out and
+  test, timm's evaluation transform (resize to ``test_image_size / crop_pct``, centre crop).
+  Each of image_size, interpolation, crop_pct, mean, std left null comes from the model's
+  data configuration (head 0's architecture); a model without one (a torchvision model) gets
+  timm's ImageNet defaults (224 px, bicubic, ImageNet mean/std, crop_pct 0.875) and a warning.
+
+Every random choice of the training view (crop offsets, flips, cutout, timm's draws, noisy
+labels; the set of corrupted examples is fixed for all runs, see :func:`corrupted_examples`) is
+a function of ``(seed, epoch, example[, view])``: a ``torch.Generator`` seeded by a hash of it
+(small), or the global RNGs seeded from that hash around timm's transform (timm). A sample does
+not depend on the worker count, the batch order or where a run resumed. The epoch travels with
+the index: ``train[(epoch, i)]`` is example ``i`` at ``epoch`` (what the batch providers'
+samplers yield, so persistent DataLoader workers, which hold their own copy of the dataset, see
+every epoch); ``train[i]`` uses the epoch of ``train.set_epoch(epoch)``.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +47,17 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from collabsurgery.common.seeding import generator
+from collabsurgery.common.seeding import derive_seed, generator
+from collabsurgery.data.transforms import kept_rngs, seed_rngs, timm_pipeline
 from collabsurgery.errors import UserError
 
-__all__ = ["BUILTIN_DIGITS", "BUILTIN_DIGITS_LOWRES", "ImageDataset", "Splits", "TrainDataset",
-           "corrupted_examples", "load_splits"]
+__all__ = ["BUILTIN_DIGITS", "BUILTIN_DIGITS_LOWRES", "ImageDataset", "Splits",
+           "TimmImageDataset", "TimmTrainDataset", "TrainDataset", "corrupted_examples",
+           "load_splits"]
 
 BUILTIN_DIGITS = "builtin:digits"
 BUILTIN_DIGITS_LOWRES = "builtin:digits-lowres"
@@ -59,11 +77,49 @@ def _stratified_pick(labels: Tensor, k: int, *key: Any) -> Tensor:
     return grouped[positions].sort().values
 
 
-def _to_uint8(image: Any, size: int) -> Tensor:
-    """RGB uint8 ``[3, size, size]``: shorter side resized to ``size`` (bilinear), centre crop."""
+def _local_paths(hf: datasets.Dataset, column: str) -> Any:
+    """The file of every row, as a pyarrow string array, when ``column`` is an Image feature
+    stored as local files alone (an imagefolder): :meth:`ImageDataset._decoded` then opens them
+    itself, as ``datasets.Image.decode_example`` does, without the row formatting around it (in
+    DataLoader workers that cost up to a tenth of a training view, see docs/benchmarks.md).
+    None otherwise (bytes in the table, a mode conversion, remote files, no Image feature)."""
+    import pyarrow.compute as pc
+
+    feature = hf.features.get(column)
+    if not isinstance(feature, datasets.Image) or not feature.decode or feature.mode:
+        return None
+    table = hf.cast_column(column, datasets.Image(decode=False)).with_format("arrow")[:]
+    storage = table.column(column).combine_chunks()
+    if len(storage) == 0 or storage.null_count:
+        return None
+    files, content = pc.struct_field(storage, "path"), pc.struct_field(storage, "bytes")
+    if files.null_count or content.null_count < len(content):
+        return None
+    if not Path(files[0].as_py()).is_file() or pc.any(pc.match_substring(files, "://")).as_py():
+        return None
+    return files
+
+
+def _open_local(path: str) -> Image.Image:
+    """A local image file opened as ``datasets.Image.decode_example`` opens it (loaded, turned
+    upright by its EXIF orientation)."""
+    image = Image.open(path)
+    image.load()
+    if image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
+        image = ImageOps.exif_transpose(image)
+    return image
+
+
+def _as_rgb(image: Any) -> Image.Image:
+    """A datasets image value (PIL, or an array) as an RGB PIL image."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
-    image = image.convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(image: Any, size: int) -> Tensor:
+    """RGB uint8 ``[3, size, size]``: shorter side resized to ``size`` (bilinear), centre crop."""
+    image = _as_rgb(image)
     w, h = image.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
@@ -84,6 +140,7 @@ class ImageDataset(Dataset):
                  mean: tuple[float, ...], std: tuple[float, ...],
                  source_indices: Tensor | None = None):
         self.hf = hf.select_columns([image_column])
+        self.paths = _local_paths(self.hf, image_column)  # imagefolder files, or None
         self.source_indices = (torch.arange(len(labels)) if source_indices is None
                                else source_indices)
         self.image_column = image_column
@@ -102,8 +159,19 @@ class ImageDataset(Dataset):
     def _decode(self, i: int) -> Tensor:
         """Row ``i``'s image as uint8 ``[3, S, S]``; a file that cannot be decoded is a
         UserError naming it."""
+        return self._decoded(i, lambda image: _to_uint8(image, self.image_size))
+
+    def _pil(self, i: int) -> Image.Image:
+        """Row ``i``'s image as an RGB PIL image (what timm's transforms take)."""
+        return self._decoded(i, _as_rgb)
+
+    def _decoded(self, i: int, then: Callable[[Any], Any]) -> Any:
+        """``then`` of row ``i``'s image; PIL's errors for a bad file become a UserError
+        naming it."""
         try:
-            return _to_uint8(self.hf[i][self.image_column], self.image_size)
+            if self.paths is not None:
+                return then(_open_local(self.paths[i].as_py()))
+            return then(self.hf[i][self.image_column])
         except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for a bad file
             raw = self.hf.cast_column(self.image_column, datasets.Image(decode=False))[i]
             name = (raw[self.image_column] or {}).get("path") or f"row {i}"
@@ -123,26 +191,72 @@ class ImageDataset(Dataset):
         return (self.image(i) - self.mean) / self.std, int(self.labels[i])
 
 
+class TimmImageDataset(ImageDataset):
+    """Evaluation view of preset timm: timm's evaluation ``transform`` (resize by crop_pct,
+    centre crop, to tensor, normalise) of each image. Its deterministic PIL part (everything
+    before the tensor conversion) is what :meth:`cache` keeps, as uint8."""
+
+    def __init__(self, hf: datasets.Dataset, image_column: str, labels: Tensor, image_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...],
+                 source_indices: Tensor | None = None, *, transform: Any):
+        super().__init__(hf, image_column, labels, image_size, mean, std, source_indices)
+        from timm.data.transforms import MaybeToTensor
+        from torchvision.transforms import Compose
+
+        steps = list(transform.transforms)
+        cut = next((k for k, t in enumerate(steps) if isinstance(t, MaybeToTensor)), None)
+        self.transform = transform
+        self.fixed = Compose(steps[:cut]) if cut is not None else None  # PIL -> PIL, no draws
+        self.tail = Compose(steps[cut:]) if cut is not None else None  # to tensor, normalise
+
+    def cache(self, max_bytes: int = _CACHE_BYTES) -> bool:
+        """Keep the resized, centre-cropped uint8 images if they fit in ``max_bytes``."""
+        if (self.cached is None and self.fixed is not None
+                and len(self.hf) * 3 * self.image_size ** 2 <= max_bytes):
+            self.cached = torch.stack([torch.from_numpy(np.array(self.fixed(self._pil(i)),
+                                                                 dtype=np.uint8))
+                                       for i in range(len(self.hf))])
+        return self.cached is not None
+
+    def _cropped(self, i: int) -> Image.Image:
+        if self.cached is not None:
+            return Image.fromarray(self.cached[int(i)].numpy())
+        return self.fixed(self._pil(int(i)))
+
+    def image(self, i: int) -> Tensor:
+        """Example ``i`` resized and centre-cropped, as floats in [0, 1], not normalised."""
+        if self.fixed is None:
+            return self.transform(self._pil(int(i))) * self.std + self.mean
+        return self.tail.transforms[0](self._cropped(i))
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        if self.fixed is None:
+            return self.transform(self._pil(int(i))), int(self.labels[i])
+        return self.tail(self._cropped(i)), int(self.labels[i])
+
+
 class TrainDataset(ImageDataset):
-    """Training view: seeded random crop (zero padding ``image_size // 8``) + horizontal flip, and
-    label noise, all a function of ``(seed, epoch, example)``.
+    """Training view: seeded random crop (zero padding ``image_size // 8``) + horizontal flip
+    (+ ``cutout``), and label noise, all a function of ``(seed, epoch, example)``.
 
     ``noisy_indices``: the examples whose labels are redrawn uniformly over the classes every
     epoch (``noisy``, a mask over the examples; :func:`load_splits` fixes it for all runs). ``views > 1`` returns ``[views, 3, S, S]``, each view from its
     own generator (view 0 equals the single-view sample). Indices in ``noisy_indices`` and the
     generator keys refer to the full training split, also inside a :meth:`subset`.
+    ``dataset[(epoch, i)]`` is example ``i`` at ``epoch``; ``dataset[i]`` at the epoch of
+    :meth:`set_epoch`.
     """
 
     def __init__(self, hf: datasets.Dataset, image_column: str, labels: Tensor, image_size: int,
                  mean: tuple[float, ...], std: tuple[float, ...],
                  source_indices: Tensor | None = None, *, num_classes: int, seed: int,
                  augment: bool = True, hflip: bool = True, noisy: Tensor | None = None,
-                 views: int = 1):
+                 views: int = 1, cutout: int = 0):
         super().__init__(hf, image_column, labels, image_size, mean, std, source_indices)
         if views < 1:
             raise UserError(f"views must be >= 1, got {views}")
         self.num_classes, self.seed, self.views = num_classes, int(seed), views
-        self.augment, self.hflip = augment, hflip
+        self.augment, self.hflip, self.cutout = augment, hflip, int(cutout)
         self.pad = max(1, image_size // 8)
         self.epoch = 0
         self.rows = torch.arange(len(labels))
@@ -150,7 +264,7 @@ class TrainDataset(ImageDataset):
         self.noisy_indices = self._noisy.nonzero().flatten()
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose augmentation and noisy labels ``__getitem__`` returns."""
+        """Select the epoch whose augmentation and noisy labels ``dataset[i]`` returns."""
         self.epoch = int(epoch)
 
     def subset(self, indices: Tensor | list[int]) -> TrainDataset:
@@ -162,9 +276,9 @@ class TrainDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _label(self, row: int) -> int:
+    def _label(self, row: int, epoch: int | None = None) -> int:
         if self._noisy[row]:
-            g = generator("label", self.seed, self.epoch, row)
+            g = generator("label", self.seed, self.epoch if epoch is None else epoch, row)
             return int(torch.randint(self.num_classes, (), generator=g))
         return int(self.labels[row])
 
@@ -172,28 +286,79 @@ class TrainDataset(ImageDataset):
         """The (possibly noisy) labels of every example of this view for the current epoch."""
         return torch.tensor([self._label(int(r)) for r in self.rows], dtype=torch.long)
 
-    def _augment(self, x: Tensor, view: int, row: int) -> Tensor:
+    def _source(self, row: int) -> Any:
+        """What every view of example ``row`` is drawn from: the resized image."""
+        return self.image(row)
+
+    def _view(self, x: Tensor, view: int, row: int, epoch: int) -> Tensor:
         if self.augment:
-            g = generator("view", self.seed, self.epoch, row, view)
+            g = generator("view", self.seed, epoch, row, view)
             p, s = self.pad, self.image_size
             dy, dx = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()
             x = F.pad(x, (p, p, p, p))[:, dy: dy + s, dx: dx + s]
             flip = bool(torch.rand((), generator=g) < 0.5)  # drawn either way: a stable stream
             if self.hflip and flip:
                 x = x.flip(-1)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        if self.augment and self.cutout:
+            x = self._cut(x, generator("cutout", self.seed, epoch, row, view))
+        return x
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def _cut(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """Cutout: a ``cutout`` x ``cutout`` square centred uniformly over the image (clipped
+        where it extends beyond the border) set to zero, i.e. to the mean after normalising."""
+        h, w = x.shape[-2:]
+        cy = int(torch.randint(0, h, (), generator=g))
+        cx = int(torch.randint(0, w, (), generator=g))
+        top, left = cy - self.cutout // 2, cx - self.cutout // 2
+        x = x.clone()
+        x[:, max(top, 0): max(top + self.cutout, 0), max(left, 0): max(left + self.cutout, 0)] = 0
+        return x
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, int]:
+        epoch, i = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (self.epoch,
+                                                                                    int(index))
         row = int(self.rows[i])
-        x = self.image(row)
+        x = self._source(row)
         if self.views == 1:
-            return self._augment(x, 0, row), self._label(row)
-        return torch.stack([self._augment(x, v, row) for v in range(self.views)]), self._label(row)
+            return self._view(x, 0, row, epoch), self._label(row, epoch)
+        return (torch.stack([self._view(x, v, row, epoch) for v in range(self.views)]),
+                self._label(row, epoch))
+
+
+class TimmTrainDataset(TrainDataset):
+    """Training view of preset timm: timm's training ``transform`` of the decoded image, with
+    ``random``, NumPy's and torch's CPU RNG seeded from ``derive_seed("view", seed, epoch, row,
+    view)`` for each view (their states put back afterwards in the main process: once per
+    example, or once per batch through ``__getitems__``, the DataLoader's batched fetch); label
+    noise as in :class:`TrainDataset`. ``image_size`` is the training crop size."""
+
+    def __init__(self, *args: Any, transform: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.transform = transform
+
+    def _source(self, row: int) -> Image.Image:
+        return self._pil(row)
+
+    def _view(self, x: Image.Image, view: int, row: int, epoch: int) -> Tensor:
+        seed_rngs(derive_seed("view", self.seed, epoch, row, view))
+        return self.transform(x)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, int]:
+        with kept_rngs():
+            return super().__getitem__(index)
+
+    def __getitems__(self, indices: list) -> list[tuple[Tensor, int]]:
+        with kept_rngs():
+            return [TrainDataset.__getitem__(self, i) for i in indices]
 
 
 @dataclass
 class Splits:
-    """What :func:`load_splits` returns; ``mean``/``std`` are the normalisation constants."""
+    """What :func:`load_splits` returns; ``mean``/``std`` are the normalisation constants.
+    ``settings``: the ``data`` keys the preset resolved from the model (preset timm: image_size,
+    test_image_size, interpolation, crop_pct, mean, std; empty for small), which a run records
+    so that its data can be rebuilt without the model."""
 
     train: TrainDataset
     holdout: ImageDataset
@@ -202,6 +367,7 @@ class Splits:
     class_names: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -323,6 +489,34 @@ def _encode_labels(parts: dict[str, datasets.Dataset], column: str,
     return labels, names
 
 
+def _keep_classes(parts: dict[str, datasets.Dataset], labels: dict[str, Tensor],
+                  names: list[str], classes: Sequence[int | str], source: str
+                  ) -> tuple[dict[str, datasets.Dataset], dict[str, Tensor], list[str]]:
+    """Only the examples of ``classes`` (indices or names), relabelled 0.. in that order."""
+    wanted = []
+    for c in classes:
+        index = names.index(c) if isinstance(c, str) and c in names else c
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(names):
+            raise UserError(f"data.classes names {c!r}, which is not a class of '{source}'; "
+                            f"valid: indices 0..{len(names) - 1} or names {', '.join(names[:12])}"
+                            + (", ..." if len(names) > 12 else ""))
+        wanted.append(index)
+    if len(set(wanted)) != len(wanted) or len(wanted) < 2:
+        raise UserError(f"data.classes must name at least two different classes, got "
+                        f"{list(classes)}")
+    relabel = torch.full((len(names),), -1, dtype=torch.long)
+    relabel[torch.tensor(wanted)] = torch.arange(len(wanted))
+    kept_parts, kept_labels = {}, {}
+    for split, ds in parts.items():
+        new = relabel[labels[split]]
+        rows = (new >= 0).nonzero().flatten()
+        if not len(rows):
+            raise UserError(f"split '{split}' of '{source}' has no example of data.classes "
+                            f"{list(classes)}")
+        kept_parts[split], kept_labels[split] = ds.select(rows.tolist()), new[rows]
+    return kept_parts, kept_labels, [names[i] for i in wanted]
+
+
 def _channel_stats(ds: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     n = len(ds)
     rows = torch.randperm(n, generator=generator("stats"))[:_STATS_SAMPLE].tolist()
@@ -339,19 +533,77 @@ def _channel_stats(ds: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ..
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
+#: preset-timm keys and their defaults: with preset small, a key set otherwise is an error
+_TIMM_ONLY = {"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "color_jitter": 0.4,
+              "auto_augment": None, "reprob": 0.0, "crop_pct": None, "interpolation": None}
+
+
+def _check_preset(preset: str, image_size: int | None, cutout: int, given: dict[str, Any]) -> None:
+    if preset not in ("small", "timm"):
+        raise UserError(f"recipe key 'data.preset' is {preset!r}; valid: small, timm")
+    if preset == "small":
+        odd = [k for k, default in _TIMM_ONLY.items()
+               if given[k] is not None and (default is None or not np.allclose(given[k], default))]
+        if odd:
+            raise UserError(f"recipe key 'data.{odd[0]}' applies to data.preset=timm (timm's "
+                            f"transforms), but data.preset is small; set data.preset=timm or "
+                            f"remove data.{odd[0]}")
+        if image_size is None:
+            raise UserError("recipe key 'data.image_size' is null, which means the model's input "
+                            "size with data.preset=timm only; give a size in pixels (e.g. 32) or "
+                            "set data.preset=timm")
+    elif cutout:
+        raise UserError("recipe key 'data.cutout' applies to data.preset=small; with "
+                        "data.preset=timm use random erasing (data.reprob) instead")
+
+
+def _check_stats(mean: Any, std: Any) -> None:
+    for key, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) != 3:
+            raise UserError(f"recipe key 'data.{key}' must be a list of 3 numbers (R, G, B), "
+                            f"got {list(values)}")
+    if std is not None and any(v <= 0 for v in std):
+        raise UserError(f"recipe key 'data.std' must be positive numbers, got {list(std)}")
+
+
 def load_splits(source: str = BUILTIN_DIGITS, seed: int = 0, *, image_column: str = "image",
                 label_column: str = "label", train_split: str = "train", test_split: str = "test",
                 holdout_split: str | None = None, holdout_fraction: float = 0.1,
-                image_size: int = 32, augment: bool = True, hflip: bool = False,
+                preset: str = "small", image_size: int | None = 32,
+                test_image_size: int | None = None, augment: bool = True, hflip: bool = False,
+                cutout: int = 0, scale: Any = (0.08, 1.0), ratio: Any = (3 / 4, 4 / 3),
+                color_jitter: float | None = 0.4, auto_augment: str | None = None,
+                reprob: float = 0.0, crop_pct: float | None = None,
+                interpolation: str | None = None, mean: Any = None, std: Any = None,
                 label_noise: float = 0.0, max_train_examples: int | None = None,
-                views: int = 1) -> Splits:
+                classes: Sequence[int | str] | None = None, views: int = 1,
+                model: Any = None) -> Splits:
     """Load ``source`` into train (augmented, noisy), hold-out and test datasets.
 
     The hold-out split is ``holdout_split`` or, when that is None, a stratified
     ``holdout_fraction`` of the training split chosen by ``seed``. ``max_train_examples`` then
     keeps a stratified, seeded subset of what remains for training. ``views`` is the number of
     augmented views per training example (``> 1``: ``[views, 3, S, S]`` tensors).
+    ``classes`` (class indices or names) keeps only those classes, in every split, numbered
+    0.. in the order given (a task of its own, e.g. for a transfer demo).
+    ``preset`` "small" or "timm" (see the module's docstring); with "timm", ``model`` (a name,
+    a list of names: the first, or a module) supplies each of image_size, interpolation,
+    crop_pct, mean, std left None. ``test_image_size`` (None: ``image_size``) is the size of
+    the hold-out and test images.
     """
+    _check_preset(preset, image_size, cutout, {"scale": scale, "ratio": ratio,
+                                               "color_jitter": color_jitter,
+                                               "auto_augment": auto_augment, "reprob": reprob,
+                                               "crop_pct": crop_pct,
+                                               "interpolation": interpolation})
+    _check_stats(mean, std)
+    pipeline = None
+    if preset == "timm":  # before the data: a bad key or model fails fast
+        pipeline = timm_pipeline(model, image_size=image_size, test_image_size=test_image_size,
+                                 augment=augment, hflip=hflip, scale=scale, ratio=ratio,
+                                 color_jitter=color_jitter, auto_augment=auto_augment,
+                                 reprob=reprob, crop_pct=crop_pct, interpolation=interpolation,
+                                 mean=mean, std=std)
     dd = _load_source(source)
     wanted = {"train_split": train_split, "test_split": test_split}
     if holdout_split is not None:
@@ -373,6 +625,8 @@ def load_splits(source: str = BUILTIN_DIGITS, seed: int = 0, *, image_column: st
         if len(ds) == 0:
             raise UserError(f"split '{split}' of '{source}' is empty")
     labels, class_names = _encode_labels(parts, label_column, source)
+    if classes is not None:
+        parts, labels, class_names = _keep_classes(parts, labels, class_names, classes, source)
 
     train_hf, train_y = parts[train_split], labels[train_split]
     if holdout_split is not None:
@@ -397,20 +651,40 @@ def load_splits(source: str = BUILTIN_DIGITS, seed: int = 0, *, image_column: st
 
     size, column = image_size, image_column
     try:
-        _to_uint8(train_hf[0][column], size)
+        if pipeline is None:
+            _to_uint8(train_hf[0][column], size)
+        else:
+            _as_rgb(train_hf[0][column])
     except (TypeError, ValueError, OSError) as e:
         raise UserError(f"data.image_column '{column}' of '{source}' does not hold images "
                         f"({type(e).__name__}: {_first_line(e)})") from e
-    raw = ImageDataset(train_hf, column, train_y, size, (0.0,) * 3, (1.0,) * 3)
-    raw.cache()
-    mean, std = _channel_stats(raw)
-    train = TrainDataset(train_hf, column, train_y, size, mean, std, keep,
-                         num_classes=len(class_names), seed=seed, augment=augment,
-                         hflip=hflip, noisy=noisy, views=views)
-    train.cached = raw.cached
-    holdout = ImageDataset(hold_hf, column, hold_y, size, mean, std, hold)
-    test = ImageDataset(parts[test_split], column, labels[test_split], size, mean, std)
+    common = dict(num_classes=len(class_names), seed=seed, augment=augment, hflip=hflip,
+                  noisy=noisy, views=views)
+    test_hf, test_y = parts[test_split], labels[test_split]
+    if pipeline is not None:
+        mean, std = pipeline.mean, pipeline.std
+        train = TimmTrainDataset(train_hf, column, train_y, pipeline.image_size, mean, std, keep,
+                                 transform=pipeline.train, **common)
+        holdout = TimmImageDataset(hold_hf, column, hold_y, pipeline.test_image_size, mean, std,
+                                   hold, transform=pipeline.eval)
+        test = TimmImageDataset(test_hf, column, test_y, pipeline.test_image_size, mean, std,
+                                transform=pipeline.eval)
+    else:
+        raw = ImageDataset(train_hf, column, train_y, size, (0.0,) * 3, (1.0,) * 3)
+        raw.cache()
+        if mean is None or std is None:
+            estimated = _channel_stats(raw)
+            mean = estimated[0] if mean is None else mean
+            std = estimated[1] if std is None else std
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        train = TrainDataset(train_hf, column, train_y, size, mean, std, keep, cutout=cutout,
+                             **common)
+        train.cached = raw.cached
+        test_size = test_image_size or size
+        holdout = ImageDataset(hold_hf, column, hold_y, test_size, mean, std, hold)
+        test = ImageDataset(test_hf, column, test_y, test_size, mean, std)
     holdout.cache()
     test.cache()
     return Splits(train=train, holdout=holdout, test=test, num_classes=len(class_names),
-                  class_names=class_names, mean=mean, std=std)
+                  class_names=class_names, mean=mean, std=std,
+                  settings={} if pipeline is None else pipeline.settings)

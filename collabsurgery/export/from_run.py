@@ -97,7 +97,9 @@ def load_run(run_dir: Path, weights: str = "live") -> tuple[TrainingGraph, list[
 
 def best_head(run_dir: Path, history: list[dict], num_heads: int, weights: str = "live") -> int:
     """The run's best head on hold-out at its last evaluated epoch, of its live or EMA
-    ``weights``; UserError before one."""
+    ``weights``; UserError before one (a run with one head: that head)."""
+    if num_heads == 1:
+        return 0
     if not history:
         raise UserError(f"{run_dir} has no evaluated epoch yet, so no best head; "
                         f"give a head index 0..{num_heads - 1}")

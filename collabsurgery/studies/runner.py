@@ -40,7 +40,7 @@ RESERVED = {"name": "the study names its runs", "seed": "use --seeds",
             "run.resume": "finished runs are skipped and others resumed automatically",
             "train.max_steps": "a study compares finished runs; use train.epochs"}
 #: recipe keys that may differ between the settings of a run directory and a later call
-_NOT_SETTINGS = ("run", "data.num_workers")
+_NOT_SETTINGS = ("run", "data.num_workers", "data.prefetch_factor")
 
 
 def get_study(name: str) -> Study:

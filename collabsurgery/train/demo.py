@@ -15,7 +15,7 @@ from pathlib import Path
 import timm
 import torch
 
-from collabsurgery.config.recipe import data_arguments, load_recipe
+from collabsurgery.config.recipe import Recipe, data_arguments, load_recipe
 from collabsurgery.data.datasets import load_splits
 from collabsurgery.errors import UserError
 from collabsurgery.export import load_backbone
@@ -35,26 +35,81 @@ def _reload(path: Path, spec) -> torch.nn.Module:
                              pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes))
 
 
-def run_demo(recipe_path: str | None, overrides: Sequence[str] = ()) -> Path:
-    """Train both runs (resuming finished or interrupted ones), compare, export; returns the file."""
+def _print_table(rows: list[tuple[str, dict]]) -> None:
+    print(f"\n{'test accuracy':<34} {'head 0':>8} {'best head':>10} {'ensemble':>9}")
+    for label, h in rows:
+        print(f"{label:<34} {h['head0_test_acc']:>8.4f} {h['best_head_test_acc']:>10.4f} "
+              f"{h['ensemble_test_acc']:>9.4f}")
+
+
+def _train_all(runs: Sequence[tuple[str, Recipe]]) -> list[tuple[str, dict]]:
+    """Train (or resume) each labelled recipe; the headline of each one's last epoch."""
+    rows = []
+    for label, recipe in runs:
+        print(f"== training {label}: {recipe.name} ({recipe.model.name})")
+        run_dir = engine.train(recipe)
+        rows.append((label, headline(engine.history_of(run_dir)[-1])))
+    return rows
+
+
+def pretraining_run(recipe_path: str | None, recipe: Recipe) -> Path | None:
+    """For a fine-tuning recipe whose ``model.pretrained`` names a training run directory: that
+    directory, trained first (or resumed; a finished run is reused) from the recipe of the same
+    name beside ``recipe_path`` (``runs/demo-pretrain`` <- ``recipes/demo-pretrain.yaml``).
+    None for any other recipe."""
+    source = recipe.model.pretrained
+    if not isinstance(source, str) or Path(source).is_file() or recipe_path is None:
+        return None
+    run_dir = Path(source)
+    pre_file = Path(recipe_path).parent / f"{run_dir.name}.yaml"
+    if not pre_file.is_file():
+        if (run_dir / "graph.json").is_file():
+            return run_dir
+        raise UserError(f"model.pretrained {source} is neither a file nor a training run, and "
+                        f"there is no recipe {pre_file} to pre-train it with")
+    return pre_file
+
+
+def run_transfer_demo(recipe_path: str, overrides: Sequence[str] = ()) -> None:
+    """Pre-train (or reuse) a backbone on the first task, then fine-tune it on the second with
+    the recipe's method, beside the same fine-tune as a single model and a single model trained
+    from scratch; prints the three."""
+    tuned = load_recipe(recipe_path, ["run.resume=auto", *overrides])
+    source = Path(tuned.model.pretrained)
+    pre_file = pretraining_run(recipe_path, tuned)
+    if pre_file is not None and pre_file.suffix == ".yaml":
+        pre = load_recipe(pre_file, ["run.resume=auto", *overrides, f"run.dir={source.parent}",
+                                     f"run.name={source.name}"])
+        print(f"== pre-training {pre.name} ({pre.model.name}) on {pre.data.source}, "
+              f"classes {pre.data.classes or 'all'}")
+        pre_row = _train_all([("pre-training", pre)])[0][1]
+        print(f"pre-training task: test accuracy {pre_row['head0_test_acc']:.4f}")
+    single = load_recipe(recipe_path, ["run.resume=auto", *overrides, *BASELINE,
+                                       f"name={tuned.name}-single"])
+    scratch = load_recipe(recipe_path, ["run.resume=auto", *overrides, *BASELINE,
+                                        "model.pretrained=null", f"name={tuned.name}-scratch"])
+    method = f"{tuned.objective.name} ({tuned.graph.pattern}), fine-tuned"
+    rows = _train_all([("single model, from scratch", scratch),
+                       ("single model, fine-tuned", single), (method, tuned)])
+    _print_table(rows)
+
+
+def run_demo(recipe_path: str | None, overrides: Sequence[str] = ()) -> Path | None:
+    """Train both runs (resuming finished or interrupted ones), compare, export; returns the file.
+    A fine-tuning recipe (``model.pretrained`` naming a run to pre-train) runs
+    :func:`run_transfer_demo` instead (returns None)."""
     collab = load_recipe(recipe_path, ["run.resume=auto", *overrides])
+    if pretraining_run(recipe_path, collab) is not None:
+        run_transfer_demo(recipe_path, overrides)
+        return None
     models = collab.model.name if isinstance(collab.model.name, list) else [collab.model.name]
     single = load_recipe(recipe_path, ["run.resume=auto", *overrides, *BASELINE,
                                        f"model.name={models[0]}", f"name={collab.name}-single"])
     if len(models) < 2 and collab.graph.args.get("heads", 2) < 2:
         raise UserError("the demo compares collaborative learning with a single model; "
                         "graph.heads must be >= 2")
-    rows = []
     method = f"{collab.objective.name} ({collab.graph.pattern})"
-    for label, recipe in (("single model", single), (method, collab)):
-        print(f"== training {label}: {recipe.name} ({recipe.model.name})")
-        run_dir = engine.train(recipe)
-        rows.append((label, headline(engine.history_of(run_dir)[-1])))
-
-    print(f"\n{'test accuracy':<28} {'head 0':>8} {'best head':>10} {'ensemble':>9}")
-    for label, h in rows:
-        print(f"{label:<28} {h['head0_test_acc']:>8.4f} {h['best_head_test_acc']:>10.4f} "
-              f"{h['ensemble_test_acc']:>9.4f}")
+    _print_table(_train_all([("single model", single), (method, collab)]))
 
     run_dir = engine.run_directory(collab)
     path, head = export_from_source(run_dir, "best", run_dir / "best_head.safetensors")

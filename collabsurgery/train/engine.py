@@ -19,7 +19,8 @@ reads only the graph's part.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,10 @@ from collabsurgery.common import atomic
 from collabsurgery.common.integrity import describe_names, non_finite
 from collabsurgery.common.seeding import derive_seed
 from collabsurgery.config.recipe import Recipe, data_arguments, recipe_to_dict, save_recipe
-from collabsurgery.data.batches import SharedBatches, SubsetBatches
+from collabsurgery.data.batches import SharedBatches, SubsetBatches, loader_options
 from collabsurgery.data.datasets import Splits, load_splits
 from collabsurgery.errors import ArgumentError, TrainingStopped, UserError, warn
+from collabsurgery.export.from_run import export_from_source
 from collabsurgery.export.teacher import load_teacher
 from collabsurgery.graphs import TrainingGraph, build_graph, builder_arguments
 from collabsurgery.objectives import (OBJECTIVES, TEACHER_KEYS, LossOutput, Objective, Step,
@@ -73,8 +75,9 @@ def run_directory(recipe: Recipe) -> Path:
     return Path(recipe.run.dir) / (recipe.run.name or recipe.name)
 
 
-def build_net(recipe: Recipe, num_classes: int) -> TrainingGraph:
-    """The training graph a recipe asks for."""
+def build_net(recipe: Recipe, num_classes: int, pretrained: bool = True) -> TrainingGraph:
+    """The training graph a recipe asks for; ``pretrained=False`` skips ``model.pretrained``
+    (a resumed run loads every weight from its checkpoint, so the file need not exist)."""
     given = recipe.model.kwargs.get("num_classes", num_classes)
     if given != num_classes:
         raise UserError(f"recipe key 'model.kwargs.num_classes' is {given!r} but the data has "
@@ -83,12 +86,29 @@ def build_net(recipe: Recipe, num_classes: int) -> TrainingGraph:
     args = dict(recipe.graph.args)
     if "seed" in builder_arguments(recipe.graph.pattern):  # random structure (routes): seeded
         args.setdefault("seed", recipe.seed)
-    try:
-        return build_graph(recipe.graph.pattern, recipe.model.name,
-                           model_kwargs={"num_classes": num_classes, **recipe.model.kwargs},
-                           input_size=(3, size, size), **args)
-    except ArgumentError as err:
-        raise _recipe_key_error("graph", err) from None
+    with tempfile.TemporaryDirectory(prefix="collabsurgery-pretrained-") as tmp:
+        try:
+            weights = _pretrained_files(recipe.model.pretrained, Path(tmp)) if pretrained \
+                else None
+            return build_graph(recipe.graph.pattern, recipe.model.name,
+                               model_kwargs={"num_classes": num_classes, **recipe.model.kwargs},
+                               input_size=(3, size, size), pretrained=weights, **args)
+        except ArgumentError as err:
+            raise _recipe_key_error("model" if err.argument == "pretrained" else "graph",
+                                    err) from None
+
+
+def _pretrained_files(value: Any, tmp: Path) -> Any:
+    """``model.pretrained`` with every training run directory in it replaced by an export of
+    the head that run keeps (its method's choice: the best on hold-out, OKDDip's leader),
+    written under ``tmp``; files, ``true`` and null pass through."""
+    if isinstance(value, list):
+        return [_pretrained_files(v, tmp / str(i)) for i, v in enumerate(value)]
+    if isinstance(value, str) and (Path(value) / "graph.json").is_file():
+        tmp.mkdir(parents=True, exist_ok=True)
+        path, _ = export_from_source(Path(value), None, tmp / "backbone.safetensors")
+        return str(path)
+    return value
 
 
 def build_objective_from(recipe: Recipe) -> Objective:
@@ -212,8 +232,10 @@ class Session:
 
 
 def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
-                    objective: Objective, processes: int) -> SharedBatches | SubsetBatches:
+                    objective: Objective, processes: int,
+                    pin_memory: bool = False) -> SharedBatches | SubsetBatches:
     t, data, views = recipe.train, recipe.data, recipe.data.views
+    loading = dict(pin_memory=pin_memory, prefetch_factor=data.prefetch_factor)
     if len(splits.train) < t.batch_size * processes:
         raise UserError(f"train.batch_size={t.batch_size} x {processes} processes exceeds the "
                         f"{len(splits.train)} training examples")
@@ -232,7 +254,7 @@ def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
                             "data.views=per_head (its own view of the same images) cannot apply; "
                             "set data.views=shared or data.subsets=false")
         return SubsetBatches(splits.train, graph.num_heads, t.batch_size, data.subset_overlap,
-                             seed=recipe.seed, num_workers=data.num_workers)
+                             seed=recipe.seed, num_workers=data.num_workers, **loading)
     if views == "per_head":
         if not graph.per_head_input:
             raise UserError(f"data.views=per_head needs a graph whose heads run on their own "
@@ -243,7 +265,7 @@ def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
                             "same images, but data.augment is false (every view would be the "
                             "same); set data.augment=true or data.views=shared")
         splits.train.views = graph.num_heads
-    return SharedBatches(splits.train, t.batch_size, recipe.data.num_workers)
+    return SharedBatches(splits.train, t.batch_size, data.num_workers, **loading)
 
 
 def setup(recipe: Recipe) -> Session:
@@ -255,9 +277,11 @@ def setup(recipe: Recipe) -> Session:
     t = recipe.train
     weight_ema.check(t)
     resume_from = _resume_point(recipe, run_dir / "checkpoints")
-    splits = load_splits(**data_arguments(recipe.data), seed=recipe.seed)
+    splits = load_splits(**data_arguments(recipe.data), seed=recipe.seed, model=recipe.model.name)
+    if splits.settings:  # preset timm: the run records what the model's data config resolved
+        recipe = replace(recipe, data=replace(recipe.data, **splits.settings))
     set_seed(recipe.seed)
-    graph = build_net(recipe, splits.num_classes)
+    graph = build_net(recipe, splits.num_classes, pretrained=resume_from is None)
     objective = build_objective_from(recipe)
     objective.check_compatible(graph.num_heads, splits.num_classes)
     check_soft_targets(t, objective, recipe.objective.name, t.batch_size)
@@ -285,8 +309,10 @@ def setup(recipe: Recipe) -> Session:
             raise UserError(f"recipe key 'train.compile' cannot apply: {err}") from None
     collaboration = Collaboration(graph, objective)
     optimizer = make_optimizer(collaboration, t)
-    batches = _batch_provider(recipe, splits, graph, objective, accelerator.num_processes)
-    loader_args = dict(batch_size=t.batch_size, num_workers=recipe.data.num_workers)
+    pin = accelerator.device.type == "cuda"
+    batches = _batch_provider(recipe, splits, graph, objective, accelerator.num_processes, pin)
+    loader_args = dict(batch_size=t.batch_size, **loader_options(
+        recipe.data.num_workers, pin, recipe.data.prefetch_factor))
     model, optimizer, holdout, test = accelerator.prepare(
         collaboration, optimizer, DataLoader(splits.holdout, **loader_args),
         DataLoader(splits.test, **loader_args))

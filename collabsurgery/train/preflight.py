@@ -56,8 +56,8 @@ def runnable_precision(recipe: Recipe) -> Recipe:
                                                                  mixed_precision="no"))
 
 
-# graph arguments that change how a graph runs, not what it computes or holds
-_HOW_IT_RUNS = ("execution", "checkpoint_branches", "input_size")
+# graph arguments that change how a graph runs or starts, not what it computes or holds
+_HOW_IT_RUNS = ("execution", "checkpoint_branches", "input_size", "copies")
 
 
 def check_resumable(run_dir: Path, graph: TrainingGraph) -> None:
