@@ -124,8 +124,11 @@ def mixed_runs(tmp_path_factory):
     resume = tiny(root, *MIXED, "run.name=resumed", "run.resume=auto")
     session = engine.setup(resume)
     collab = session.collaboration
-    names = [n for n, _ in collab.named_parameters()]
-    param_index = names.index(OBJECTIVE_KEY)
+    # the optimizer state's index: parameters numbered group by group (timm's weight-decay
+    # groups put 1-d parameters such as the temperature after the others)
+    in_order = [p for group in session.optimizer.param_groups for p in group["params"]]
+    param_index = next(i for i, p in enumerate(in_order)
+                       if p is collab.objective.log_temperature)
     restored = {
         "value": collab.objective.log_temperature.detach().clone(),
         "momentum": session.optimizer.state_dict()["state"][param_index]["momentum_buffer"].clone(),
