@@ -292,6 +292,7 @@ KDCL_ROWS = {
                                    PEER_MODELS, {RESNET: "0", WRN: "1"})
        for t in ("naive", "linear", "minlogit", "general") for icl in (False, True)},
     "okddip": ("tree", "okddip", None, "shared", "cifar_resnet20", {RESNET: "last"}),
+    "pcl": ("tree", "pcl", None, "per_head", "cifar_resnet20", {RESNET: "best"}),
 }
 
 
@@ -304,6 +305,7 @@ def test_kdcl_table7_has_landed_with_every_table7_row():
     assert papers["vanilla-resnet"] == (30.1,) and papers["vanilla-wrn"] == (27.8,)
     assert papers["dml"] == (26.7, 25.2) and papers["one"] == (26.4,)
     assert papers["kdcl-general-icl"] == (25.7, 24.5) and papers["okddip"] == (None,)
+    assert papers["pcl"] == (25.86,)  # PCL's own paper: 74.14% (not in Table 7)
     assert [row.key for row in KDCL.rows for c in row.cells if c.baseline] == \
         ["vanilla-resnet", "vanilla-wrn"]
 
@@ -318,13 +320,18 @@ def test_kdcl_table7_row_recipe(key, tmp_path):
             r.model.name) == (pattern, objective, target, views, model)
     assert {c.column: c.head for c in row.cells} == columns
     assert r.data.augment and r.data.source == "builtin:digits-lowres"  # per_head views need augment
-    if key in ("one", "okddip"):  # their KL ramp-up fits the 15 epochs
+    if key in ("one", "okddip", "pcl"):  # their KL ramp-up fits the 15 epochs
         assert r.objective.args["rampup_epochs"] == 4
     if key == "one":  # no backprop rescaling, as ONE's and OKDDip's authors train
         assert r.graph.args == {"heads": 3, "split": ["layer2"], "rescale": "none"}
     if key == "okddip":
         assert r.graph.args == {"heads": 4, "split": ["layer2", "global_pool"],
                                 "branches": [4, 1], "rescale": "none"}
+    if key == "pcl":  # each peer on its own view, the temporal means the export's weights
+        assert r.graph.args == {"heads": 3, "split": ["layer2", "global_pool"],
+                                "branches": [3, 1], "rescale": "none", "views": True}
+        assert r.train.ema_decay == 0.9 and r.train.ema_select
+        assert [c.weights for c in row.cells] == ["ema"]
 
 
 def fake_summary(test_acc: list[float], holdout_acc: list[float]) -> dict:
@@ -385,6 +392,11 @@ def test_kdcl_table7_report_has_a_column_per_student_with_paired_differences(tmp
         (study_dir / "runs" / name).mkdir(parents=True)
         (study_dir / "runs" / name / "summary.json").write_text(
             json.dumps(fake_summary(test, holdout)))
+    # PCL's cell reads the EMA weights' best head on hold-out (head 1), not the live weights'
+    pcl = fake_summary([0.60, 0.61, 0.62], [0.9, 0.8, 0.8])
+    pcl["final"]["ema"] = fake_summary([0.70, 0.77, 0.75], [0.7, 0.9, 0.8])["final"]
+    (study_dir / "runs" / "pcl-seed0").mkdir(parents=True)
+    (study_dir / "runs" / "pcl-seed0" / "summary.json").write_text(json.dumps(pcl))
     rows = KDCL.rows_for("small")
     recipes = {row.key: [recipe_for(KDCL, BUDGETS["small"], row, s, study_dir) for s in range(2)]
                for row in rows}
@@ -411,10 +423,13 @@ def test_kdcl_table7_report_has_a_column_per_student_with_paired_differences(tmp
     assert table_row(report, "KDCL-General with ICL") == [
         "KDCL-General with ICL", "0/2", "—", "25.70", "—", "-4.40", "not resolved",
         "—", "24.50", "—", "-3.30", "not resolved"]
-    # 2 columns x 11 rows but the baselines' own cells: one resolved, as the paper has it
-    assert "Paired differences: 1 of 20 differences resolved: 1 agrees." in report
+    assert table_row(report, label["pcl"]) == [label["pcl"], "1/2", "23.00", "25.86",
+                                               "-7.00 (1)", "-4.24", "not resolved", *empty]
+    # the cells of 12 rows but the baselines' own: one resolved, as the paper has it
+    assert "Paired differences: 1 of 21 differences resolved: 1 agrees." in report
     assert f"- {RESNET}: head 0 of vanilla-resnet, dml, kdcl-naive" in report
-    assert "the best head on hold-out of one; the last head of okddip." in report
+    assert ("the best head on hold-out of one; the last head of okddip; the EMA weights' best "
+            "head on hold-out of pcl.") in report
     assert f"- {WRN}: head 0 of vanilla-wrn; head 1 of dml, kdcl-naive" in report
     assert "as the paper evaluates" not in report and "Setups" in report
     assert "2 distill 1" in report and "minutes" in report  # the study's notes

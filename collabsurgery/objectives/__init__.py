@@ -2,7 +2,7 @@
 
 Each objective's module registers it (:func:`.registry.register_objective`); importing them
 here, in this order, is the registration order (consensus, single, label_smoothing, dml, kd,
-kdcl, one, okddip, cgl, intra).
+kdcl, one, okddip, pcl, cgl, intra, byot).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from collabsurgery.objectives.distill import DistillationLoss  # isort: skip
 from collabsurgery.objectives.ensemble import EnsembleTargetLoss  # isort: skip
 from collabsurgery.objectives.native_ensemble import NativeEnsembleLoss  # isort: skip
 from collabsurgery.objectives.peer_attention import PeerAttentionLoss  # isort: skip
+from collabsurgery.objectives.peer_collaborative import PeerCollaborativeLoss  # isort: skip
 from collabsurgery.objectives.group import GroupImitationLoss  # isort: skip
 from collabsurgery.objectives.intra import IntraModelLoss  # isort: skip
+from collabsurgery.objectives.self_distillation import SelfDistillationLoss  # isort: skip
 
 __all__ = [
     "EXAMPLES",
@@ -39,6 +41,8 @@ __all__ = [
     "Objective",
     "ObjectiveExample",
     "PeerAttentionLoss",
+    "PeerCollaborativeLoss",
+    "SelfDistillationLoss",
     "SingleLoss",
     "Step",
     "build_objective",

@@ -1,11 +1,12 @@
 """The objective contract: an ``nn.Module`` that maps a training graph's output to one loss.
 
-``objective(out, labels, step, graph) -> LossOutput`` where ``out`` is the graph's
+``objective(out, labels, step, graph, temporal_mean) -> LossOutput`` where ``out`` is the graph's
 :class:`~collabsurgery.graphs.GraphOutput` (or just its logits ``[H, B, C]``), ``labels`` is
 ``[B]`` (every head sees the same examples) or ``[H, B]`` (per-head subsets) integer labels, or
 soft targets (class probabilities, from mixup, cutmix or label smoothing): float ``[B, C]`` or
-``[H, B, C]``; ``step`` says where training is (ramp-ups, random choices) and ``graph`` is the
-graph itself (for objectives that run heads again on other inputs). A subclass implements
+``[H, B, C]``; ``step`` says where training is (ramp-ups, random choices), ``graph`` is the
+graph itself (for objectives that run heads again on other inputs) and ``temporal_mean`` the
+EMA of the graph's weights for an objective that ``wants_temporal_mean``. A subclass implements
 :meth:`Objective.head_losses`; the base checks shapes and computes it in float32 with autocast
 off, with labels ``[H, B]`` or soft targets ``[H, B, C]``.
 
@@ -30,6 +31,14 @@ Declarations (class attributes; ``wants`` and ``wants_holdout`` may be set per i
 - ``default_export``: the head an export takes unless told: "best" (on hold-out) or "last".
 - ``soft_target_problem()``: None when every label term takes soft targets, else why not (a
   phrase naming the setting): the engine refuses mixup, cutmix and label smoothing with it.
+- ``wants_temporal_mean``: it distils from the temporal mean of the graph's weights (PCL's
+  peer mean teachers): the engine refuses a recipe without ``train.ema_decay`` and
+  ``train.ema_select`` (:func:`collabsurgery.train.ema.check_temporal_mean`) and passes the EMA
+  (timm's ``ModelEmaV3.module``, a copy of the graph in eval mode, updated after every optimizer
+  step) as ``context.temporal_mean``. The objective runs it under ``no_grad``; it is never
+  trained through the loss, and it is checkpointed and exported by the engine's EMA, not here.
+- ``wants_views``: every head trains on its own augmentation of the same images: the engine
+  refuses a recipe without ``data.views=per_head``.
 - ``graph_defaults``: graph builder arguments the method's authors train with (ONE and OKDDip:
   ``rescale: none``), applied by a recipe whose graph section leaves them out and whose
   pattern takes them; a recipe's own value always wins.
@@ -149,12 +158,14 @@ class LossOutput:
 @dataclass(frozen=True)
 class LossContext:
     """What an objective may look at besides logits and labels: the graph's features (the
-    names in ``wants``), the step, and the graph itself, for objectives that run some heads
-    again on other inputs (CGL's sub-group imitation: ``graph.run_heads(x, heads)``)."""
+    names in ``wants``), the step, the graph itself, for objectives that run some heads
+    again on other inputs (CGL's sub-group imitation: ``graph.run_heads(x, heads)``), and the
+    EMA of the graph's weights for one that ``wants_temporal_mean`` (else None)."""
 
     features: dict[str, Tensor]
     step: Step
     graph: TrainingGraph | None = None
+    temporal_mean: TrainingGraph | None = None  # the EMA of the graph (wants_temporal_mean)
 
 
 class Objective(nn.Module):
@@ -173,6 +184,8 @@ class Objective(nn.Module):
     default_export: str = "best"  # the head export takes unless told: "best" (on hold-out), "last"
     own_examples: bool = False   # heads may train on different examples (data.subsets)
     needs_teacher: bool = False  # takes a ``teacher`` module, loaded from TEACHER_KEYS
+    wants_temporal_mean: bool = False  # distils from the EMA of the graph (context.temporal_mean)
+    wants_views: bool = False    # each head its own augmentation (data.views=per_head)
     graph_defaults: dict[str, Any] = {}  # the method's graph arguments (read-only)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -183,10 +196,12 @@ class Objective(nn.Module):
             cls.__init__ = _checked_init(cls, cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def forward(self, out: GraphOutput | Tensor, labels: Tensor, step: Step | None = None,
-                graph: TrainingGraph | None = None) -> LossOutput:
+                graph: TrainingGraph | None = None,
+                temporal_mean: TrainingGraph | None = None) -> LossOutput:
         """The loss of ``out`` (a GraphOutput or logits ``[H, B, C]``) against integer labels
         ``[B]`` / ``[H, B]`` or float soft targets ``[B, C]`` / ``[H, B, C]``; UserError for a
-        shape that does not fit, or soft targets where :meth:`soft_target_problem` says no."""
+        shape that does not fit, or soft targets where :meth:`soft_target_problem` says no.
+        ``temporal_mean``: the EMA of ``graph`` (see ``wants_temporal_mean``)."""
         if isinstance(out, Tensor):
             out = GraphOutput(out)
         logits = out.logits
@@ -206,7 +221,7 @@ class Objective(nn.Module):
         if problem is not None:
             raise UserError(f"{type(self).__name__} takes no soft targets (mixup, cutmix, label "
                             f"smoothing): {problem}")
-        context = LossContext(out.features, step or Step(), graph)
+        context = LossContext(out.features, step or Step(), graph, temporal_mean)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             targets = labels.float().expand(h, b, c) if soft else labels.expand(h, b)
             per_head, parts = self.head_losses(logits.float(), targets, context)

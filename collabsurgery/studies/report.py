@@ -208,12 +208,20 @@ def _student_lines(rows: Sequence[Row], results: list[dict], seeds: int) -> list
         for row in rows:
             for c in row.cells:
                 if c.column == col:
-                    heads.setdefault(c.head, []).append(row.key)
-        names = {"best": "the best head on hold-out", "last": "the last head"}
-        lines.append(f"- {col}: " + "; ".join(f"{names.get(h, f'head {h}')} of {', '.join(keys)}"
-                                              for h, keys in heads.items()) + ".")
+                    heads.setdefault(_head_words(c.head, c.weights), []).append(row.key)
+        lines.append(f"- {col}: " + "; ".join(f"{words} of {', '.join(keys)}"
+                                              for words, keys in heads.items()) + ".")
     return lines + ["", "—: not in the paper, or no finished pair; empty: the row has no such "
                     "student.", ""]
+
+
+def _head_words(head: str, weights: str) -> str:
+    """A cell's head in words: "head 1", "the best head on hold-out", "the EMA weights' last
+    head"."""
+    words = {"best": "best head on hold-out", "last": "last head"}.get(head, f"head {head}")
+    if weights == "ema":
+        return f"the EMA weights' {words}"
+    return f"the {words}" if head in ("best", "last") else words
 
 
 def _noise_lines(results: list[dict]) -> list[str]:

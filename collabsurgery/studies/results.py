@@ -27,9 +27,10 @@ METRICS = (("head0", "head0_test_acc", "head 0"),
            ("ensemble", "ensemble_test_acc", "ensemble"))
 
 
-def head_error(summary: dict[str, Any], head: str) -> float:
-    """Test error % of the head that ``head`` selects in a run's ``summary.json``."""
-    final = summary["final"]
+def head_error(summary: dict[str, Any], head: str, weights: str = "live") -> float:
+    """Test error % of the head that ``head`` selects in a run's ``summary.json``; ``weights``
+    "ema": of the EMA weights (``best``: their best head on hold-out)."""
+    final = summary["final"] if weights == "live" else summary["final"]["ema"]
     accs = final["test"]["head_acc"]
     index = {"best": final["holdout"]["best_head"], "last": len(accs) - 1}.get(head)
     return 100 * (1 - accs[int(head) if index is None else index])
@@ -50,7 +51,7 @@ def cell_error(cell: Cell, summary: dict[str, Any], history: Sequence[dict[str, 
     """The test error % a cell reads from a run: its summary, or its per-epoch history."""
     if cell.epoch == "holdout":
         return holdout_epoch_error(history, int(cell.head))[0]
-    return head_error(summary, cell.head)
+    return head_error(summary, cell.head, cell.weights)
 
 
 def summary_value(summary: dict[str, Any], path: str) -> float | None:

@@ -23,6 +23,7 @@ class Cell:
     baseline: bool = False      # differences in this column are taken against this row
     epoch: str = "last"         # "last": the last epoch's test error; "holdout": the test error
     #                             at the epoch of the highest hold-out accuracy
+    weights: str = "live"       # "ema": the EMA weights' (a run with train.ema_decay, e.g. PCL)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class Study:
                                                        and not c.head.isdigit()):
                 raise ValueError(f"study {self.name}: epoch selector {c.epoch!r} is not 'last' "
                                  "or 'holdout' (with a head index)")
+            if c.weights not in ("live", "ema") or (c.weights == "ema" and c.epoch != "last"):
+                raise ValueError(f"study {self.name}: weights {c.weights!r} is not 'live' or "
+                                 "'ema' (the last epoch's)")
         for column in {c.column for c in cells}:
             if sum(c.baseline for c in cells if c.column == column) > 1:
                 raise ValueError(f"study {self.name}: column {column!r} has several baselines")

@@ -35,6 +35,19 @@ def check(train: TrainConfig) -> None:
                         "train.ema_select=false")
 
 
+def check_temporal_mean(train: TrainConfig, method: str) -> None:
+    """An objective that distils from the temporal mean of the weights (``wants_temporal_mean``:
+    PCL) gets that EMA and exports the EMA weights' best head: refused in one line otherwise,
+    naming both keys (nothing is set behind the recipe's back)."""
+    if train.ema_decay is None or not train.ema_select:
+        decay = "null" if train.ema_decay is None else train.ema_decay
+        given = (f"train.ema_decay={decay}, train.ema_select="
+                 f"{str(train.ema_select).lower()}")
+        raise UserError(f"objective '{method}' distils from the temporal mean (EMA) of the "
+                        f"weights and exports the EMA weights' best head, but {given}; set "
+                        "train.ema_decay (PCL's code: 0.999) and train.ema_select=true")
+
+
 def build(graph: TrainingGraph, train: TrainConfig) -> ModelEmaV3 | None:
     """The EMA of ``graph`` (a copy on its device, in eval mode), or None when
     ``train.ema_decay`` is null. Build it once the graph is on its device."""
@@ -78,4 +91,5 @@ def epoch_line(record: dict) -> str:
             f"{h['ensemble_test_acc']:.4f}")
 
 
-__all__ = ["build", "check", "epoch_line", "evaluate_ema", "load", "state", "update"]
+__all__ = ["build", "check", "check_temporal_mean", "epoch_line", "evaluate_ema", "load",
+           "state", "update"]
