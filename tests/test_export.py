@@ -189,8 +189,9 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_old_export(net, good_fil
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tensorfile, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="no space left on the device for export") as info:
         cs.export(net, 0, target)
+    assert isinstance(info.value, cs.UserError) and "\n" not in str(info.value)  # one line, exit 2
     assert _listing(tmp_path) == before  # no .backbone.safetensors.*.tmp left behind
     monkeypatch.undo()
     reloaded = cs.load_backbone(target)  # the previous export is intact

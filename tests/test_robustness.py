@@ -173,3 +173,17 @@ def test_evaluate_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert run(["evaluate", tmp_path, "--perturb", "0.1"]) == 2
     assert "is not a training run" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigmas_that_overflow_the_weights_dtype_are_refused():
+    """Noise beyond the weights' dtype would make every weight infinite and the curve
+    meaningless (issue 30): refused in one line, before any evaluation."""
+    from collabsurgery.measure.robustness import check_sigmas
+
+    assert check_sigmas([0.01, 1e30], torch.float32) == (0.01, 1e30)
+    with pytest.raises(UserError, match=r"sigma 1e\+308 overflows the model's float32 weights"):
+        check_sigmas([0.01, 1e308], torch.float32)
+    with pytest.raises(UserError, match=r"sigma 10000 overflows the model's float16 weights"):
+        check_sigmas([1e4], torch.float16)
+    with pytest.raises(UserError, match="overflows"):
+        perturbation_curve(nn.Linear(2, 2), [], [1e38])  # refused before the loader is read

@@ -51,6 +51,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from collabsurgery.common.images import IMAGE_ERRORS, describe
 from collabsurgery.common.seeding import derive_seed, generator
 from collabsurgery.data.transforms import kept_rngs, seed_rngs, timm_pipeline
 from collabsurgery.errors import UserError
@@ -98,6 +99,14 @@ def _local_paths(hf: datasets.Dataset, column: str) -> Any:
     if not Path(files[0].as_py()).is_file() or pc.any(pc.match_substring(files, "://")).as_py():
         return None
     return files
+
+
+def _file_of(hf: datasets.Dataset, column: str, i: int) -> str | None:
+    """The file row ``i``'s image was read from, if ``column`` is an Image feature with one."""
+    if not isinstance(hf.features.get(column), datasets.Image):
+        return None
+    raw = hf.cast_column(column, datasets.Image(decode=False))[i][column]
+    return (raw or {}).get("path")
 
 
 def _open_local(path: str) -> Image.Image:
@@ -172,11 +181,10 @@ class ImageDataset(Dataset):
             if self.paths is not None:
                 return then(_open_local(self.paths[i].as_py()))
             return then(self.hf[i][self.image_column])
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for a bad file
-            raw = self.hf.cast_column(self.image_column, datasets.Image(decode=False))[i]
-            name = (raw[self.image_column] or {}).get("path") or f"row {i}"
-            raise UserError(f"image {name} cannot be decoded ({type(err).__name__}: "
-                            f"{_first_line(err)}); remove or replace it") from None
+        except IMAGE_ERRORS as err:  # truncated, not an image, a decompression bomb, ...
+            name = _file_of(self.hf, self.image_column, i) or f"row {i}"
+            raise UserError(f"image {name} cannot be decoded ({describe(err)}); remove or "
+                            "replace it") from None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -655,7 +663,11 @@ def load_splits(source: str = BUILTIN_DIGITS, seed: int = 0, *, image_column: st
             _to_uint8(train_hf[0][column], size)
         else:
             _as_rgb(train_hf[0][column])
-    except (TypeError, ValueError, OSError) as e:
+    except (TypeError, *IMAGE_ERRORS) as e:
+        name = _file_of(train_hf, column, 0)
+        if name is not None:  # a damaged first image, not a column of something else
+            raise UserError(f"image {name} cannot be decoded ({describe(e)}); remove or "
+                            "replace it") from None
         raise UserError(f"data.image_column '{column}' of '{source}' does not hold images "
                         f"({type(e).__name__}: {_first_line(e)})") from e
     common = dict(num_classes=len(class_names), seed=seed, augment=augment, hflip=hflip,

@@ -3,7 +3,9 @@
 A split is a directory holding ``instances.json`` (COCO: ``images``, ``annotations``,
 ``categories``) and the image files it names (``file_name`` relative to that directory). Every
 problem is one :class:`~collabsurgery.errors.UserError` line naming the image, annotation or
-category at fault, raised before a run writes anything.
+category at fault, raised before a run writes anything: every image is decoded in full (a
+truncated file, or one whose header claims more pixels than PIL's decompression-bomb limit, is
+named) and every box must be finite and inside its image.
 
 Category ids may be any positive integers; they map to contiguous labels ``1..K`` in increasing
 id order (0 is torchvision's background) and back for COCOeval.
@@ -11,16 +13,17 @@ id order (0 is torchvision's background) and back for COCOeval.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from collabsurgery.common.images import IMAGE_ERRORS, describe, load_image
 from collabsurgery.errors import UserError
 
 INSTANCES = "instances.json"
@@ -94,12 +97,12 @@ def _check_images(root: Path, coco: dict[str, Any]) -> dict[int, dict[str, Any]]
         path = root / img["file_name"]
         if not path.is_file():
             raise UserError(f"{file}: image id {iid}: image file {path} is missing")
-        try:
-            with Image.open(path) as opened:
+        try:  # fully decoded: a truncated file must fail here, before a run writes
+            with load_image(path) as opened:
                 size = opened.size
-        except OSError as err:
+        except IMAGE_ERRORS as err:
             raise UserError(f"{file}: image id {iid}: {path} is not a readable image "
-                            f"({err})") from None
+                            f"({describe(err)}); remove or replace it") from None
         if size != (img["width"], img["height"]):
             raise UserError(f"{file}: image id {iid}: {path} is {size[0]}x{size[1]} but "
                             f"declared {img['width']}x{img['height']}")
@@ -127,6 +130,9 @@ def _check_annotation(file: Path, ann: Any, images: dict[int, dict[str, Any]],
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
         raise UserError(f"{file}: annotation id {aid} (image id {img['id']}) needs bbox "
                         f"[x, y, width, height], got {box!r}")
+    if not all(math.isfinite(v) for v in box):
+        raise UserError(f"{file}: annotation id {aid} (image id {img['id']}) has a non-finite "
+                        f"bbox {box} (NaN or infinity); valid: finite [x, y, width, height]")
     x, y, w, h = box
     if w <= 0 or h <= 0:
         raise UserError(f"{file}: annotation id {aid} (image id {img['id']}) has an empty box "
@@ -186,8 +192,13 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         img = self.images[index]
-        with Image.open(self.root / img["file_name"]) as opened:
-            image = pil_to_tensor(opened.convert("RGB")).float() / 255
+        path = self.root / img["file_name"]
+        try:  # validated when loaded, but a file may change during a run
+            with load_image(path) as opened:
+                image = pil_to_tensor(opened.convert("RGB")).float() / 255
+        except IMAGE_ERRORS as err:
+            raise UserError(f"image id {img['id']}: {path} cannot be decoded "
+                            f"({describe(err)}); remove or replace it") from None
         objects = self.targets[img["id"]]
         boxes = torch.tensor([b for b, _ in objects], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([c for _, c in objects], dtype=torch.int64)

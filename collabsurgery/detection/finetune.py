@@ -4,7 +4,15 @@ The output directory holds ``finetune.json`` (the settings), ``metrics.jsonl`` (
 epoch, rewritten from the checkpointed history so a crash never duplicates an epoch),
 ``checkpoints/`` (:mod:`collabsurgery.rundir.checkpoint`, written at the end of every epoch) and, at the
 end, ``detector.safetensors``. Every random choice is drawn from generators seeded by
-(seed, epoch, step), so a resumed run replays what a straight one would have done.
+(seed, epoch, step), so a resumed run replays what a straight one would have done, and two runs
+with the same seed agree (bit-equal on the CPU).
+
+Defaults follow torchvision's detection reference: SGD with momentum 0.9 and weight decay 1e-4
+at 0.00125 x the images per step (its 0.02 for 16; the command line scales it with the batch),
+a linear warm-up (100 steps), and the gradient norm clipped at 10, which keeps a backbone with
+large activations from sending the first steps' loss to infinity. An image that cannot be
+decoded during evaluation stops the run with one line naming it, after the epoch's checkpoint
+is saved.
 """
 from __future__ import annotations
 
@@ -24,13 +32,13 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from collabsurgery.common import __version__, atomic
 from collabsurgery.common.seeding import derive_seed
 from collabsurgery.common.tensorfile import save_safetensors_atomic
 from collabsurgery.detection.coco import CocoDetection, CocoSplit, collate, load_splits
 from collabsurgery.detection.detector import DetectorInfo, build_detector, read_backbone
+from collabsurgery.detection.progress import StepProgress
 from collabsurgery.errors import TrainingStopped, UserError
 from collabsurgery.rundir import checkpoint, metrics
 
@@ -55,6 +63,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 100
+    clip_grad_norm: float | None = 10.0
     trainable_layers: int = 3
     out_indices: list[int] | None = None
     min_size: int = 800
@@ -68,6 +77,7 @@ class FinetuneConfig:
     seed: int = 0
     num_workers: int = 0
     keep: int = 2
+    log_every: float = 30.0
 
 
 def _say(message: str) -> None:
@@ -89,9 +99,10 @@ def check_output(output: Path, resume: bool) -> None:
 
 
 def evaluate_coco(model: nn.Module, split: CocoSplit, batch_size: int,
-                  device: torch.device) -> dict[str, float]:
+                  device: torch.device, epoch: int = 1, epochs: int = 1) -> dict[str, float]:
     """COCO box mAP of ``model`` on ``split`` (pycocotools' COCOeval): ``mAP`` (IoU .5:.95),
-    ``mAP50``, ``mAP75``, and the number of detections."""
+    ``mAP50``, ``mAP75``, and the number of detections. ``epoch``/``epochs`` label the
+    progress shown."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -99,7 +110,9 @@ def evaluate_coco(model: nn.Module, split: CocoSplit, batch_size: int,
     ids = split.category_ids
     results: list[dict[str, Any]] = []
     loader = DataLoader(CocoDetection(split), batch_size=batch_size, collate_fn=collate)
-    with torch.no_grad():
+    bar = StepProgress(epoch, epochs, len(loader), math.inf)
+    bar.say(f"evaluating on {len(loader.dataset)} validation images")
+    with torch.no_grad(), contextlib.closing(bar):
         for images, targets in loader:
             outputs = model([image.to(device) for image in images])
             for target, out in zip(targets, outputs):
@@ -109,6 +122,7 @@ def evaluate_coco(model: nn.Module, split: CocoSplit, batch_size: int,
                     results.append({"image_id": int(target["image_id"]),
                                     "category_id": ids[label - 1], "score": score,
                                     "bbox": [x0, y0, x1 - x0, y1 - y0]})
+            bar.tick()
     if not results:
         return {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0, "detections": 0}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
@@ -136,7 +150,8 @@ def _settings(config: FinetuneConfig, metadata: dict[str, str], info: DetectorIn
             "val": str(config.val), "categories": train.coco["categories"],
             "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr,
             "momentum": config.momentum, "weight_decay": config.weight_decay,
-            "warmup_steps": config.warmup_steps, "mixed_precision": config.mixed_precision,
+            "warmup_steps": config.warmup_steps, "clip_grad_norm": config.clip_grad_norm,
+            "mixed_precision": config.mixed_precision,
             "max_steps": config.max_steps, "seed": config.seed, "version": __version__}
 
 
@@ -170,8 +185,9 @@ def _train_epoch(config: FinetuneConfig, accelerator: Accelerator, model: nn.Mod
     steps = len(loader) if config.max_steps is None else min(len(loader), config.max_steps)
     sums: dict[str, torch.Tensor] = {}
     done = 0
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=None if accelerator.is_main_process else True)
+    bar = StepProgress(epoch + 1, config.epochs, steps, config.log_every,
+                       accelerator.is_main_process)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     for index, (images, targets) in enumerate(loader):
         if index >= steps:
             break
@@ -186,23 +202,33 @@ def _train_epoch(config: FinetuneConfig, accelerator: Accelerator, model: nn.Mod
         if not math.isfinite(loss.item()):
             accelerator.set_trigger()
         if accelerator.check_trigger():  # a collective: every process stops together
+            bar.close()
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise TrainingStopped(f"non-finite loss at epoch {epoch + 1}, step {index + 1} "
-                                  f"(this process: {parts}); stopped every process; the last "
-                                  "checkpoint is kept; try a "
-                                  "lower --lr or more --warmup-steps")
+                                  f"(this process: {parts}); stopped every process; "
+                                  f"{_kept(config.output)}; try a lower --lr, more "
+                                  "--warmup-steps or a smaller --clip-grad-norm")
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        if config.clip_grad_norm:
+            accelerator.clip_grad_norm_(trainable, config.clip_grad_norm)
         optimizer.step()
         progress.global_step += 1
         done += 1
         for key, value in {"loss": loss, **losses}.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.step(loss.item())
     bar.close()
     return {("train_" + k if k == "loss" else k): accelerator.reduce(v, "mean").item()
             / max(done, 1) for k, v in sums.items()}
+
+
+def _kept(output: Path) -> str:
+    """What a stopped run leaves to resume from, for its message."""
+    found = checkpoint.candidates(output / "checkpoints")
+    if not found:
+        return "no checkpoint was written yet (none is kept)"
+    return f"the last checkpoint, {found[0]}, is kept (--resume continues from it)"
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
@@ -251,20 +277,34 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         losses = _train_epoch(config, accelerator, model, optimizer, loader, progress)
         record = {"epoch": progress.epoch + 1, "step": progress.global_step,
                   "lr": optimizer.param_groups[0]["lr"], **losses}
+        failed = None
         if accelerator.is_main_process:
             evaluating = time.perf_counter()
-            record.update(evaluate_coco(detector, val_split, config.batch_size,
-                                        accelerator.device))
+            try:
+                record.update(evaluate_coco(detector, val_split, config.batch_size,
+                                            accelerator.device, progress.epoch + 1,
+                                            config.epochs))
+            except UserError as err:  # a damaged image: keep the epoch's training first
+                failed = err
+                accelerator.set_trigger()
             record["train_seconds"] = round(evaluating - started, 2)
             record["eval_seconds"] = round(time.perf_counter() - evaluating, 2)
-        accelerator.wait_for_everyone()
+        stopped = accelerator.check_trigger()  # a collective: every process learns of it
         progress.history.append(record)
         progress.epoch, progress.batch = progress.epoch + 1, 0
         if accelerator.is_main_process:
-            checkpoint.save(config.output / "checkpoints", progress.global_step,
-                            detector.state_dict(), {"optimizer": optimizer.state_dict()},
-                            progress, config.keep)
+            saved = checkpoint.save(config.output / "checkpoints", progress.global_step,
+                                    detector.state_dict(), {"optimizer": optimizer.state_dict()},
+                                    progress, config.keep)
             metrics.write_jsonl(config.output / "metrics.jsonl", progress.history)
+        if stopped:
+            accelerator.wait_for_everyone()
+            where = f"; epoch {progress.epoch}'s training is saved in {saved}" \
+                if accelerator.is_main_process else ""
+            raise UserError(f"evaluation after epoch {progress.epoch} failed: "
+                            f"{failed or 'on the main process'}{where} (--resume continues "
+                            "after the file is fixed)")
+        if accelerator.is_main_process:
             _say(f"epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  "
                  f"mAP {record['mAP']:.4f}  mAP@.5 {record['mAP50']:.4f}  "
                  f"(train {record['train_seconds']:.1f} s, eval {record['eval_seconds']:.1f} s)")

@@ -15,6 +15,7 @@ The file holds exactly the keys of the unmodified model's ``state_dict()`` and s
 
 Files are written atomically (:mod:`collabsurgery.common.atomic`). A file with a NaN or an infinity in
 any tensor is never written, and a flipped bit is found on load (:mod:`collabsurgery.common.integrity`).
+A full disk is one line (:class:`~collabsurgery.common.diskfull.DiskFull`) and leaves nothing.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Any
 import torch.nn as nn
 
 from collabsurgery.common import __version__
+from collabsurgery.common.diskfull import refuse_when_full, tensor_bytes
 from collabsurgery.common.integrity import describe_names, non_finite
 from collabsurgery.common.tensorfile import load_state, read_metadata, save_safetensors_atomic
 from collabsurgery.errors import UserError
@@ -74,7 +76,9 @@ def export(net: nn.Module, head: int = 0, path: str | os.PathLike = "backbone.sa
         raise UserError(f"head {head} has NaN or infinite values in {len(bad)} tensors "
                         f"({describe_names(bad)}); nothing exported; valid: a head of a run "
                         "that trained without diverging (an earlier checkpoint, or a lower lr)")
-    return save_safetensors_atomic(state, path, metadata)
+    path = Path(path)
+    with refuse_when_full(f"export {path.name}", path.parent, tensor_bytes(state) + 64 * 1024):
+        return save_safetensors_atomic(state, path, metadata)
 
 
 

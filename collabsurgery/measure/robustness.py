@@ -43,15 +43,36 @@ from collabsurgery.rundir.metrics import pyplot, save_figure
 DEFAULT_DRAWS = 5
 
 
-def check_sigmas(sigmas: Sequence[float]) -> tuple[float, ...]:
+#: noise is drawn in float32 as N(0, 1) times sigma; no draw of any realistic count exceeds
+#: this many sigmas, so below finfo.max / this the noise stays finite
+_SIGMAS_OF_NOISE = 10.0
+
+
+def check_sigmas(sigmas: Sequence[float], dtype: torch.dtype | None = None
+                 ) -> tuple[float, ...]:
     """``sigmas`` as floats, or a UserError unless there is at least one and each is finite and
-    > 0."""
+    > 0 and, given the weights' ``dtype``, small enough that the noise is finite in it."""
     values = tuple(float(s) for s in sigmas)
     bad = [s for s in values if not (math.isfinite(s) and s > 0)]
     if not values or bad:
         raise UserError(f"sigma {bad[0] if bad else 'list'} is not valid; valid: one or more "
                         "finite numbers > 0, e.g. 0.01,0.02,0.05")
+    if dtype is not None and dtype.is_floating_point:
+        largest = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+        limit = largest / _SIGMAS_OF_NOISE
+        over = [s for s in values if s > limit]
+        if over:
+            name = str(dtype).removeprefix("torch.")
+            raise UserError(f"sigma {over[0]:g} overflows the model's {name} weights (noise of "
+                            f"that size is not finite: the largest {name} is {largest:.3g}); "
+                            f"valid: sigmas up to {limit:.3g}, e.g. 0.01,0.02,0.05")
     return values
+
+
+def weights_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of ``model``'s parameters (the narrowest, if mixed); None if none."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return min(dtypes, key=lambda d: torch.finfo(d).max) if dtypes else None
 
 
 def noise_generator(seed: int, sigma: float, draw: int) -> torch.Generator:
@@ -97,7 +118,7 @@ def perturbation_curve(model: nn.Module, loader: DataLoader, sigmas: Sequence[fl
     Returns (JSON-ready) ``{"seed", "draws", "clean_acc", "curve": [{"sigma", "mean_acc",
     "std_acc", "drop", "accs"}, ...]}``, ``accs`` being the accuracy of every draw.
     """
-    sigmas = check_sigmas(sigmas)
+    sigmas = check_sigmas(sigmas, weights_dtype(model))
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise UserError(f"draws {draws!r} is not valid; valid: an integer >= 1")
     clean = accuracy(model, loader)
