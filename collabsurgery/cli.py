@@ -1,4 +1,5 @@
-"""The command line: splits | wrap | export | evaluate | train | demo | bench | reproduce.
+"""The command line: splits | wrap | export | evaluate | train | demo | bench | reproduce |
+finetune-detection.
 
 A user mistake prints one line, ``collabsurgery: error: ...``, and exits with status 2.
 """
@@ -23,6 +24,47 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        """As argparse's; an option without help text still shows its default in --help."""
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and action.option_strings and action.default not in (
+                None, False, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
+        return action
+
+
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help that ends each option with its default, unless its text already says it or the
+    default is unset (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == []):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class _Skipped(Exception):
+    """A subcommand whose options are not built in this process (see :class:`_OneCommand`)."""
+
+
+class _OneCommand:
+    """The subparsers, building the options of ``command`` only (None: of every command).
+
+    Every command still gets its parser and help line, so ``collabsurgery --help`` lists them
+    all; an option builder that needs heavy imports (torch, the graph kinds) runs only for the
+    command given, so ``--help`` is fast."""
+
+    def __init__(self, sub: Any, command: str | None):
+        self.sub, self.command = sub, command
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p = self.sub.add_parser(name, formatter_class=_ShowDefaults, **kwargs)
+        if self.command is not None and name != self.command:
+            raise _Skipped
+        return p
 
 
 def _input_size(text: str) -> tuple[int, int, int]:
@@ -181,7 +223,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         path, head = export_from_source(Path(args.source), args.head, output, args.weights)
         print(f"exported head {head}{which} to {path}")
         return
-    from collabsurgery.export.model_folder import save_timm_folder
+    from collabsurgery.export.model_folder import registering_module, save_timm_folder
 
     checked = []
     with tempfile.TemporaryDirectory(prefix="collabsurgery-export-") as tmp:
@@ -189,7 +231,11 @@ def cmd_export(args: argparse.Namespace) -> None:
                                         Path(tmp) / "head.safetensors", args.weights)
         folder = save_timm_folder(path, output, onnx=args.onnx, opset=args.opset,
                                   on_onnx=checked.append)
-    print(f"exported head {head}{which} to {folder} (load: timm.create_model("
+    import json
+
+    module = registering_module(json.loads((folder / "config.json").read_text())["architecture"])
+    first = f"import {module}  (it registers the architecture with timm), then " if module else ""
+    print(f"exported head {head}{which} to {folder} (load: {first}timm.create_model("
           f"\"local-dir:{folder}\", pretrained=True))")
     for verified in checked:
         print(f"with {verified.path.name}: {verified.describe()}")
@@ -244,17 +290,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from collabsurgery.config.recipe import data_arguments, load_recipe
     from collabsurgery.data.datasets import load_splits
     from collabsurgery.export.from_run import load_run, run_weights, select_head
-    from collabsurgery.measure.robustness import (accuracy, format_table, perturbation_curve,
-                                                  save_robustness)
+    from collabsurgery.measure.robustness import (accuracy, check_sigmas, format_table,
+                                                  perturbation_curve, save_robustness,
+                                                  weights_dtype)
     from collabsurgery.models.backbones import create
 
     run_dir = Path(args.run)
+    if args.exits:
+        _evaluate_exits(run_dir)
+        return
     weights = run_weights(run_dir, args.weights)
     net, history = load_run(run_dir, weights)
     head = select_head(run_dir, args.head, net, history, weights)
     spec = net.head_spec(head)
     model = create(spec)
     model.load_state_dict(net.head_state_dict(head))
+    if args.perturb:  # before the data is read: noise that overflows the weights' dtype
+        check_sigmas(args.perturb, weights_dtype(model))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     recipe = load_recipe(run_dir / "recipe.yaml")
     test = load_splits(**data_arguments(recipe.data), seed=recipe.seed).test
@@ -271,6 +323,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(format_table(result))
     paths = save_robustness(result, run_dir, f"{run_dir.name}, head {head} ({spec.qualified_name})")
     print("wrote " + " and ".join(map(str, paths)))
+
+
+def _evaluate_exits(run_dir: Path) -> None:
+    """BYOT's anytime table: each exit's test accuracy and FLOPs beside the full network's."""
+    from torch.utils.data import DataLoader
+
+    from collabsurgery.config.recipe import data_arguments, load_recipe
+    from collabsurgery.data.datasets import load_splits
+    from collabsurgery.measure.exits import anytime, format_anytime, run_with_objective
+
+    graph, objective = run_with_objective(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    test = load_splits(**data_arguments(recipe.data), seed=recipe.seed).test
+    print(f"{run_dir}: exits on the test split ({len(test)} examples)")
+    print(format_anytime(anytime(graph, objective, DataLoader(test, batch_size=256))))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -374,7 +441,8 @@ def _model_command(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
                    "--pattern peers several, comma-separated")
     p.add_argument("--input-size", type=_input_size, default=None, metavar="N",
                    help="square input size for tracing and costs (default: the model's)")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="classes of the model's classifier (default: the model's own)")
     return p
 
 
@@ -384,9 +452,8 @@ def _add_splits(sub: Any) -> None:
 
 
 def _add_wrap(sub: Any) -> None:
-    from collabsurgery.graphs import EXECUTION_MODES
-
     p = _model_command(sub, "wrap", "build a training graph and print what it costs")
+    from collabsurgery.graphs import EXECUTION_MODES
     _add_graph_options(p)
     p.add_argument("--execution", choices=EXECUTION_MODES, default=None,
                    help="how sibling copies run (tree, instances); the printed costs are the "
@@ -401,9 +468,12 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("model", help="timm name (resnet50) or torchvision.<name>; for --pattern "
                    "peers several, comma-separated")
     _add_graph_options(p, skip=("checkpoint_branches",))  # bench's --checkpoint measures it
-    p.add_argument("--image-size", type=_at_least(1), default=224, metavar="N")
-    p.add_argument("--batch-size", type=_at_least(1), default=16, metavar="N")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N")
+    p.add_argument("--image-size", type=_at_least(1), default=224, metavar="N",
+                   help="square input size of the timed batches")
+    p.add_argument("--batch-size", type=_at_least(1), default=16, metavar="N",
+                   help="examples per timed step")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="classes of the model's classifier (default: the model's own)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast dtype (fp32: no autocast)")
     p.add_argument("--channels-last", action="store_true")
@@ -485,6 +555,9 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--draws", type=_at_least(1), default=5, metavar="N",
                    help="noise draws per sigma (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    p.add_argument("--exits", action="store_true",
+                   help="a BYOT run: each exit's test accuracy and FLOPs beside the full "
+                        "network's (anytime inference)")
     _add_weights(p, "evaluate")
     p.set_defaults(func=cmd_evaluate)
 
@@ -492,7 +565,9 @@ def _add_evaluate(sub: Any) -> None:
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a recipe (also: accelerate launch tools/train.py)")
     p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/demo.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=1")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe keys to change, e.g. train.epochs=1 run.name=mine")
+    _add_threads(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -529,29 +604,55 @@ def _add_reproduce(sub: Any) -> None:
 
 
 def _add_finetune_detection(sub: Any) -> None:
-    from collabsurgery.detection import add_arguments as detection_arguments
-
     p = sub.add_parser("finetune-detection", help="fine-tune a Faster R-CNN (FPN) on an "
                        "exported backbone, with COCO mAP (also: accelerate launch "
                        "tools/finetune_detection.py)")
+    from collabsurgery.detection import add_arguments as detection_arguments
     detection_arguments(p)
     p.set_defaults(func=cmd_finetune_detection)
 
 
 def _add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="CL-ILR vs single model on the built-in digits, then export")
-    p.add_argument("--recipe", default=None, help="default: the built-in demo settings")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("demo", help="a method vs its single-model baseline on the built-in "
+                       "digits (default CL-ILR), then export and reload the kept head")
+    p.add_argument("--recipe", default=None,
+                   help="a recipe, e.g. recipes/demo-dml.yaml (default: the built-in demo "
+                        "settings, recipes/demo.yaml's)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe keys for both runs, e.g. train.epochs=3")
+    _add_threads(p)
     p.set_defaults(func=cmd_demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = _Parser(prog="collabsurgery", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_splits, _add_wrap, _add_bench, _add_export, _add_evaluate, _add_train,
-                _add_reproduce, _add_finetune_detection, _add_demo):
-        add(sub)
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_at_least(1), default=None, metavar="N",
+                   help="torch CPU threads (default: PyTorch's, one per core; 1 is steadiest "
+                        "on a shared machine)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` before any work (intra-op threads of this process)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+_COMMANDS = (_add_splits, _add_wrap, _add_bench, _add_export, _add_evaluate, _add_train,
+             _add_reproduce, _add_finetune_detection, _add_demo)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: every subcommand with its help line, and the options of
+    ``command`` (None: of every subcommand)."""
+    parser = _Parser(prog="collabsurgery", description=" ".join(__doc__.split("\n\n")[0].split()))
+    sub = _OneCommand(parser.add_subparsers(dest="command", required=True,
+                                            parser_class=_Parser), command)
+    for add in _COMMANDS:
+        try:
+            add(sub)
+        except _Skipped:
+            pass
     return parser
 
 
@@ -572,10 +673,38 @@ def _report(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+#: extra arguments for every command, for quick trials and tests of documented commands:
+#: ``key=value`` recipe overrides go after those of train, demo and reproduce (so they win);
+#: ``detection.<option>=value`` become finetune-detection's ``--<option> value``
+ENVIRONMENT_OVERRIDES = "COLLABSURGERY_OVERRIDES"
+
+
+def _with_environment(argv: list[str], command: str) -> list[str]:
+    """``argv`` with the arguments :data:`ENVIRONMENT_OVERRIDES` gives ``command`` (said on
+    stderr when there are any)."""
+    items = os.environ.get(ENVIRONMENT_OVERRIDES, "").split()
+    if command in ("train", "demo", "reproduce"):
+        extra = [item for item in items if not item.startswith("detection.")]
+    elif command == "finetune-detection":
+        extra = [part for item in items if item.startswith("detection.")
+                 for part in (f"--{item[10:].split('=', 1)[0].replace('_', '-')}",
+                              item.split("=", 1)[1] if "=" in item else "")]
+    else:
+        extra = []
+    if extra and "-h" not in argv and "--help" not in argv:
+        _report(f"collabsurgery: {ENVIRONMENT_OVERRIDES} adds: {' '.join(extra)}")
+        return [*argv, *extra]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``collabsurgery`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")  # "": no command's options
+    argv = _with_environment(argv, command)
+    args = build_parser(command).parse_args(argv)
     try:
+        _set_threads(args)
         args.func(args)
     except UserError as err:
         _report(f"collabsurgery: error: {_one_line(err)}")

@@ -6,12 +6,15 @@ checkpoint to resume from, and under torchrun a recipe error is printed once.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -24,6 +27,7 @@ from safetensors.torch import save_file
 
 import collabsurgery as cs
 from collabsurgery import cli
+from collabsurgery.common import tensorfile
 from collabsurgery.config.recipe import save_recipe
 from collabsurgery.errors import UserError
 from collabsurgery.train import engine
@@ -36,10 +40,13 @@ SMALL_WRAP = ["--input-size", "32"]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory) -> Iterator[Path]:
     """A finished tiny run to resume wrongly, a recipe, a binary and a duplicate-key recipe,
-    a file where a directory belongs, and an imagefolder with one corrupt image."""
+    a file where a directory belongs, an imagefolder with one corrupt image, and a run
+    directory another process holds."""
     root = tmp_path_factory.mktemp("bad")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_DIRECTORY, str(root / "busy")],
+                              stdout=subprocess.PIPE, text=True)  # another trainer's run
     engine.train(tiny_recipe(root, "run.name=base", "train.max_steps=1"))
     save_recipe(tiny_recipe(root / "runs"), root / "ok.yaml")
     (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)
@@ -51,7 +58,47 @@ def workspace(tmp_path_factory) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
     (root / "images" / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 40)
-    return root
+    _damaged_detection_data(root / "detection")
+    assert holder.stdout.readline().strip() == "held"
+    yield root
+    holder.kill()
+    holder.wait()
+
+
+def _damaged_detection_data(root: Path) -> None:
+    """A ResNet-18 export and tiny digits detection sets, each damaged one way
+    (tests/test_damaged_data.py's damages: ``root/<damage name>``)."""
+    from test_damaged_data import DETECTION_DAMAGES
+
+    from collabsurgery.detection import write_digits_detection
+
+    write_digits_detection(root / "digits", seed=0, canvas=64, train_images=4, val_images=2,
+                           digit_size=(12, 24))
+    for name, damage in DETECTION_DAMAGES.items():
+        shutil.copytree(root / "digits", root / name)
+        damage(root / name)
+    net = cs.wrap("torchvision.resnet18", split="layer2", heads=2, num_classes=10,
+                  input_size=(3, 64, 64))
+    cs.export(net, head=0, path=root / "r18.safetensors")
+
+
+#: a process that holds a run directory's lock (as a trainer does) until it is killed
+HOLD_RUN_DIRECTORY = ("import sys, time; from pathlib import Path; from collabsurgery.rundir "
+                      "import lock; held = lock.acquire(Path(sys.argv[1])); print('held', "
+                      "flush=True); time.sleep(3600)")
+
+
+def no_space_left(monkeypatch) -> None:
+    """Every safetensors write into the working directory (the workspace) fails as on a full
+    disk (OSError ENOSPC); temporary files elsewhere are written."""
+    real, here = tensorfile.save_file, Path.cwd()
+
+    def full(tensors, path, *args, **kwargs):
+        if here not in Path(path).parents:
+            return real(tensors, path, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensorfile, "save_file", full)
 
 
 def snapshot(root: Path) -> dict[str, int]:
@@ -60,6 +107,8 @@ def snapshot(root: Path) -> dict[str, int]:
 
 
 TRAIN = ["train", "--recipe", "{ok}"]
+PCL = ["objective.name=pcl", "graph.split=[layer2,global_pool]", "graph.branches=[2,1]",
+       "data.views=per_head", "train.ema_decay=0.9", "train.ema_select=true"]
 BAD_INPUTS = {
     # resume an existing run with another graph or model: say what differs
     "changed graph": ([*TRAIN, "run.dir={root}", "run.name=base", "run.resume=auto",
@@ -105,7 +154,60 @@ BAD_INPUTS = {
     "unknown model": (["splits", "resnet1800"], r"unknown model 'resnet1800'"),
     "bad split point": (["wrap", "resnet18", "--split", "layer7", *SMALL_WRAP],
                         r"no such module or node"),
+    # issue 30: a run directory in use, a full disk, noise beyond float32, a folder onto a file
+    "run directory in use": ([*TRAIN, "run.dir={root}", "run.name=busy", "run.resume=auto"],
+                             r"run directory .*busy is in use by another trainer \(PID \d+ on "
+                             r"host .+, since .+\)"),
+    "export on a full disk": (["export", "{root}/base", "--head", "0", "-o", "{root}/h.st"],
+                              r"no space left on the device for export h\.st in .*: it needs "
+                              r"about .* free and .* is free"),
+    "model folder on a full disk": (["export", "{root}/base", "--head", "0", "--format",
+                                     "timm-folder", "-o", "{root}/folder"],
+                                    r"no space left on the device for model folder folder in"),
+    "perturb beyond float32": (["evaluate", "{root}/base", "--head", "0", "--perturb",
+                                "0.01,1e308"],
+                               r"sigma 1e\+308 overflows the model's float32 weights"),
+    "model folder onto a file": (["export", "{root}/base", "--head", "0", "--format",
+                                  "timm-folder", "-o", "{root}/a-file"],
+                                 r"a-file is a file, not a directory"),
+    # issue 30: damaged detection data, named before anything is written
+    **{f"detection: {name.replace('_', ' ')}": (
+        ["finetune-detection", "--backbone", "{root}/detection/r18.safetensors", "--data",
+         f"{{root}}/detection/{name}", "--output", "{root}/detection-out", "--max-steps", "1"],
+        match) for name, match in (
+            ("truncated_val_png", r"val/000001\.png is not a readable image \(OSError: "),
+            ("truncated_train_jpeg", r"train/000002\.jpg is not a readable image \(OSError: "),
+            ("bomb_png", r"000000\.png is not a readable image \(its header claims more than"),
+            ("nan_bbox", r"annotation id 1 \(image id 1\) has a non-finite bbox"))},
+    # BYOT: one network, exits at split points with feature maps before its deepest feature
+    "byot unknown exit": ([*TRAIN, "graph={{pattern: tree, heads: 1, split: [layer1, layer2, "
+                           "layer3]}}", "objective={{name: byot, exits: [layer1, layer7]}}"],
+                          r"byot exit 'layer7' is not a split point of the graph before its "
+                          r"deepest feature 'layer3'; valid: layer1, layer2"),
+    "byot exit after the global pool": ([*TRAIN, "model.name=cifar_vgg11", "data.image_size=32",
+                                         "graph={{pattern: tree, heads: 1, split: [features.13, "
+                                         "global_pool, classifier.3]}}",
+                                         "objective={{name: byot}}"],
+                                        r"byot exit 'global_pool' gives \(512,\), not a spatial "
+                                        r"feature map"),
+    "byot with two heads": ([*TRAIN, "objective={{name: byot}}"],
+                            r"use pattern tree with heads: 1, got 2 heads"),
+    # PCL: peers (>= 2) of a tree, each on its own view, distilled from their temporal means
+    "pcl with one peer": ([*TRAIN, *PCL, "graph.heads=1", "graph.branches=[1,1]"],
+                          r"PeerCollaborativeLoss needs at least 2 heads, got 1"),
+    "pcl without per-head views": ([*TRAIN, *PCL, "data.views=shared"],
+                                   r"objective 'pcl' .* data\.views=shared; set "
+                                   r"data\.views=per_head"),
+    "pcl on a non-tree graph": ([*TRAIN, *PCL, "graph={{pattern: instances, heads: 2}}"],
+                                r"PCL needs peers branching from a shared trunk: pattern tree"),
+    "pcl without an EMA": ([*TRAIN, *PCL, "train.ema_decay=null", "train.ema_select=false"],
+                           r"objective 'pcl' distils from the temporal mean .* set "
+                           r"train\.ema_decay .* and train\.ema_select=true"),
 }
+
+
+#: cases whose bad condition is the machine's, injected before the command runs
+FAULTS = {"export on a full disk": no_space_left, "model folder on a full disk": no_space_left}
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -115,6 +217,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, workspace, capsys
     monkeypatch.chdir(workspace)
     datasets.disable_progress_bars()
     argv, match = BAD_INPUTS[case]
+    FAULTS.get(case, lambda monkeypatch: None)(monkeypatch)
     argv = [a.format(root=workspace, ok=workspace / "ok.yaml") for a in argv]
     if argv[0] == "train" and not any(a.startswith("run.dir=") for a in argv):
         argv.append(f"run.dir={workspace}/new-runs")

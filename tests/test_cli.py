@@ -223,7 +223,8 @@ def test_graph_options_are_generated_from_the_builders_declarations(monkeypatch,
     assert run(["wrap", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--width WIDTH toy: toy width (default 1)" in help_text
-    assert "--heads HEADS tree, instances: number of heads (default 2)" in help_text
+    assert ("--heads HEADS tree: number of heads (default: the product of branches, else 2 per "
+            "split point") in help_text and "instances: number of heads (default 2)" in help_text
 
 
 @pytest.mark.parametrize("flags, given", [

@@ -21,7 +21,8 @@ can be uploaded to the Hugging Face Hub unchanged (then ``hf-hub:user/repo``):
     onnxruntime against the weights before the folder is kept; the card says how to run it.
 
 The folder is built as a temporary sibling ``DIR.tmp-<hex>``, every file synced, then renamed
-into place, so a failure leaves nothing half written.
+into place, so a failure leaves nothing half written (a full disk: one line,
+:class:`~collabsurgery.common.diskfull.DiskFull`).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from timm.models import get_model_input_config
 from timm.models._hub import save_config_for_hf  # save_for_hf's config half (not re-exported)
 
 from collabsurgery.common.atomic import fsync_path, write_text
+from collabsurgery.common.diskfull import refuse_when_full, tensor_bytes
 from collabsurgery.common.integrity import CHECKSUM_KEY
 from collabsurgery.common.tensorfile import load_state, save_safetensors_atomic
 from collabsurgery.errors import UserError
@@ -94,13 +96,16 @@ def save_timm_folder(export_file: str | os.PathLike, directory: str | os.PathLik
         except OSError as err:
             raise UserError(f"cannot write {directory} ({err.strerror or err}); valid: a path "
                             "in a writable directory") from None
-        _write_weights(tensors, metadata, tmp / "model.safetensors")
-        _write_config(model, metadata, recipe, tmp / "config.json")
-        verified = export_artifact(export_file, tmp / ONNX_FILE, "onnx", opset=opset) \
-            if onnx else None
-        write_text(tmp / "README.md", model_card(metadata, recipe, target.name, license,
-                                                 verified))
-        fsync_path(tmp)
+        needed = tensor_bytes(tensors) * (2 if onnx else 1) + 256 * 1024
+        with refuse_when_full(f"model folder {target.name}", target.parent, needed,
+                              remove=tmp):
+            _write_weights(tensors, metadata, tmp / "model.safetensors")
+            _write_config(model, metadata, recipe, tmp / "config.json")
+            verified = export_artifact(export_file, tmp / ONNX_FILE, "onnx", opset=opset) \
+                if onnx else None
+            write_text(tmp / "README.md", model_card(metadata, recipe, target.name, license,
+                                                     verified))
+            fsync_path(tmp)
         _move_into_place(tmp, target)
     finally:
         if tmp.exists():
@@ -129,6 +134,9 @@ def _require_empty(directory: Path) -> None:
             return
     except OSError:  # unreadable: treat as taken
         pass
+    if directory.is_file():
+        raise UserError(f"{directory} is a file, not a directory; valid: a new or empty "
+                        "directory")
     if directory.exists() or directory.is_symlink():
         raise UserError(f"{directory} exists and is not empty; valid: a new or empty directory")
 
@@ -186,12 +194,13 @@ def _json_field(metadata: dict[str, str], key: str) -> Any:
         return None
 
 
-def _registering_module(architecture: str) -> str | None:
+def registering_module(architecture: str) -> str | None:
     """The module (not timm's) whose import registers ``architecture`` with timm, if any."""
     module = timm.models.model_entrypoint(architecture).__module__
     if module.split(".")[0] == "timm":
         return None
-    # ``import collabsurgery`` registers them too; the card names the package that defines them
+    # the papers' CIFAR models: ``import collabsurgery.models`` (``import collabsurgery`` alone
+    # imports nothing heavy, so it does not register them)
     return "collabsurgery.models" if module.startswith("collabsurgery.models.") else module
 
 
@@ -247,7 +256,7 @@ def _summary(metadata: dict[str, str], kwargs: Any) -> str:
              f"- **collabsurgery version:** {metadata.get('version', '?')}"]
     if metadata.get("run"):
         lines.append(f"- **Run:** {metadata['run']}")
-    module = _registering_module(arch)
+    module = registering_module(arch)
     if module:
         lines.append(f"- **Note:** `{arch}` is registered with timm by `{module}`, not by timm "
                      f"itself: `import {module}` before `timm.create_model`")
@@ -312,7 +321,7 @@ def _onnx_usage(verified: Verified | None) -> str:
 
 
 def _usage(metadata: dict[str, str], folder_name: str) -> str:
-    module = _registering_module(metadata.get("architecture", ""))
+    module = registering_module(metadata.get("architecture", ""))
     code = "import timm\n"
     if module:
         code += f"import {module}  # registers {metadata['architecture']} with timm\n"

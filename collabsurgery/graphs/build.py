@@ -164,15 +164,30 @@ def _tree_example(backbone: str, points: Sequence[str]) -> dict[str, Any]:
     return {"split": [points[middle - 1], points[middle]], "heads": 4}
 
 
+TreeHeads = Annotated[Count | None, Field(
+    description="number of heads (default: the product of branches, else 2 per split point: 2, "
+                "4, 8 heads over 1, 2, 3 split points, as paper 000's hierarchical trees)")]
+
+
+def default_heads(split: Sequence[str], branches: Sequence[int] | None) -> int:
+    """A tree's heads when not given: the product of ``branches``, else a fan-out of 2 at each
+    split point (1 head without split points: the plain model)."""
+    return math.prod(branches) if branches is not None else 2 ** len(split)
+
+
 @register_graph("tree", example=_tree_example)
-def build_tree(model: str | nn.Module, split: Split = None, heads: Heads = 2,
+def build_tree(model: str | nn.Module, split: Split = None, heads: TreeHeads = None,
                branches: Annotated[Sequence[Count] | None, Field(
                    description="fan-out at each split point, e.g. 2,2; their product is heads "
                                "(default: an even factorisation of heads)")] = None,
                rescale: Rescale = "backprop", input_size: InputSize = None,
                execution: Execution = "auto", checkpoint_branches: Recompute = False,
                pretrained: Pretrained = None, copies: Copies = "pretrained",
-               model_kwargs: ModelKwargs = None) -> TreeNet:
+               model_kwargs: ModelKwargs = None,
+               views: Annotated[bool, Field(
+                   description="also take a per-head batch [H, B, ...] (data.views=per_head): "
+                               "each head runs its path, shared stages included, on its own "
+                               "view")] = False) -> TreeNet:
     """Shared trunk up to the first split point; with several split points the heads branch
     hierarchically, ``branches`` (default: an even factorisation of ``heads``) giving the
     fan-out at each. ``heads=1`` without split points is the plain model.
@@ -184,13 +199,16 @@ def build_tree(model: str | nn.Module, split: Split = None, heads: Heads = 2,
     ``pretrained``: a weights file or true (:mod:`collabsurgery.models.pretrained`); every copy
     starts from it (``copies="pretrained"``) or only head 0's path does (``"fresh"``). The
     config records ``copies`` but not ``pretrained``: a rebuilt graph loads its own weights.
+    ``views``: see :mod:`.tree` (recorded in the config only when true).
     """
     split = _parse_split(split)
+    heads = default_heads(split, branches) if heads is None else heads
     module, spec = backbones.resolve(model, **(model_kwargs or {}))
     size = tuple(input_size) if input_size else backbones.default_input_size(module)
     config = _config("tree", spec, size, split=split, heads=heads,
                      branches=tuple(branches) if branches is not None else None, rescale=rescale,
-                     execution=execution, checkpoint_branches=checkpoint_branches, copies=copies)
+                     execution=execution, checkpoint_branches=checkpoint_branches, copies=copies,
+                     **({"views": True} if views else {}))
     keep = load_pretrained(module, spec, pretrained, size, copies, heads)
     reference_keys = list(module.state_dict().keys())
     if not split:
@@ -202,7 +220,7 @@ def build_tree(model: str | nn.Module, split: Split = None, heads: Heads = 2,
         return _finish(net, module, spec, execution, checkpoint_branches, keep)
     fanouts = _fanouts(heads, split, branches)
     stages, names, unused = cut_stages(module, size, split)
-    net = TreeNet(stages, fanouts, rescale, spec, reference_keys, config, names, unused)
+    net = TreeNet(stages, fanouts, rescale, spec, reference_keys, config, names, unused, views)
     return _finish(net, module, spec, execution, checkpoint_branches, keep)
 
 

@@ -3,7 +3,8 @@ digits, then export.
 
 Trains the demo recipe (CL-ILR with 4 hierarchical heads; any recipe works, e.g.
 ``recipes/demo-dml.yaml``) and the same recipe as one plain model (a peer group's first student),
-prints both, exports the best head on hold-out, and reloads it the way a user would
+prints both, exports the head ``collabsurgery export`` keeps (the method's choice, e.g.
+OKDDip's leader; else the best on hold-out), and reloads it the way a user would
 (``timm.create_model`` for timm models, ``load_backbone`` otherwise) to show that the exported
 backbone gives the training graph's logits.
 """
@@ -23,7 +24,9 @@ from collabsurgery.export.from_run import export_from_source, load_run, run_weig
 from collabsurgery.rundir.metrics import headline
 from collabsurgery.train import engine
 
-BASELINE = ("graph={pattern: tree, heads: 1, split: []}", "objective={name: single}")  # + model 0
+#: the single-model baseline of a recipe (+ its first model): one head on all the training data
+BASELINE = ("graph={pattern: tree, heads: 1, split: []}", "objective={name: single}",
+            "data.subsets=false")
 
 
 def _reload(path: Path, spec) -> torch.nn.Module:
@@ -70,6 +73,23 @@ def pretraining_run(recipe_path: str | None, recipe: Recipe) -> Path | None:
     return pre_file
 
 
+def teacher_run(recipe_path: str | None, recipe: Recipe, overrides: Sequence[str]) -> None:
+    """For a KD recipe whose ``objective.teacher`` names a training run directory that does not
+    exist yet: train it first from the recipe of the same name beside ``recipe_path``
+    (``runs/demo`` <- ``recipes/demo.yaml``), with the demo's ``overrides``. A finished teacher
+    run is used as it is."""
+    teacher = recipe.objective.args.get("teacher")
+    if not isinstance(teacher, str) or recipe_path is None:
+        return
+    run_dir = Path(teacher)
+    teacher_file = Path(recipe_path).parent / f"{run_dir.name}.yaml"
+    if run_dir.exists() or not teacher_file.is_file():
+        return
+    teacher_recipe = load_recipe(teacher_file, [*overrides, f"run.dir={run_dir.parent}",
+                                                f"run.name={run_dir.name}"])
+    _train_all([("the teacher", teacher_recipe)])
+
+
 def run_transfer_demo(recipe_path: str, overrides: Sequence[str] = ()) -> None:
     """Pre-train (or reuse) a backbone on the first task, then fine-tune it on the second with
     the recipe's method, beside the same fine-tune as a single model and a single model trained
@@ -105,14 +125,20 @@ def run_demo(recipe_path: str | None, overrides: Sequence[str] = ()) -> Path | N
     models = collab.model.name if isinstance(collab.model.name, list) else [collab.model.name]
     single = load_recipe(recipe_path, ["run.resume=auto", *overrides, *BASELINE,
                                        f"model.name={models[0]}", f"name={collab.name}-single"])
-    if len(models) < 2 and collab.graph.args.get("heads", 2) < 2:
-        raise UserError("the demo compares collaborative learning with a single model; "
-                        "graph.heads must be >= 2")
+    # one head is a method too (BYOT's exits, KD's teacher) unless it is the baseline itself
+    if len(models) < 2 and collab.graph.args.get("heads", 2) < 2 and \
+            collab.objective.name == "single":
+        raise UserError(f"the demo compares collaborative learning with a single model, but "
+                        f"{recipe_path or 'this recipe'} trains one head (graph.heads=1) with "
+                        f"objective single, the baseline itself; train "
+                        f"it with: collabsurgery train --recipe {recipe_path or 'FILE'}")
+    teacher_run(recipe_path, collab, overrides)
     method = f"{collab.objective.name} ({collab.graph.pattern})"
     _print_table(_train_all([("single model", single), (method, collab)]))
 
     run_dir = engine.run_directory(collab)
-    path, head = export_from_source(run_dir, "best", run_dir / "best_head.safetensors")
+    # the head `collabsurgery export` keeps: the method's own choice, else the best on hold-out
+    path, head = export_from_source(run_dir, None, run_dir / "exported_head.safetensors")
     net, _ = load_run(run_dir, run_weights(run_dir))
     spec = net.head_spec(head)
     model = _reload(path, spec)

@@ -44,6 +44,7 @@ from collabsurgery.graphs import TrainingGraph, build_graph, builder_arguments
 from collabsurgery.objectives import (OBJECTIVES, TEACHER_KEYS, LossOutput, Objective, Step,
                                       build_objective, check_objective_arguments)
 from collabsurgery.rundir import checkpoint, metrics
+from collabsurgery.rundir import lock as run_lock
 from collabsurgery.train import ema as weight_ema
 from collabsurgery.train import preflight
 from collabsurgery.train.evaluate import evaluate
@@ -150,11 +151,14 @@ class Collaboration(torch.nn.Module):
         super().__init__()
         self.graph = graph
         self.objective = objective
+        # the EMA of the graph for an objective that wants_temporal_mean; in a tuple so that it
+        # stays outside this module's parameters and state (the engine's EMA checkpoints it)
+        self.temporal_mean: tuple[TrainingGraph, ...] = ()
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, step: Step) -> LossOutput:
         """The objective's loss on the graph's output (the features it wants included)."""
         out = self.graph.run(x, wants=self.objective.wants)
-        return self.objective(out, labels, step, self.graph)
+        return self.objective(out, labels, step, self.graph, *self.temporal_mean)
 
 
 def _resume_point(recipe: Recipe, ckpt_dir: Path
@@ -167,8 +171,8 @@ def _resume_point(recipe: Recipe, ckpt_dir: Path
             raise UserError(f"{ckpt_dir.parent} already holds checkpoints; set run.resume=auto to "
                             "continue that run, or choose another run.name")
         return None
-    if mode == "auto":
-        return checkpoint.load_latest(ckpt_dir, warn=warn)
+    if mode == "auto":  # an interrupted complete save counts; what cannot be used is said
+        return checkpoint.load_for_resume(ckpt_dir, warn)
     path = Path(mode)
     if not path.is_dir() or path.name.endswith(".tmp"):
         raise UserError(f"run.resume '{mode}' is not a complete checkpoint directory; valid: "
@@ -216,6 +220,7 @@ class Session:
     execution_settled: bool = False  # every process runs the main process's auto choices
     soft_targets: SoftTargets | None = None  # Mixup/CutMix/smoothing, when asked
     ema: Any = None  # timm's ModelEmaV3 of the graph (train.ema_decay), or None
+    run_lock: run_lock.RunLock | None = None  # the main process's hold on the run directory
 
     @property
     def graph(self) -> TrainingGraph:
@@ -240,6 +245,9 @@ def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
         raise UserError(f"train.batch_size={t.batch_size} x {processes} processes exceeds the "
                         f"{len(splits.train)} training examples")
     if data.subsets:
+        if graph.num_heads < 2:
+            raise UserError("data.subsets=true splits the training examples among the heads, "
+                            "but this graph has 1 head; set data.subsets=false")
         if not graph.per_head_input:
             raise UserError(f"data.subsets=true gives each head its own batch; pattern "
                             f"'{recipe.graph.pattern}' shares layers between heads and takes one "
@@ -258,8 +266,8 @@ def _batch_provider(recipe: Recipe, splits: Splits, graph: TrainingGraph,
     if views == "per_head":
         if not graph.per_head_input:
             raise UserError(f"data.views=per_head needs a graph whose heads run on their own "
-                            f"batch (instances, peers); pattern '{recipe.graph.pattern}' shares "
-                            "layers between heads")
+                            f"batch (instances, peers, tree with graph.views=true); pattern "
+                            f"'{recipe.graph.pattern}' shares layers between heads")
         if not recipe.data.augment:
             raise UserError("data.views=per_head gives each head its own augmentation of the "
                             "same images, but data.augment is false (every view would be the "
@@ -272,18 +280,28 @@ def setup(recipe: Recipe) -> Session:
     """Data, graph + objective, optimizer and Accelerate for ``recipe``, resumed if asked."""
     run_dir = run_directory(recipe)
     preflight.check_writable(run_dir)
+    run_lock.check_free(run_dir)  # another trainer in it: refuse now, not after the set-up
     preflight.check_trackers(recipe.run.log_with, run_dir)
     recipe = preflight.runnable_precision(recipe)
     t = recipe.train
     weight_ema.check(t)
+    seen = checkpoint.listing(run_dir / "checkpoints")
     resume_from = _resume_point(recipe, run_dir / "checkpoints")
     splits = load_splits(**data_arguments(recipe.data), seed=recipe.seed, model=recipe.model.name)
     if splits.settings:  # preset timm: the run records what the model's data config resolved
         recipe = replace(recipe, data=replace(recipe.data, **splits.settings))
+    if resume_from is not None:
+        preflight.check_same_training(run_dir, recipe)
     set_seed(recipe.seed)
     graph = build_net(recipe, splits.num_classes, pretrained=resume_from is None)
     objective = build_objective_from(recipe)
     objective.check_compatible(graph.num_heads, splits.num_classes)
+    if objective.wants_temporal_mean:
+        weight_ema.check_temporal_mean(t, recipe.objective.name)
+    if objective.wants_views and recipe.data.views != "per_head":
+        raise UserError(f"objective '{recipe.objective.name}' trains each head on its own "
+                        f"augmentation of the batch, but data.views={recipe.data.views}; set "
+                        "data.views=per_head")
     check_soft_targets(t, objective, recipe.objective.name, t.batch_size)
     if resume_from is not None:
         preflight.check_resumable(run_dir, graph)
@@ -322,16 +340,60 @@ def setup(recipe: Recipe) -> Session:
     session = Session(recipe, accelerator, run_dir, model, accelerator.unwrap_model(model),
                       optimizer, scheduler, batches, holdout, test)
     session.ema = weight_ema.build(session.graph, t)
+    if objective.wants_temporal_mean:
+        session.collaboration.temporal_mean = (session.ema.module,)
     if soft_targets_asked(t):
         session.soft_targets = SoftTargets(t, splits.num_classes)
-    if resume_from is not None:
-        _restore(session, *resume_from)
-    if accelerator.is_main_process:
-        save_recipe(recipe, run_dir / "recipe.yaml")
-        atomic.write_text(run_dir / "graph.json", graph.config.to_json())
-    if recipe.run.log_with:
-        accelerator.init_trackers(run_dir.name, config=_flat_config(recipe))
+    resume_from = _take_run_directory(session, seen, resume_from)  # before the first write
+    try:
+        if resume_from is not None:
+            _restore(session, *resume_from)
+        # a resume keeps the record of what was trained (check_same_training: nothing differs)
+        if accelerator.is_main_process and (resume_from is None or
+                                            not (run_dir / "recipe.yaml").is_file()):
+            save_recipe(recipe, run_dir / "recipe.yaml")
+            atomic.write_text(run_dir / "graph.json", graph.config.to_json())
+        if recipe.run.log_with:
+            accelerator.init_trackers(run_dir.name, config=_flat_config(recipe))
+    except BaseException:
+        _release(session)
+        raise
     return session
+
+
+def _take_run_directory(session: Session, seen: tuple[str, ...],
+                        resume_from: tuple[Path, checkpoint.Loaded] | None
+                        ) -> tuple[Path, checkpoint.Loaded] | None:
+    """Hold the run directory's lock (the main process, for the whole run) before anything is
+    written, and settle what interrupted saves left (:func:`checkpoint.settle`). Every process
+    stops with one line when another trainer holds the directory, or wrote checkpoints into it
+    since ``seen`` (:func:`checkpoint.listing`) was read."""
+    accelerator, problem = session.accelerator, None
+    if accelerator.is_main_process:
+        try:
+            session.run_lock = run_lock.acquire(session.run_dir)
+            if checkpoint.listing(session.checkpoints) != seen:
+                problem = (f"{session.run_dir} changed while this run was starting (another "
+                           "trainer wrote checkpoints into it); run the command again to "
+                           "continue from them")
+            else:  # an interrupted save resumed from takes its name; other leftovers go
+                path = checkpoint.settle(session.checkpoints,
+                                         resume_from[0] if resume_from else None, warn)
+                if resume_from is not None:
+                    resume_from = path, resume_from[1]
+        except UserError as err:
+            problem = str(err)
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        _release(session)
+        raise UserError(problem)
+    return resume_from
+
+
+def _release(session: Session) -> None:
+    if session.run_lock is not None:
+        session.run_lock.release()
 
 
 def _restore(session: Session, path: Path, loaded: checkpoint.Loaded) -> None:
@@ -517,16 +579,23 @@ def head_names(collaboration: Collaboration) -> list[str]:
             for arch, role in zip(archs, objective.head_roles(graph.num_heads))]
 
 
-def _finish(session: Session) -> None:
+def _finish(session: Session, trained: bool = True) -> None:
+    """Write the run's summary and plot (unless this session ``trained`` nothing) and print
+    its final table."""
     accelerator, history = session.accelerator, session.progress.history
     if accelerator.is_main_process and history:
         run_dir, final = session.run_dir, history[-1]
-        atomic.write_text(run_dir / "summary.json", json.dumps(
-            {**metrics.headline(final, ema=session.recipe.train.ema_select), "final": final,
-             "num_processes": accelerator.num_processes,
-             "execution": session.graph.describe_execution().splitlines()}, indent=1))
-        metrics.plot_history(history, run_dir / "accuracy.png", run_dir.name)
+        if trained or not (run_dir / "summary.json").is_file():
+            atomic.write_text(run_dir / "summary.json", json.dumps(
+                {**metrics.headline(final, ema=session.recipe.train.ema_select),
+                 "final": final, "num_processes": accelerator.num_processes,
+                 "execution": session.graph.describe_execution().splitlines()}, indent=1))
+            metrics.plot_history(history, run_dir / "accuracy.png", run_dir.name)
         accelerator.print(metrics.summary_table(final, head_names(session.collaboration)))
+        if session.graph.config.kind == "dropout" and session.graph.num_heads > 1:
+            accelerator.print("(one weight set: the heads are dropout views of one network, "
+                              "and in evaluation every view is that same network, so their "
+                              "rows agree and their diversity is 0)")
         accelerator.print(session.graph.describe_execution())
     accelerator.end_training()
 
@@ -534,11 +603,18 @@ def _finish(session: Session) -> None:
 def train(recipe: Recipe) -> Path:
     """Train ``recipe`` (or resume it) and return the run directory."""
     session = setup(recipe)
-    while session.progress.epoch < recipe.train.epochs and not session.done():
-        if not train_epoch(session):
-            break
-        end_epoch(session)
-    _finish(session)
+    try:
+        finished = session.progress.epoch >= recipe.train.epochs
+        if finished:
+            session.accelerator.print(f"{session.run_dir} finished its {recipe.train.epochs} "
+                                      "epochs already: nothing to train, its record unchanged")
+        while session.progress.epoch < recipe.train.epochs and not session.done():
+            if not train_epoch(session):
+                break
+            end_epoch(session)
+        _finish(session, trained=not finished)
+    finally:
+        _release(session)  # also when it stops: the lock is the run's, not the process's
     return session.run_dir
 
 

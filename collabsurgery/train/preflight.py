@@ -56,6 +56,43 @@ def runnable_precision(recipe: Recipe) -> Recipe:
                                                                  mixed_precision="no"))
 
 
+#: recipe keys a resume may change: where and how the run is written, loaded and stopped, not
+#: what it trains; the graph and the model are compared with graph.json by
+#: :func:`check_resumable` (a resume reads no pretrained weights)
+_RESUME_MAY_CHANGE = ("name", "run.", "graph.", "model.", "data.num_workers",
+                      "data.prefetch_factor", "train.max_steps", "train.compile")
+
+
+def _flat(tree: dict) -> dict[str, object]:
+    """A recipe's sections as ``{"section.key": value}`` (top-level keys as they are)."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_same_training(run_dir: Path, recipe: Recipe) -> None:
+    """UserError when a resume asks to train ``run_dir`` otherwise than its ``recipe.yaml``
+    records (another ``train.epochs``, learning rate, data, seed...): a resume continues the run
+    as recorded and never rewrites that record. A run without a readable record passes."""
+    from collabsurgery.config.recipe import load_recipe, recipe_to_dict
+
+    try:
+        recorded = load_recipe(run_dir / "recipe.yaml")
+    except UserError:
+        return
+    old, new = (_flat(recipe_to_dict(r)) for r in (recorded, recipe))
+    changed = [f"{k}={new.get(k)!r} (was {old.get(k)!r})" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not k.startswith(_RESUME_MAY_CHANGE)]
+    if changed:
+        raise UserError(f"{run_dir} was trained with another recipe: {', '.join(changed)}; a "
+                        f"resume continues the run as its {run_dir / 'recipe.yaml'} records "
+                        "(a longer run is a new run: choose another run.name)")
+
+
 # graph arguments that change how a graph runs or starts, not what it computes or holds
 _HOW_IT_RUNS = ("execution", "checkpoint_branches", "input_size", "copies")
 

@@ -109,14 +109,17 @@ def _validate(plan: Plan, group: Sequence[nn.Module], x: torch.Tensor) -> None:
             torch.manual_seed(0)
             actual = plan(sample)
     except RuntimeError as err:
-        raise Unsupported(f"failed on a probe ({str(err).splitlines()[0]})") from None
+        raise Unsupported(f"failed on a test batch ({str(err).splitlines()[0]}), so the loop "
+                          "runs instead") from None
     finally:
         buffers.restore()
     tol = 1e-3 if dtype == torch.float32 or dtype == torch.float64 else 5e-2
     for a, e in zip(actual, expected):
         if a.shape != e.shape or a.dtype != e.dtype or not torch.allclose(
                 a.float(), e.float(), rtol=tol, atol=tol * (1 + e.abs().max().item())):
-            raise Unsupported("differs from the loop on a probe (stochastic or unsupported op)")
+            raise Unsupported("its output on a test batch differed from the loop's (the stage "
+                              "draws random numbers, e.g. dropout, or has an op this mode does "
+                              "not reproduce), so the loop runs instead")
 
 
 def _time_plans(plans: dict[str, Plan], group: Sequence[nn.Module], x: torch.Tensor,
@@ -307,13 +310,16 @@ class Executor:
             if group == 1:
                 lines.append(f"  {name}: {count} cop{'y' if count == 1 else 'ies'}, loop")
                 continue
-            used = self.used.get(i, "not run yet")
-            line = f"  {name}: {count} copies in groups of {group}, running {used}"
+            used = self.used.get(i, self.chosen.get(i))
+            running = (f"running {used}" if used else
+                       "no training step run by this process yet (the mode is chosen on the "
+                       "first one)")
+            line = f"  {name}: {count} copies in groups of {group}, {running}"
             if i in self.chosen:
                 timed = ", ".join(f"{m} {t * 1e3:.1f} ms" for m, t in self.timings[i].items())
                 replayed = "replays the checkpointed choice, " if i in self.replayed else ""
                 line += (f" (auto {replayed}timed: {timed or 'not recorded'}; a mode beats the "
                          f"loop only when {_MIN_GAIN:.0%} faster)")
             why = [f"{m}: {r}" for (j, m), r in self.notes.items() if j == i]
-            lines.append(line + ("; cannot run " + "; ".join(why) if why else ""))
+            lines.append(line + ("; not used: " + "; ".join(why) if why else ""))
         return "\n".join(lines)
