@@ -255,6 +255,9 @@ def test_every_file_a_run_writes_loads_safely(straight):
             kind = "tfevents"
             for event in EventFileLoader(str(path)).Load():
                 scalar_tags.update(v.tag for v in event.summary.value)
+        elif name == "run.lock" and path.parent == run_dir:
+            kind = "lock"  # the last trainer's PID, host and start (collabsurgery.rundir.lock)
+            assert {"pid", "host", "since"} <= set(json.loads(path.read_text()))
         elif name == "latest" and path.parent.name == "checkpoints":
             kind = "pointer"
             assert (path.parent / path.read_text().strip() / "state.json").is_file()
