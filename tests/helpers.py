@@ -215,3 +215,25 @@ def load_tool(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def lock_held_by_the_os(run_dir: Path) -> bool:
+    """Whether the kernel says some process holds ``run_dir``'s run lock: a fresh descriptor's
+    exclusive flock fails. Independent of :func:`collabsurgery.rundir.lock.is_held`, which also
+    trusts this process's own record of what it holds (the tests check the lock against this)."""
+    import fcntl
+    import os
+
+    from collabsurgery.rundir.lock import LOCK_FILE
+
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

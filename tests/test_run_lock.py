@@ -4,7 +4,6 @@ with its process (kill -9 leaves none); readers (export) need no lock; a process
 run directory it holds itself (``engine.setup`` then ``engine.train``)."""
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import socket
@@ -20,25 +19,13 @@ from collabsurgery.errors import UserError
 from collabsurgery.rundir import lock
 from collabsurgery.train import engine
 
-from helpers import one_line_error, run_cli, tiny_recipe
+from helpers import lock_held_by_the_os, one_line_error, run_cli, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("forget_accelerate_state", "one_thread")
 
 #: a process that holds a run directory's lock until it is killed
 HOLDER = ("import sys, time; from pathlib import Path; from collabsurgery.rundir import lock; "
           "held = lock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)")
-
-
-def held_by_the_os(run_dir: Path) -> bool:
-    """Whether the kernel says someone holds the lock (a fresh descriptor's flock fails)."""
-    fd = os.open(run_dir / lock.LOCK_FILE, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -49,13 +36,13 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def test_the_lock_is_exclusive_reentrant_in_its_process_and_released(tmp_path):
     run_dir = tmp_path / "run"
     first = lock.acquire(run_dir)
-    assert held_by_the_os(run_dir)
+    assert lock_held_by_the_os(run_dir)
     again = lock.acquire(run_dir)  # this process again (a session still alive): allowed
     first.release()
-    assert held_by_the_os(run_dir)
+    assert lock_held_by_the_os(run_dir)
     again.release()
     again.release()  # idempotent
-    assert not held_by_the_os(run_dir) and not lock.is_held(run_dir)
+    assert not lock_held_by_the_os(run_dir) and not lock.is_held(run_dir)
     assert f'"pid": {os.getpid()}' in (run_dir / lock.LOCK_FILE).read_text()
 
 
@@ -86,16 +73,16 @@ def test_a_second_trainer_is_refused_in_one_line_and_kill_9_leaves_no_lock(tmp_p
         assert f"run directory {run_dir} is in use by another trainer (PID {a.pid} on host " \
                f"{socket.gethostname()}, since " in line
         assert {name: (run_dir / name).read_bytes() for name in before} == before
-        assert held_by_the_os(run_dir)
+        assert lock_held_by_the_os(run_dir)
     finally:
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=60)
-    assert not held_by_the_os(run_dir)  # the kernel dropped it with its process
+    assert not lock_held_by_the_os(run_dir)  # the kernel dropped it with its process
     # B now resumes A's run (one more step) instead of being refused
     step = int((run_dir / "checkpoints" / "latest").read_text().split("-")[1])
     assert run_cli(["train", "--recipe", recipe_file, f"train.max_steps={step + 1}"]) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert not held_by_the_os(run_dir)
+    assert not lock_held_by_the_os(run_dir)
 
 
 def test_a_held_directory_refuses_before_any_work_and_writes_nothing(tmp_path):
@@ -122,8 +109,8 @@ def test_a_session_left_alive_does_not_block_its_own_process(tmp_path):
     notebook, or a test that inspects a session first) both run."""
     recipe = tiny_recipe(tmp_path, "run.name=run", "train.max_steps=1")
     session = engine.setup(recipe)
-    assert held_by_the_os(tmp_path / "run")
+    assert lock_held_by_the_os(tmp_path / "run")
     engine.train(recipe)
-    assert held_by_the_os(tmp_path / "run")  # still the session's
+    assert lock_held_by_the_os(tmp_path / "run")  # still the session's
     session.run_lock.release()
-    assert not held_by_the_os(tmp_path / "run")
+    assert not lock_held_by_the_os(tmp_path / "run")

@@ -14,7 +14,6 @@ scheduler) with the same history, no file is a pickle, no tensor is NaN or infin
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import re
@@ -30,8 +29,9 @@ from safetensors.torch import load_file
 
 from collabsurgery.config.recipe import load_recipe
 from collabsurgery.rundir import checkpoint
-from collabsurgery.rundir.lock import LOCK_FILE
 from collabsurgery.train import engine
+
+from helpers import lock_held_by_the_os
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forget_accelerate_state", "one_thread")]
 REPO = Path(__file__).resolve().parents[1]
@@ -42,21 +42,6 @@ OVERRIDES = ["train.epochs=2", "data.image_size=12", "data.max_train_examples=32
 STEPS = 8
 RUNS = 8
 SEED = 30  # of the kill schedule
-
-
-def run_dir_is_locked(run_dir: Path) -> bool:
-    """Whether the kernel says a process holds ``run_dir``'s lock."""
-    try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def newest_step(run_dir: Path) -> int:
@@ -117,7 +102,7 @@ class SameDirectoryPair:
         if self.stage == 0 and self.first.ready.exists() and self.second.ready.exists():
             self.first.go()
             self.stage = 1
-        elif self.stage == 1 and run_dir_is_locked(self.first.run_dir):
+        elif self.stage == 1 and lock_held_by_the_os(self.first.run_dir):
             self.second.go()
             self.stage = 2
 
@@ -211,7 +196,7 @@ def test_runs_killed_at_random_and_resumed_end_as_their_straight_twin(tmp_path, 
         assert all(torch.equal(tensors[k], expected[k]) for k in expected), name
         assert got_history == history, name
         assert sorted(os.listdir(run_dir / "checkpoints")) == [f"ckpt-{STEPS:08d}", "latest"]
-        assert not run_dir_is_locked(run_dir), name
+        assert not lock_held_by_the_os(run_dir), name
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert path.suffix not in (".pt", ".pth", ".pkl", ".bin"), path
